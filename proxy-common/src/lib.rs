@@ -1,0 +1,120 @@
+//! The only place that defines what crosses the kernel boundary. Both the eBPF programs and
+//! userspace compile these exact layouts, so a field added on one side cannot silently
+//! misalign the other; the size assertions below turn such a drift into a build error.
+#![no_std]
+
+/// Linux address-family numbers, as the kernel reports them in `bpf_sock_addr`/`bpf_sock_ops`.
+pub const AF_INET: u16 = 2;
+pub const AF_INET6: u16 = 10;
+pub const IPPROTO_TCP: u32 = 6;
+pub const SOCK_STREAM: u32 = 1;
+
+/// DNS is never redirected: tasks resolve names directly, the mesh only carries TCP flows.
+pub const DNS_PORT: u16 = 53;
+
+/// Map names as they appear in the object file and under the pin directory.
+pub mod maps {
+    pub const ENROLLED: &str = "ENROLLED";
+    pub const EXCLUDED: &str = "EXCLUDED";
+    pub const PENDING: &str = "PENDING";
+    pub const ORIG_DST: &str = "ORIG_DST";
+    pub const SETTINGS: &str = "SETTINGS";
+    pub const STATS: &str = "STATS";
+    /// Every map of one instance; `uninstall` removes exactly these pins.
+    pub const ALL: [&str; 6] = [ENROLLED, EXCLUDED, PENDING, ORIG_DST, SETTINGS, STATS];
+}
+
+/// Program (function) names in the object file.
+pub mod progs {
+    pub const CONNECT4: &str = "ecsmesh_connect4";
+    pub const CONNECT6: &str = "ecsmesh_connect6";
+    pub const SOCKOPS: &str = "ecsmesh_sockops";
+    pub const ALL: [&str; 3] = [CONNECT4, CONNECT6, SOCKOPS];
+}
+
+/// Capacity of the per-connection maps. An insert into a full map makes connect() fail
+/// (EPERM) rather than letting an enrolled task bypass the mesh.
+pub const MAX_CONNECTIONS: u32 = 65_536;
+pub const MAX_TASK_CGROUPS: u32 = 16_384;
+pub const MAX_EXCLUDED_CIDRS: u32 = 1_024;
+
+/// Value of `ENROLLED`, keyed by cgroup id (u64). One task with several containers has one
+/// entry per container cgroup, all with the same `task_index`. The redirect target lives
+/// here, not in a global setting, because host-mode and bridge-mode tasks reach the node
+/// proxy at different addresses (loopback vs the bridge address).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct TaskEntry {
+    /// Index into the proxy's task table; labels metrics without strings in the kernel.
+    pub task_index: u32,
+    /// Outbound listener port, host byte order.
+    pub proxy_port: u16,
+    pub _pad: u16,
+    /// Outbound listener IPv4 address, network byte order (as `bpf_sock_addr.user_ip4`).
+    pub proxy_v4: u32,
+    /// Outbound listener IPv6 address, network byte order words (as `user_ip6`).
+    pub proxy_v6: [u32; 4],
+}
+
+/// An address as the proxy computes it from an accepted socket's peer: IPv4 is kept in
+/// `addr[0]` (network byte order) with `family = AF_INET`, including v4-mapped IPv6 peers,
+/// which are normalised to IPv4 on both sides.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default, Hash)]
+pub struct SockKey {
+    pub addr: [u32; 4],
+    /// Host byte order.
+    pub port: u16,
+    pub family: u16,
+}
+
+/// The destination a task asked for, and who asked. Stored in `PENDING` (keyed by socket
+/// cookie, from connect() until the handshake completes) and `ORIG_DST` (keyed by the
+/// client's local address, while the connection lives).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct OrigDst {
+    pub addr: [u32; 4],
+    /// Host byte order.
+    pub port: u16,
+    pub family: u16,
+    pub task_index: u32,
+    /// Socket cookie of the client socket: lets the close hook delete only its own entry.
+    pub cookie: u64,
+}
+
+/// Single-entry `SETTINGS` array.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct Settings {
+    /// cgroup id of the proxy itself: never redirected, wherever it sits in the tree.
+    pub proxy_cgroup_id: u64,
+    /// SO_MARK the proxy sets on its upstream sockets; such sockets are never redirected,
+    /// which also covers a proxy that shares a cgroup with a task (sidecar mode).
+    pub socket_mark: u32,
+    pub _pad: u32,
+}
+
+/// Indexes into the per-CPU `STATS` array.
+pub mod stats {
+    pub const REDIRECTED: u32 = 0;
+    pub const EXCLUDED: u32 = 1;
+    pub const PENDING_FULL: u32 = 2;
+    pub const PUBLISH_FAILED: u32 = 3;
+    pub const COUNT: u32 = 4;
+}
+
+const _: () = assert!(core::mem::size_of::<TaskEntry>() == 28);
+const _: () = assert!(core::mem::size_of::<SockKey>() == 20);
+const _: () = assert!(core::mem::size_of::<OrigDst>() == 32);
+const _: () = assert!(core::mem::size_of::<Settings>() == 16);
+
+#[cfg(feature = "user")]
+mod user {
+    // SAFETY: all types are repr(C), contain only integers, and have no padding the kernel
+    // could leave uninitialised (explicit `_pad` fields, sizes asserted above).
+    unsafe impl aya::Pod for super::TaskEntry {}
+    unsafe impl aya::Pod for super::SockKey {}
+    unsafe impl aya::Pod for super::OrigDst {}
+    unsafe impl aya::Pod for super::Settings {}
+}

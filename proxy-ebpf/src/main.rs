@@ -1,0 +1,214 @@
+//! Kernel half of ecsmesh's outbound redirect.
+//!
+//! How the proxy learns the original destination (the choice the design asks us to explain):
+//! `connect4`/`connect6` run before the socket has a local port, so they park the original
+//! destination in `PENDING`, keyed by socket cookie. `sockops` sees the same socket at
+//! ACTIVE_ESTABLISHED — on the client, before its final ACK is sent, so before the proxy can
+//! `accept()` — and re-publishes it in `ORIG_DST` under the client's local (address, port):
+//! exactly the peer address the proxy reads from its accepted socket. Every instance loads
+//! its own copy of these maps (one aya load per proxy process) and attaches to its own
+//! cgroup subtree, so two simulated instances that both use 127.0.0.1 never see each other's
+//! keys; within one instance, host-mode tasks share one netns (ports are unique there) and
+//! bridge-mode tasks have distinct bridge addresses.
+//!
+//! Nothing leaks: `TCP_CONNECT_CB` arms the state callback for redirected sockets, and the
+//! transition to TCP_CLOSE (refused, timed out, reset, closed — accepted or not) removes the
+//! socket's `PENDING` and `ORIG_DST` entries. `PENDING` is an LRU so the one path that never
+//! reaches `tcp_connect()` (a route lookup failing after our hook) cannot fill it either.
+#![no_std]
+#![no_main]
+
+mod addr;
+
+use aya_ebpf::{
+    bindings::{
+        BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB, BPF_SOCK_OPS_STATE_CB, BPF_SOCK_OPS_STATE_CB_FLAG,
+        BPF_SOCK_OPS_TCP_CONNECT_CB, BPF_TCP_CLOSE, bpf_sock_addr,
+    },
+    helpers::{bpf_get_current_cgroup_id, bpf_get_socket_cookie},
+    macros::{cgroup_sock_addr, map, sock_ops},
+    maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray},
+    programs::{SockAddrContext, SockOpsContext},
+    EbpfContext,
+};
+use aya_log_ebpf::warn;
+use proxy_common::{
+    stats, OrigDst, Settings, SockKey, TaskEntry, AF_INET, AF_INET6, DNS_PORT, IPPROTO_TCP,
+    MAX_CONNECTIONS, MAX_EXCLUDED_CIDRS, MAX_TASK_CGROUPS, SOCK_STREAM,
+};
+
+/// Allow the syscall to proceed (possibly with a rewritten address).
+const ALLOW: i32 = 1;
+/// Fail the syscall with EPERM: used when bookkeeping is full, so that an enrolled task
+/// never silently bypasses the mesh.
+const DENY: i32 = 0;
+
+#[map]
+static ENROLLED: HashMap<u64, TaskEntry> = HashMap::with_max_entries(MAX_TASK_CGROUPS, 0);
+/// Keys are 16-byte addresses (IPv4 as v4-mapped IPv6) so one trie serves both families.
+#[map]
+static EXCLUDED: LpmTrie<[u8; 16], u8> = LpmTrie::with_max_entries(MAX_EXCLUDED_CIDRS, 0);
+#[map]
+static PENDING: LruHashMap<u64, OrigDst> = LruHashMap::with_max_entries(MAX_CONNECTIONS, 0);
+#[map]
+static ORIG_DST: HashMap<SockKey, OrigDst> = HashMap::with_max_entries(MAX_CONNECTIONS, 0);
+#[map]
+static SETTINGS: Array<Settings> = Array::with_max_entries(1, 0);
+#[map]
+static STATS: PerCpuArray<u64> = PerCpuArray::with_max_entries(stats::COUNT, 0);
+
+#[cgroup_sock_addr(connect4)]
+pub fn ecsmesh_connect4(ctx: SockAddrContext) -> i32 {
+    try_connect(&ctx, false).unwrap_or(DENY)
+}
+
+#[cgroup_sock_addr(connect6)]
+pub fn ecsmesh_connect6(ctx: SockAddrContext) -> i32 {
+    try_connect(&ctx, true).unwrap_or(DENY)
+}
+
+#[sock_ops]
+pub fn ecsmesh_sockops(ctx: SockOpsContext) -> u32 {
+    try_sockops(&ctx);
+    1
+}
+
+fn bump(index: u32) {
+    if let Some(counter) = STATS.get_ptr_mut(index) {
+        // Per-CPU slot: no other writer can race with this increment.
+        unsafe { *counter += 1 };
+    }
+}
+
+/// The destination in `sa`, normalised (v4-mapped IPv6 becomes IPv4).
+fn destination(sa: &bpf_sock_addr, v6: bool) -> SockKey {
+    let port = u16::from_be(sa.user_port as u16);
+    if !v6 {
+        return SockKey { addr: [sa.user_ip4, 0, 0, 0], port, family: AF_INET };
+    }
+    let ip6 = [sa.user_ip6[0], sa.user_ip6[1], sa.user_ip6[2], sa.user_ip6[3]];
+    addr::normalise(ip6, port)
+}
+
+fn try_connect(ctx: &SockAddrContext, v6: bool) -> Result<i32, i32> {
+    // SAFETY: the kernel hands every cgroup/connect program a valid bpf_sock_addr.
+    let sa = unsafe { &mut *ctx.sock_addr };
+    if sa.type_ != SOCK_STREAM || sa.protocol != IPPROTO_TCP {
+        return Ok(ALLOW);
+    }
+    let cgroup = unsafe { bpf_get_current_cgroup_id() };
+    let Some(task) = (unsafe { ENROLLED.get(cgroup) }) else {
+        return Ok(ALLOW);
+    };
+    if let Some(settings) = SETTINGS.get(0) {
+        if cgroup == settings.proxy_cgroup_id {
+            return Ok(ALLOW);
+        }
+        // SAFETY: `sk` is always set for connect hooks.
+        let mark = unsafe { (*sa.__bindgen_anon_1.sk).mark };
+        if settings.socket_mark != 0 && mark == settings.socket_mark {
+            return Ok(ALLOW);
+        }
+    }
+    let dst = destination(sa, v6);
+    let is_proxy = if dst.family == AF_INET {
+        dst.addr[0] == task.proxy_v4
+    } else {
+        dst.addr == task.proxy_v6
+    };
+    if dst.port == DNS_PORT
+        || (is_proxy && dst.port == task.proxy_port)
+        || EXCLUDED.get(addr::lpm_key(&dst)).is_some()
+    {
+        bump(stats::EXCLUDED);
+        return Ok(ALLOW);
+    }
+    // No listener of that family configured for this task: leave the flow alone.
+    if (dst.family == AF_INET && task.proxy_v4 == 0)
+        || (dst.family == AF_INET6 && task.proxy_v6 == [0; 4])
+    {
+        return Ok(ALLOW);
+    }
+    let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
+    let orig = OrigDst {
+        addr: dst.addr,
+        port: dst.port,
+        family: dst.family,
+        task_index: task.task_index,
+        cookie,
+    };
+    if PENDING.insert(cookie, orig, 0).is_err() {
+        bump(stats::PENDING_FULL);
+        warn!(ctx, "ecsmesh: PENDING insert failed, connect denied");
+        return Ok(DENY);
+    }
+    sa.user_port = u32::from(task.proxy_port.to_be());
+    if !v6 {
+        sa.user_ip4 = task.proxy_v4;
+    } else if dst.family == AF_INET {
+        // A dual-stack socket asked for ::ffff:a.b.c.d; keep it v4-mapped.
+        sa.user_ip6[0] = 0;
+        sa.user_ip6[1] = 0;
+        sa.user_ip6[2] = addr::V4_MAPPED_WORD;
+        sa.user_ip6[3] = task.proxy_v4;
+    } else {
+        sa.user_ip6[0] = task.proxy_v6[0];
+        sa.user_ip6[1] = task.proxy_v6[1];
+        sa.user_ip6[2] = task.proxy_v6[2];
+        sa.user_ip6[3] = task.proxy_v6[3];
+    }
+    bump(stats::REDIRECTED);
+    Ok(ALLOW)
+}
+
+/// The client's local address: what the proxy sees as the peer of the accepted socket.
+fn local_key(ctx: &SockOpsContext) -> SockKey {
+    let port = ctx.local_port() as u16;
+    if ctx.family() == u32::from(AF_INET6) {
+        addr::normalise(ctx.local_ip6(), port)
+    } else {
+        SockKey { addr: [ctx.local_ip4(), 0, 0, 0], port, family: AF_INET }
+    }
+}
+
+fn try_sockops(ctx: &SockOpsContext) {
+    let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
+    match ctx.op() {
+        BPF_SOCK_OPS_TCP_CONNECT_CB => {
+            if PENDING.get_ptr(cookie).is_some() {
+                let _ = ctx.set_cb_flags((ctx.cb_flags() | BPF_SOCK_OPS_STATE_CB_FLAG) as i32);
+            }
+        }
+        BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB => {
+            let Some(orig) = PENDING.get_ptr(cookie) else {
+                return;
+            };
+            // SAFETY: pointer from a successful lookup, read once.
+            let orig = unsafe { *orig };
+            if ORIG_DST.insert(local_key(ctx), orig, 0).is_err() {
+                bump(stats::PUBLISH_FAILED);
+            }
+            let _ = PENDING.remove(cookie);
+        }
+        BPF_SOCK_OPS_STATE_CB if ctx.arg(1) == BPF_TCP_CLOSE => {
+            let _ = PENDING.remove(cookie);
+            let key = local_key(ctx);
+            if let Some(orig) = ORIG_DST.get_ptr(key)
+                && unsafe { (*orig).cookie } == cookie
+            {
+                let _ = ORIG_DST.remove(key);
+            }
+        }
+        _ => {}
+    }
+}
+
+#[cfg(not(test))]
+#[panic_handler]
+fn panic(_info: &core::panic::PanicInfo) -> ! {
+    loop {}
+}
+
+#[unsafe(link_section = "license")]
+#[unsafe(no_mangle)]
+static LICENSE: [u8; 4] = *b"GPL\0";

@@ -1,0 +1,124 @@
+//! Node proxy configuration: TOML, parsed and validated once at start into an `Arc<Config>`.
+//! Every error names the file position and the field, on one line, because operators read
+//! these in `journalctl`/CloudWatch where multi-line snippets get mangled.
+mod raw;
+
+use std::{
+    net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr},
+    path::{Path, PathBuf},
+};
+
+use ipnet::IpNet;
+
+use crate::types::TaskId;
+
+pub const DEFAULT_PIN_DIR: &str = "/sys/fs/bpf/ecsmesh";
+pub const DEFAULT_OUTBOUND_PORT: u16 = 15001;
+pub const DEFAULT_ADMIN_ADDR: SocketAddr =
+    SocketAddr::new(IpAddr::V4(Ipv4Addr::LOCALHOST), 15000);
+/// SO_MARK on the proxy's upstream sockets ("ECMS"); the eBPF programs never redirect it.
+pub const DEFAULT_SOCKET_MARK: u32 = 0x4543_4d53;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("{path}: {source}")]
+    Read { path: PathBuf, source: std::io::Error },
+    #[error("{path}:{line}:{column}: {message}")]
+    Parse { path: PathBuf, line: usize, column: usize, message: String },
+    #[error("{path}: {field}: {message}")]
+    Invalid { path: PathBuf, field: String, message: String },
+}
+
+/// How a task reaches the node proxy; decides the redirect address written into the kernel.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Deserialize, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum NetworkMode {
+    /// Task shares the instance's netns: redirect to loopback.
+    Host,
+    /// Task sits behind the instance's docker bridge: redirect to the bridge address.
+    Bridge,
+}
+
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct TaskConfig {
+    pub id: TaskId,
+    pub family: String,
+    pub network_mode: NetworkMode,
+    pub cgroups: Vec<PathBuf>,
+}
+
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct Config {
+    /// Name of this container instance, used in logs and metrics.
+    pub instance: String,
+    pub pin_dir: PathBuf,
+    /// cgroup v2 directory the programs attach to; every task cgroup must be below it.
+    pub cgroup_root: PathBuf,
+    pub outbound_port: u16,
+    pub admin_addr: SocketAddr,
+    pub bridge_ipv4: Option<Ipv4Addr>,
+    pub bridge_ipv6: Option<Ipv6Addr>,
+    pub exclude_cidrs: Vec<IpNet>,
+    pub socket_mark: u32,
+    pub tasks: Vec<TaskConfig>,
+}
+
+impl Config {
+    pub fn load(path: &Path) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(path)
+            .map_err(|source| ConfigError::Read { path: path.into(), source })?;
+        Self::parse(path, &text)
+    }
+
+    pub fn parse(path: &Path, text: &str) -> Result<Self, ConfigError> {
+        let raw: raw::RawConfig = toml::from_str(text).map_err(|e| {
+            let (line, column) = e
+                .span()
+                .map(|s| line_col(text, s.start))
+                .unwrap_or((1, 1));
+            ConfigError::Parse {
+                path: path.into(),
+                line,
+                column,
+                message: e.message().replace('\n', " "),
+            }
+        })?;
+        raw.validate().map_err(|(field, message)| ConfigError::Invalid {
+            path: path.into(),
+            field,
+            message,
+        })
+    }
+
+    /// Addresses the outbound listener must bind: one per redirect target in use.
+    pub fn outbound_listen_addrs(&self) -> Vec<SocketAddr> {
+        let mut ips: Vec<IpAddr> = Vec::new();
+        for task in &self.tasks {
+            let wanted: Vec<IpAddr> = match task.network_mode {
+                NetworkMode::Host => vec![Ipv4Addr::LOCALHOST.into(), Ipv6Addr::LOCALHOST.into()],
+                NetworkMode::Bridge => self
+                    .bridge_ipv4
+                    .map(IpAddr::from)
+                    .into_iter()
+                    .chain(self.bridge_ipv6.map(IpAddr::from))
+                    .collect(),
+            };
+            for ip in wanted {
+                if !ips.contains(&ip) {
+                    ips.push(ip);
+                }
+            }
+        }
+        ips.into_iter().map(|ip| SocketAddr::new(ip, self.outbound_port)).collect()
+    }
+}
+
+fn line_col(text: &str, offset: usize) -> (usize, usize) {
+    let before = &text[..offset.min(text.len())];
+    let line = before.matches('\n').count() + 1;
+    let column = before.rfind('\n').map_or(before.len(), |nl| before.len() - nl - 1) + 1;
+    (line, column)
+}
+
+#[cfg(test)]
+mod tests;

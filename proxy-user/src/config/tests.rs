@@ -1,0 +1,70 @@
+use std::path::Path;
+
+use super::*;
+
+fn parse(text: &str) -> Result<Config, ConfigError> {
+    Config::parse(Path::new("test.toml"), text)
+}
+
+const MINIMAL: &str = r#"
+instance = "i-1"
+cgroup_root = "/"
+"#;
+
+#[test]
+fn defaults_apply() {
+    let c = parse(MINIMAL).unwrap();
+    assert_eq!(c.outbound_port, 15001);
+    assert_eq!(c.admin_addr.port(), 15000);
+    assert_eq!(c.pin_dir, Path::new("/sys/fs/bpf/ecsmesh"));
+    assert!(c.tasks.is_empty());
+}
+
+#[test]
+fn unknown_field_names_line_and_field() {
+    let e = parse("instance = \"i\"\ncgroup_root = \"/\"\nbogus = 1\n").unwrap_err().to_string();
+    assert!(e.starts_with("test.toml:3:"), "{e}");
+    assert!(e.contains("bogus"), "{e}");
+    assert!(!e.contains('\n'), "one line: {e}");
+}
+
+#[test]
+fn bad_cidr_names_the_entry() {
+    let e = parse(&format!("{MINIMAL}exclude_cidrs = [\"10.0.0.0/8\", \"10.0.0/99\"]\n"))
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("exclude_cidrs[1]"), "{e}");
+}
+
+#[test]
+fn missing_cgroup_names_the_task() {
+    let text = format!(
+        "{MINIMAL}[[tasks]]\nid = \"t1\"\nfamily = \"web\"\nnetwork_mode = \"host\"\ncgroups = [\"/nonexistent/cg\"]\n"
+    );
+    let e = parse(&text).unwrap_err().to_string();
+    assert!(e.contains("tasks[0].cgroups[0]"), "{e}");
+}
+
+#[test]
+fn bridge_task_needs_bridge_address() {
+    let text = format!(
+        "{MINIMAL}[[tasks]]\nid = \"t1\"\nfamily = \"web\"\nnetwork_mode = \"bridge\"\ncgroups = [\"/\"]\n"
+    );
+    let e = parse(&text).unwrap_err().to_string();
+    assert!(e.contains("tasks[0].network_mode"), "{e}");
+    let ok = format!("bridge_ipv4 = \"172.17.0.1\"\n{text}");
+    let c = parse(&ok).unwrap();
+    let addrs = c.outbound_listen_addrs();
+    assert_eq!(addrs, vec!["172.17.0.1:15001".parse().unwrap()]);
+}
+
+#[test]
+fn duplicate_task_and_bad_mode_are_rejected() {
+    let task = "[[tasks]]\nid = \"t1\"\nfamily = \"web\"\nnetwork_mode = \"host\"\ncgroups = [\"/\"]\n";
+    let e = parse(&format!("{MINIMAL}{task}{task}")).unwrap_err().to_string();
+    assert!(e.contains("tasks[1].id"), "{e}");
+    let e = parse(&format!("{MINIMAL}{}", task.replace("\"host\"", "\"awsvpc\"")))
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("awsvpc") && e.starts_with("test.toml:"), "{e}");
+}

@@ -1,0 +1,259 @@
+//! Loads, configures, attaches and pins the kernel programs of one node-proxy instance.
+//!
+//! Everything lives under the instance's pin directory, so several instances on one kernel
+//! (the test harness, or a blue/green restart) never share or remove each other's state.
+//! Links are pinned too: after `kill -9` the redirect stays attached and points at a dead
+//! listener, so enrolled tasks' connections fail (fail-closed) until the proxy restarts or
+//! `ecsmesh uninstall` runs. A clean SIGTERM unpins and detaches, so tasks then connect
+//! directly (fail-open).
+mod pins;
+
+use std::{
+    net::{Ipv4Addr, Ipv6Addr, SocketAddr},
+    path::PathBuf,
+};
+
+use aya::{
+    Ebpf, EbpfLoader,
+    maps::{Array, HashMap, LpmTrie, MapData, PerCpuArray, lpm_trie::Key},
+    programs::{
+        CgroupAttachMode, CgroupSockAddr, SockOps,
+        links::FdLink,
+    },
+};
+use ipnet::IpNet;
+use proxy_common::{OrigDst as KernelOrigDst, Settings, SockKey, TaskEntry, maps, progs, stats};
+
+pub use pins::{PinError, uninstall};
+
+use crate::{
+    cgroup,
+    config::{Config, NetworkMode},
+    types::{self, OrigDst},
+};
+
+static OBJECT: &[u8] = aya::include_bytes_aligned!(env!("ECSMESH_EBPF_OBJECT"));
+
+/// Always excluded, whatever the config says: loopback, the ECS agent's credential and
+/// metadata endpoints, and the EC2 instance metadata service.
+pub const BUILTIN_EXCLUDES: [&str; 4] =
+    ["127.0.0.0/8", "::1/128", "169.254.170.2/32", "169.254.169.254/32"];
+
+#[derive(Debug, thiserror::Error)]
+pub enum EbpfError {
+    #[error("loading the eBPF object: {0}")]
+    Load(#[from] aya::EbpfError),
+    #[error("{what}: {source}")]
+    Program { what: String, source: aya::programs::ProgramError },
+    #[error("{what}: link: {source}")]
+    Link { what: String, source: aya::programs::links::LinkError },
+    #[error("map {name}: {source}")]
+    Map { name: &'static str, source: aya::maps::MapError },
+    #[error("map {0} missing from the object")]
+    MissingMap(&'static str),
+    #[error(transparent)]
+    Pin(#[from] PinError),
+    #[error(transparent)]
+    Cgroup(#[from] cgroup::CgroupError),
+}
+
+fn map_err(name: &'static str) -> impl FnOnce(aya::maps::MapError) -> EbpfError {
+    move |source| EbpfError::Map { name, source }
+}
+
+fn prog_err(what: impl Into<String>) -> impl FnOnce(aya::programs::ProgramError) -> EbpfError {
+    let what = what.into();
+    move |source| EbpfError::Program { what, source }
+}
+
+/// Where the proxy recovers the original destination of an accepted connection.
+/// A trait so that the proxy can be tested on loopback without root.
+pub trait OrigDstSource: Send + Sync + 'static {
+    /// `peer` is the accepted socket's peer address. Returns the original destination and
+    /// the index of the task that made the connection.
+    fn lookup(&self, peer: SocketAddr) -> Option<(OrigDst, u32)>;
+}
+
+/// Lookup side of the `ORIG_DST` map; shared by all accept loops.
+pub struct OrigDstMap {
+    map: HashMap<MapData, SockKey, KernelOrigDst>,
+}
+
+impl OrigDstSource for OrigDstMap {
+    fn lookup(&self, peer: SocketAddr) -> Option<(OrigDst, u32)> {
+        let v = self.map.get(&types::sock_key(peer), 0).ok()?;
+        let addr = types::socket_addr(v.addr, v.port, v.family)?;
+        Some((OrigDst(addr), v.task_index))
+    }
+}
+
+/// The installed programs of one instance. Dropping it without `uninstall` leaves the pins.
+pub struct Redirect {
+    ebpf: Ebpf,
+    pin_dir: PathBuf,
+    stats: PerCpuArray<MapData, u64>,
+}
+
+impl Redirect {
+    /// Load, configure and attach. Stale pins from a previous run of the same instance
+    /// (after `kill -9`) are removed first, with a warning.
+    pub fn install(config: &Config) -> Result<(Self, OrigDstMap), EbpfError> {
+        pins::ensure_bpffs()?;
+        if pins::has_pins(&config.pin_dir) {
+            tracing::warn!(pin_dir = %config.pin_dir.display(), "removing pins left by a previous run");
+            pins::uninstall(&config.pin_dir)?;
+        }
+        pins::create_dir(&config.pin_dir)?;
+        let mut ebpf = EbpfLoader::new().load(OBJECT)?;
+        if let Err(e) = aya_log::EbpfLogger::init(&mut ebpf).map(spawn_logger) {
+            tracing::debug!(error = %e, "eBPF logger not started");
+        }
+        let proxy_cgroup_id = cgroup::cgroup_id(&cgroup::own_cgroup()?)?;
+        write_settings(&mut ebpf, proxy_cgroup_id, config.socket_mark)?;
+        write_excludes(&mut ebpf, &config.exclude_cidrs)?;
+        write_enrolled(&mut ebpf, config)?;
+
+        let cgroup_dir = std::fs::File::open(&config.cgroup_root).map_err(|source| {
+            cgroup::CgroupError::Io { path: config.cgroup_root.clone(), source }
+        })?;
+        for name in [progs::CONNECT4, progs::CONNECT6] {
+            let prog: &mut CgroupSockAddr = program(&mut ebpf, name)?;
+            prog.load().map_err(prog_err(format!("loading {name}")))?;
+            let id = prog
+                .attach(&cgroup_dir, CgroupAttachMode::AllowMultiple)
+                .map_err(prog_err(format!("attaching {name}")))?;
+            pin_taken(&config.pin_dir, name, prog.take_link(id).map_err(prog_err(name))?)?;
+            prog.pin(pins::prog_path(&config.pin_dir, name)).map_err(pins::PinError::from)?;
+        }
+        let prog: &mut SockOps = program(&mut ebpf, progs::SOCKOPS)?;
+        prog.load().map_err(prog_err("loading sockops"))?;
+        let id = prog
+            .attach(&cgroup_dir, CgroupAttachMode::AllowMultiple)
+            .map_err(prog_err("attaching sockops"))?;
+        pin_taken(&config.pin_dir, progs::SOCKOPS, prog.take_link(id).map_err(prog_err("sockops"))?)?;
+        prog.pin(pins::prog_path(&config.pin_dir, progs::SOCKOPS)).map_err(pins::PinError::from)?;
+
+        for name in maps::ALL {
+            let map = ebpf.map(name).ok_or(EbpfError::MissingMap(name))?;
+            map.pin(pins::map_path(&config.pin_dir, name)).map_err(pins::PinError::from)?;
+        }
+        let orig = ebpf.take_map(maps::ORIG_DST).ok_or(EbpfError::MissingMap(maps::ORIG_DST))?;
+        let orig = OrigDstMap { map: HashMap::try_from(orig).map_err(map_err(maps::ORIG_DST))? };
+        let stats_map = ebpf.take_map(maps::STATS).ok_or(EbpfError::MissingMap(maps::STATS))?;
+        let stats = PerCpuArray::try_from(stats_map).map_err(map_err(maps::STATS))?;
+        tracing::info!(
+            cgroup_root = %config.cgroup_root.display(),
+            pin_dir = %config.pin_dir.display(),
+            proxy_cgroup_id,
+            "eBPF redirect attached"
+        );
+        Ok((Self { ebpf, pin_dir: config.pin_dir.clone(), stats }, orig))
+    }
+
+    /// Kernel-side counters (see `proxy_common::stats`), summed over CPUs.
+    pub fn kernel_stats(&self) -> [(&'static str, u64); 4] {
+        let read = |i: u32| self.stats.get(&i, 0).map(|v| v.iter().sum()).unwrap_or(0);
+        [
+            ("redirected", read(stats::REDIRECTED)),
+            ("excluded", read(stats::EXCLUDED)),
+            ("pending_full", read(stats::PENDING_FULL)),
+            ("publish_failed", read(stats::PUBLISH_FAILED)),
+        ]
+    }
+
+    /// Detach every program and remove every pin of this instance.
+    pub fn uninstall(self) -> Result<(), PinError> {
+        let Self { ebpf, pin_dir, stats } = self;
+        let result = pins::uninstall(&pin_dir);
+        // Closing our program and map fds unloads them now that no pin holds them.
+        drop((ebpf, stats));
+        result
+    }
+}
+
+fn pin_taken<L>(dir: &std::path::Path, name: &str, link: L) -> Result<(), EbpfError>
+where
+    L: TryInto<FdLink, Error = aya::programs::links::LinkError>,
+{
+    let link = link.try_into().map_err(|source| EbpfError::Link { what: name.to_owned(), source })?;
+    Ok(pins::pin_link(dir, name, link)?)
+}
+
+fn program<'a, T>(ebpf: &'a mut Ebpf, name: &str) -> Result<&'a mut T, EbpfError>
+where
+    &'a mut T: TryFrom<&'a mut aya::programs::Program, Error = aya::programs::ProgramError>,
+{
+    ebpf.program_mut(name)
+        .ok_or_else(|| prog_err(name)(aya::programs::ProgramError::NotLoaded))?
+        .try_into()
+        .map_err(prog_err(name))
+}
+
+fn spawn_logger(logger: aya_log::EbpfLogger<&'static dyn log::Log>) {
+    use tokio::io::{Interest, unix::AsyncFd};
+    // SAFETY: the AsyncFd owns the logger and with it the ring buffer fd it registers.
+    let Ok(mut fd) = (unsafe { AsyncFd::register_with_interest(logger, Interest::READABLE) })
+    else {
+        return;
+    };
+    tokio::spawn(async move {
+        while let Ok(mut guard) = fd.readable_mut().await {
+            guard.get_inner_mut().flush();
+            guard.clear_ready();
+        }
+    });
+}
+
+fn write_settings(ebpf: &mut Ebpf, proxy_cgroup_id: u64, socket_mark: u32) -> Result<(), EbpfError> {
+    let map = ebpf.map_mut(maps::SETTINGS).ok_or(EbpfError::MissingMap(maps::SETTINGS))?;
+    let mut settings: Array<_, Settings> = Array::try_from(map).map_err(map_err(maps::SETTINGS))?;
+    let value = Settings { proxy_cgroup_id, socket_mark, _pad: 0 };
+    settings.set(0, value, 0).map_err(map_err(maps::SETTINGS))
+}
+
+/// LPM key: IPv4 networks are stored as `::ffff:a.b.c.d/(96+len)`, the form the eBPF
+/// side looks up.
+pub fn lpm_key(net: &IpNet) -> Key<[u8; 16]> {
+    match net {
+        IpNet::V4(v4) => {
+            Key::new(96 + u32::from(v4.prefix_len()), v4.network().to_ipv6_mapped().octets())
+        }
+        IpNet::V6(v6) => Key::new(u32::from(v6.prefix_len()), v6.network().octets()),
+    }
+}
+
+fn write_excludes(ebpf: &mut Ebpf, extra: &[IpNet]) -> Result<(), EbpfError> {
+    let map = ebpf.map_mut(maps::EXCLUDED).ok_or(EbpfError::MissingMap(maps::EXCLUDED))?;
+    let mut trie: LpmTrie<_, [u8; 16], u8> =
+        LpmTrie::try_from(map).map_err(map_err(maps::EXCLUDED))?;
+    let builtin = BUILTIN_EXCLUDES.iter().map(|s| s.parse::<IpNet>().expect("valid builtin"));
+    for net in builtin.chain(extra.iter().copied()) {
+        trie.insert(&lpm_key(&net), 1, 0).map_err(map_err(maps::EXCLUDED))?;
+    }
+    Ok(())
+}
+
+fn write_enrolled(ebpf: &mut Ebpf, config: &Config) -> Result<(), EbpfError> {
+    let map = ebpf.map_mut(maps::ENROLLED).ok_or(EbpfError::MissingMap(maps::ENROLLED))?;
+    let mut enrolled: HashMap<_, u64, TaskEntry> =
+        HashMap::try_from(map).map_err(map_err(maps::ENROLLED))?;
+    for (index, task) in config.tasks.iter().enumerate() {
+        let (v4, v6) = match task.network_mode {
+            NetworkMode::Host => (Some(Ipv4Addr::LOCALHOST), Some(Ipv6Addr::LOCALHOST)),
+            NetworkMode::Bridge => (config.bridge_ipv4, config.bridge_ipv6),
+        };
+        let entry = TaskEntry {
+            task_index: index as u32,
+            proxy_port: config.outbound_port,
+            _pad: 0,
+            proxy_v4: v4.map_or(0, types::ipv4_word),
+            proxy_v6: v6.map_or([0; 4], types::ipv6_words),
+        };
+        for dir in &task.cgroups {
+            let id = cgroup::cgroup_id(dir)?;
+            enrolled.insert(id, entry, 0).map_err(map_err(maps::ENROLLED))?;
+            tracing::info!(task = %task.id, family = %task.family, cgroup = %dir.display(), cgroup_id = id, "task enrolled");
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,73 @@
+use std::{path::PathBuf, process::ExitCode, sync::Arc};
+
+use clap::{Parser, Subcommand};
+use ecsmesh::config::{Config, DEFAULT_PIN_DIR};
+
+/// Service mesh for Amazon ECS: one node proxy per container instance, eBPF redirect.
+#[derive(Parser)]
+#[command(version, about)]
+struct Cli {
+    /// Log format.
+    #[arg(long, global = true, default_value = "text", value_parser = ["text", "json"])]
+    log_format: String,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the node proxy: attach the redirect, enrol tasks, forward their connections.
+    Run {
+        #[arg(long)]
+        config: PathBuf,
+    },
+    /// Validate a config file and print it as the proxy would use it.
+    CheckConfig {
+        #[arg(long)]
+        config: PathBuf,
+    },
+    /// Remove every program, link, pin and map of one instance.
+    Uninstall {
+        #[arg(long, default_value = DEFAULT_PIN_DIR)]
+        pin_dir: PathBuf,
+    },
+}
+
+fn init_logging(format: &str) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    if format == "json" { builder.json().init() } else { builder.init() }
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    init_logging(&cli.log_format);
+    match dispatch(cli.command) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            // One line, so it survives journald and CloudWatch intact.
+            eprintln!("ecsmesh: error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn dispatch(command: Command) -> anyhow::Result<()> {
+    match command {
+        Command::Run { config } => {
+            let config = Arc::new(Config::load(&config)?);
+            let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
+            runtime.block_on(ecsmesh::run::run(config))?;
+        }
+        Command::CheckConfig { config } => {
+            let config = Config::load(&config)?;
+            println!("{}", serde_json::to_string_pretty(&config)?);
+        }
+        Command::Uninstall { pin_dir } => {
+            ecsmesh::ebpf::uninstall(&pin_dir)?;
+            tracing::info!(pin_dir = %pin_dir.display(), "uninstalled");
+        }
+    }
+    Ok(())
+}

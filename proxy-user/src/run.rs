@@ -1,0 +1,109 @@
+//! `ecsmesh run`: bind, install the redirect, serve, and on SIGTERM/SIGINT detach first
+//! (so tasks stop being steered at a proxy that is going away), then drain.
+use std::{
+    net::SocketAddr,
+    sync::{Arc, atomic::Ordering},
+    time::Duration,
+};
+
+use tokio::net::{TcpListener, TcpSocket};
+use tokio_util::{sync::CancellationToken, task::TaskTracker};
+
+use crate::{
+    admin::{self, AdminState},
+    config::Config,
+    ebpf::{self, EbpfError, PinError, Redirect},
+    metrics::Metrics,
+    proxy::Outbound,
+};
+
+/// How long open connections may finish after the redirect is detached.
+const DRAIN_TIMEOUT: Duration = Duration::from_secs(5);
+
+#[derive(Debug, thiserror::Error)]
+pub enum RunError {
+    #[error("{field}: cannot listen on {addr}: {source}")]
+    Bind { field: &'static str, addr: SocketAddr, source: std::io::Error },
+    #[error(transparent)]
+    Ebpf(#[from] EbpfError),
+    #[error("uninstalling: {0}")]
+    Uninstall(#[from] PinError),
+    #[error("installing signal handlers: {0}")]
+    Signal(std::io::Error),
+}
+
+fn bind(field: &'static str, addr: SocketAddr) -> Result<TcpListener, RunError> {
+    let err = |source| RunError::Bind { field, addr, source };
+    let socket = match addr {
+        SocketAddr::V4(_) => TcpSocket::new_v4(),
+        SocketAddr::V6(_) => TcpSocket::new_v6(),
+    }
+    .map_err(err)?;
+    if addr.is_ipv6() {
+        // v4-mapped clients are served by the IPv4 listener (the kernel keys them as IPv4).
+        socket2::SockRef::from(&socket).set_only_v6(true).map_err(err)?;
+    }
+    socket.set_reuseaddr(true).map_err(err)?;
+    socket.bind(addr).map_err(err)?;
+    socket.listen(1024).map_err(err)
+}
+
+pub async fn run(config: Arc<Config>) -> Result<(), RunError> {
+    tracing::info!(
+        config = %serde_json::to_string(&*config).unwrap_or_default(),
+        "configuration loaded"
+    );
+    // Everything that can fail on user input is checked before anything is attached.
+    let admin_listener = bind("admin_addr", config.admin_addr)?;
+    let outbound: Vec<_> = config
+        .outbound_listen_addrs()
+        .into_iter()
+        .map(|addr| bind("outbound_port", addr))
+        .collect::<Result<_, _>>()?;
+    let mut sigterm = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+        .map_err(RunError::Signal)?;
+    let metrics = Arc::new(Metrics::default());
+    let state = Arc::new(AdminState { ready: Default::default(), metrics: metrics.clone() });
+    let shutdown = CancellationToken::new();
+    let tracker = TaskTracker::new();
+    tokio::spawn(admin::serve(admin_listener, state.clone(), shutdown.clone()));
+
+    let (redirect, orig_dst) = match Redirect::install(&config) {
+        Ok(x) => x,
+        Err(e) => {
+            // Never leave half an installation behind.
+            if let Err(cleanup) = ebpf::uninstall(&config.pin_dir) {
+                tracing::error!(error = %cleanup, "cleaning up after a failed install");
+            }
+            return Err(e.into());
+        }
+    };
+    let proxy = Arc::new(Outbound {
+        orig_dst: Arc::new(orig_dst),
+        tasks: Arc::new(config.tasks.iter().map(|t| t.id.clone()).collect()),
+        metrics,
+        socket_mark: config.socket_mark,
+    });
+    for listener in outbound {
+        tracing::info!(addr = %listener.local_addr().map_err(|e| RunError::Signal(e))?, "outbound listener ready");
+        tokio::spawn(proxy.clone().serve(listener, shutdown.clone(), tracker.clone()));
+    }
+    state.ready.store(true, Ordering::Release);
+    tracing::info!(instance = %config.instance, "ready");
+
+    tokio::select! {
+        _ = sigterm.recv() => tracing::info!("SIGTERM: detaching and draining"),
+        _ = tokio::signal::ctrl_c() => tracing::info!("SIGINT: detaching and draining"),
+    }
+    state.ready.store(false, Ordering::Release);
+    let kernel = redirect.kernel_stats();
+    let uninstalled = redirect.uninstall();
+    tracing::info!(?kernel, "redirect detached");
+    shutdown.cancel();
+    tracker.close();
+    if tokio::time::timeout(DRAIN_TIMEOUT, tracker.wait()).await.is_err() {
+        tracing::warn!(open = tracker.len(), "drain timeout; closing remaining connections");
+    }
+    uninstalled?;
+    Ok(())
+}
