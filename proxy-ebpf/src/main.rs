@@ -37,11 +37,16 @@ use proxy_common::{
     MAX_CONNECTIONS, MAX_EXCLUDED_CIDRS, MAX_TASK_CGROUPS, SOCK_STREAM,
 };
 
-/// Allow the syscall to proceed (possibly with a rewritten address).
-const ALLOW: i32 = 1;
-/// Fail the syscall with EPERM: used when bookkeeping is full, so that an enrolled task
-/// never silently bypasses the mesh.
-const DENY: i32 = 0;
+/// `true`: let the syscall proceed (possibly with a rewritten address). `false`: fail it
+/// with EPERM, used when bookkeeping is full so that an enrolled task never silently
+/// bypasses the mesh.
+type Allow = bool;
+
+/// The verifier wants a provable 0/1 return, so the mapping is spelled out here.
+#[inline(always)]
+fn verdict(allow: Allow) -> i32 {
+    if allow { 1 } else { 0 }
+}
 
 #[map]
 static ENROLLED: HashMap<u64, TaskEntry> = HashMap::with_max_entries(MAX_TASK_CGROUPS, 0);
@@ -59,12 +64,12 @@ static STATS: PerCpuArray<u64> = PerCpuArray::with_max_entries(stats::COUNT, 0);
 
 #[cgroup_sock_addr(connect4)]
 pub fn ecsmesh_connect4(ctx: SockAddrContext) -> i32 {
-    try_connect(&ctx, false).unwrap_or(DENY)
+    verdict(try_connect::<false>(&ctx))
 }
 
 #[cgroup_sock_addr(connect6)]
 pub fn ecsmesh_connect6(ctx: SockAddrContext) -> i32 {
-    try_connect(&ctx, true).unwrap_or(DENY)
+    verdict(try_connect::<true>(&ctx))
 }
 
 #[sock_ops]
@@ -90,24 +95,28 @@ fn destination(sa: &bpf_sock_addr, v6: bool) -> SockKey {
     addr::normalise(ip6, port)
 }
 
-fn try_connect(ctx: &SockAddrContext, v6: bool) -> Result<i32, i32> {
+/// `V6` is a const parameter so each program gets its own copy: with a runtime flag the
+/// compiler merges the IPv4 and IPv6 address stores into pointer arithmetic on the
+/// context, which the verifier rejects.
+fn try_connect<const V6: bool>(ctx: &SockAddrContext) -> Allow {
+    let v6 = V6;
     // SAFETY: the kernel hands every cgroup/connect program a valid bpf_sock_addr.
     let sa = unsafe { &mut *ctx.sock_addr };
     if sa.type_ != SOCK_STREAM || sa.protocol != IPPROTO_TCP {
-        return Ok(ALLOW);
+        return true;
     }
     let cgroup = unsafe { bpf_get_current_cgroup_id() };
     let Some(task) = (unsafe { ENROLLED.get(cgroup) }) else {
-        return Ok(ALLOW);
+        return true;
     };
     if let Some(settings) = SETTINGS.get(0) {
         if cgroup == settings.proxy_cgroup_id {
-            return Ok(ALLOW);
+            return true;
         }
         // SAFETY: `sk` is always set for connect hooks.
         let mark = unsafe { (*sa.__bindgen_anon_1.sk).mark };
         if settings.socket_mark != 0 && mark == settings.socket_mark {
-            return Ok(ALLOW);
+            return true;
         }
     }
     let dst = destination(sa, v6);
@@ -121,13 +130,13 @@ fn try_connect(ctx: &SockAddrContext, v6: bool) -> Result<i32, i32> {
         || EXCLUDED.get(addr::lpm_key(&dst)).is_some()
     {
         bump(stats::EXCLUDED);
-        return Ok(ALLOW);
+        return true;
     }
     // No listener of that family configured for this task: leave the flow alone.
     if (dst.family == AF_INET && task.proxy_v4 == 0)
         || (dst.family == AF_INET6 && task.proxy_v6 == [0; 4])
     {
-        return Ok(ALLOW);
+        return true;
     }
     let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
     let orig = OrigDst {
@@ -140,7 +149,7 @@ fn try_connect(ctx: &SockAddrContext, v6: bool) -> Result<i32, i32> {
     if PENDING.insert(cookie, orig, 0).is_err() {
         bump(stats::PENDING_FULL);
         warn!(ctx, "ecsmesh: PENDING insert failed, connect denied");
-        return Ok(DENY);
+        return false;
     }
     sa.user_port = u32::from(task.proxy_port.to_be());
     if !v6 {
@@ -158,7 +167,7 @@ fn try_connect(ctx: &SockAddrContext, v6: bool) -> Result<i32, i32> {
         sa.user_ip6[3] = task.proxy_v6[3];
     }
     bump(stats::REDIRECTED);
-    Ok(ALLOW)
+    true
 }
 
 /// The client's local address: what the proxy sees as the peer of the accepted socket.

@@ -116,11 +116,16 @@ impl Redirect {
         let cgroup_dir = std::fs::File::open(&config.cgroup_root).map_err(|source| {
             cgroup::CgroupError::Io { path: config.cgroup_root.clone(), source }
         })?;
+        // bpf_link attachments (what aya uses on kernels >= 5.7) always join the cgroup's
+        // multi-program list — the kernel passes BPF_F_ALLOW_MULTI itself — and reject the
+        // flag from userspace with EINVAL, so `Single` here still coexists with programs
+        // attached above or below (e.g. a sidecar's per-task attachment).
+        const MODE: CgroupAttachMode = CgroupAttachMode::Single;
         for name in [progs::CONNECT4, progs::CONNECT6] {
             let prog: &mut CgroupSockAddr = program(&mut ebpf, name)?;
             prog.load().map_err(prog_err(format!("loading {name}")))?;
             let id = prog
-                .attach(&cgroup_dir, CgroupAttachMode::AllowMultiple)
+                .attach(&cgroup_dir, MODE)
                 .map_err(prog_err(format!("attaching {name}")))?;
             pin_taken(&config.pin_dir, name, prog.take_link(id).map_err(prog_err(name))?)?;
             prog.pin(pins::prog_path(&config.pin_dir, name)).map_err(pins::PinError::from)?;
@@ -128,7 +133,7 @@ impl Redirect {
         let prog: &mut SockOps = program(&mut ebpf, progs::SOCKOPS)?;
         prog.load().map_err(prog_err("loading sockops"))?;
         let id = prog
-            .attach(&cgroup_dir, CgroupAttachMode::AllowMultiple)
+            .attach(&cgroup_dir, MODE)
             .map_err(prog_err("attaching sockops"))?;
         pin_taken(&config.pin_dir, progs::SOCKOPS, prog.take_link(id).map_err(prog_err("sockops"))?)?;
         prog.pin(pins::prog_path(&config.pin_dir, progs::SOCKOPS)).map_err(pins::PinError::from)?;
