@@ -1,1 +1,229 @@
-fn main(){}
+//! The workload inside harness "tasks": echo servers and clients that report, as JSON on
+//! stdout, what each connection saw (peer address, which server answered, whether the echo
+//! was byte-exact). Blocking std networking on purpose: nothing here should depend on the
+//! code under test. Every loop is bounded by a count and a deadline.
+use std::{
+    io::{BufRead, BufReader, Read, Write},
+    net::{Shutdown, SocketAddr, TcpListener, TcpStream, UdpSocket},
+    thread,
+    time::{Duration, Instant},
+};
+
+use clap::{Parser, Subcommand};
+use serde::Serialize;
+
+#[derive(Parser)]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Serve on every ADDR: first line sent is the server's own address, then an echo.
+    Echo {
+        #[arg(required = true)]
+        listen: Vec<SocketAddr>,
+    },
+    /// Connect to each TARGET `--repeat` times (all at once), send a payload, check the echo.
+    Client {
+        #[arg(required = true)]
+        targets: Vec<SocketAddr>,
+        #[arg(long, default_value_t = 1)]
+        repeat: usize,
+        #[arg(long, default_value_t = 1024)]
+        bytes: usize,
+        /// Run connections one after another instead of concurrently.
+        #[arg(long)]
+        sequential: bool,
+    },
+    /// Try to connect `count` times; report how many succeeded (for refused-port tests).
+    Attempts {
+        target: SocketAddr,
+        #[arg(long)]
+        count: usize,
+    },
+    /// connect() a UDP socket and report its peer address (sends one datagram).
+    Udp { target: SocketAddr },
+    /// Round trips of `size` bytes on one connection; latency percentiles in microseconds.
+    Pingpong {
+        target: SocketAddr,
+        #[arg(long, default_value_t = 1000)]
+        count: usize,
+        #[arg(long, default_value_t = 64)]
+        size: usize,
+    },
+}
+
+const DEADLINE: Duration = Duration::from_secs(30);
+
+#[derive(Serialize)]
+struct ConnReport {
+    target: SocketAddr,
+    peer: Option<SocketAddr>,
+    served_by: Option<String>,
+    ok: bool,
+    error: Option<String>,
+}
+
+fn main() {
+    let cli = Cli::parse();
+    match cli.cmd {
+        Cmd::Echo { listen } => echo(listen),
+        Cmd::Client { targets, repeat, bytes, sequential } => {
+            let jobs: Vec<(usize, SocketAddr)> = targets
+                .iter()
+                .flat_map(|t| std::iter::repeat_n(*t, repeat))
+                .enumerate()
+                .collect();
+            let reports: Vec<ConnReport> = if sequential {
+                jobs.into_iter().map(|(i, t)| one_connection(t, bytes, i as u64)).collect()
+            } else {
+                let handles: Vec<_> = jobs
+                    .into_iter()
+                    .map(|(i, t)| thread::spawn(move || one_connection(t, bytes, i as u64)))
+                    .collect();
+                handles.into_iter().map(|h| h.join().expect("client thread")).collect()
+            };
+            println!("{}", serde_json::to_string(&reports).unwrap());
+        }
+        Cmd::Attempts { target, count } => {
+            let ok = (0..count)
+                .filter(|_| TcpStream::connect_timeout(&target, Duration::from_secs(2)).is_ok())
+                .count();
+            println!("{}", serde_json::json!({ "attempts": count, "connected": ok }));
+        }
+        Cmd::Udp { target } => {
+            let bind: SocketAddr = if target.is_ipv4() { "0.0.0.0:0" } else { "[::]:0" }.parse().unwrap();
+            let sock = UdpSocket::bind(bind).expect("udp bind");
+            sock.connect(target).expect("udp connect");
+            let _ = sock.send(b"ping");
+            println!("{}", serde_json::json!({ "peer": sock.peer_addr().ok() }));
+        }
+        Cmd::Pingpong { target, count, size } => pingpong(target, count, size),
+    }
+}
+
+fn echo(listen: Vec<SocketAddr>) {
+    let listeners: Vec<TcpListener> =
+        listen.iter().map(|a| TcpListener::bind(a).unwrap_or_else(|e| panic!("bind {a}: {e}"))).collect();
+    println!("READY");
+    std::io::stdout().flush().unwrap();
+    let handles: Vec<_> = listeners
+        .into_iter()
+        .map(|l| {
+            thread::spawn(move || {
+                let me = l.local_addr().unwrap();
+                for conn in l.incoming().flatten() {
+                    thread::spawn(move || serve(conn, me));
+                }
+            })
+        })
+        .collect();
+    for h in handles {
+        let _ = h.join();
+    }
+}
+
+fn serve(mut conn: TcpStream, me: SocketAddr) {
+    let _ = conn.set_read_timeout(Some(DEADLINE));
+    let _ = conn.set_nodelay(true);
+    if conn.write_all(format!("{me}\n").as_bytes()).is_err() {
+        return;
+    }
+    let mut buf = [0u8; 16 * 1024];
+    loop {
+        match conn.read(&mut buf) {
+            Ok(0) | Err(_) => break,
+            Ok(n) => {
+                if conn.write_all(&buf[..n]).is_err() {
+                    return;
+                }
+            }
+        }
+    }
+    let _ = conn.shutdown(Shutdown::Write);
+}
+
+/// Deterministic per-connection payload, so a mixed-up stream cannot echo correctly.
+fn payload(seed: u64, len: usize) -> Vec<u8> {
+    let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+    (0..len)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x as u8
+        })
+        .collect()
+}
+
+fn one_connection(target: SocketAddr, bytes: usize, seed: u64) -> ConnReport {
+    let mut report = ConnReport { target, peer: None, served_by: None, ok: false, error: None };
+    let result = (|| -> std::io::Result<()> {
+        let mut s = TcpStream::connect_timeout(&target, Duration::from_secs(10))?;
+        s.set_read_timeout(Some(DEADLINE))?;
+        report.peer = s.peer_addr().ok();
+        let sent = payload(seed, bytes);
+        let writer = {
+            let mut w = s.try_clone()?;
+            let sent = sent.clone();
+            thread::spawn(move || -> std::io::Result<()> {
+                w.write_all(&sent)?;
+                // Half-close: the echo server only finishes after seeing our FIN.
+                w.shutdown(Shutdown::Write)
+            })
+        };
+        let mut reader = BufReader::new(&mut s);
+        let mut line = String::new();
+        reader.read_line(&mut line)?;
+        report.served_by = Some(line.trim().to_owned());
+        let mut echoed = Vec::with_capacity(bytes);
+        reader.read_to_end(&mut echoed)?;
+        writer.join().expect("writer thread")?;
+        if echoed != sent {
+            return Err(std::io::Error::other(format!(
+                "echo mismatch: sent {} bytes, got {}",
+                sent.len(),
+                echoed.len()
+            )));
+        }
+        Ok(())
+    })();
+    match result {
+        Ok(()) => report.ok = true,
+        Err(e) => report.error = Some(e.to_string()),
+    }
+    report
+}
+
+fn pingpong(target: SocketAddr, count: usize, size: usize) {
+    let mut s = TcpStream::connect_timeout(&target, Duration::from_secs(10)).expect("connect");
+    s.set_nodelay(true).unwrap();
+    s.set_read_timeout(Some(DEADLINE)).unwrap();
+    let mut reader = BufReader::new(s.try_clone().unwrap());
+    let mut line = String::new();
+    reader.read_line(&mut line).expect("server greeting");
+    let msg = vec![7u8; size];
+    let mut back = vec![0u8; size];
+    let mut hist = hdrhistogram::Histogram::<u64>::new(3).unwrap();
+    let start = Instant::now();
+    for _ in 0..count {
+        if start.elapsed() > DEADLINE {
+            break;
+        }
+        let t = Instant::now();
+        s.write_all(&msg).unwrap();
+        reader.read_exact(&mut back).unwrap();
+        hist.record(t.elapsed().as_micros() as u64).unwrap();
+    }
+    println!(
+        "{}",
+        serde_json::json!({
+            "count": hist.len(),
+            "p50_us": hist.value_at_quantile(0.50),
+            "p99_us": hist.value_at_quantile(0.99),
+            "max_us": hist.max(),
+        })
+    );
+}

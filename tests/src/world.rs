@@ -1,0 +1,391 @@
+//! The simulated ECS cluster: instances, tasks, servers and node proxies.
+use std::{
+    net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr},
+    path::{Path, PathBuf},
+    process::Command,
+    time::{Duration, Instant},
+};
+
+use serde::Deserialize;
+
+use crate::{
+    Tools,
+    cgroup::CgroupTree,
+    netns::Netns,
+    process::{self, Placement, Proc},
+    uid,
+};
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum NetworkMode {
+    Host,
+    Bridge,
+}
+
+/// What one client connection saw (meshtool's report).
+#[derive(Debug, Deserialize)]
+pub struct ConnReport {
+    pub target: SocketAddr,
+    pub peer: Option<SocketAddr>,
+    pub served_by: Option<String>,
+    pub ok: bool,
+    pub error: Option<String>,
+}
+
+pub struct Task {
+    pub id: String,
+    pub family: String,
+    pub mode: NetworkMode,
+    /// One cgroup per container.
+    pub cgroups: Vec<PathBuf>,
+    /// The task's own address (bridge mode) or the instance address (host mode).
+    pub ipv4: Ipv4Addr,
+    pub ipv6: Ipv6Addr,
+    netns_path: PathBuf,
+    own_netns: Option<Netns>,
+    tools: Tools,
+}
+
+impl Task {
+    pub fn placement(&self, container: usize) -> Placement {
+        Placement { netns: self.netns_path.clone(), cgroup: self.cgroups[container].clone() }
+    }
+
+    pub fn netns(&self) -> Option<&Netns> {
+        self.own_netns.as_ref()
+    }
+
+    /// A meshtool command placed in container `container` of this task.
+    pub fn meshtool(&self, container: usize, args: &[String]) -> Command {
+        let mut cmd = Command::new(&self.tools.meshtool);
+        cmd.args(args);
+        process::place(&mut cmd, &self.placement(container));
+        cmd
+    }
+
+    /// Connect to every target `repeat` times concurrently; one report per connection.
+    pub fn client(&self, targets: &[SocketAddr], repeat: usize, bytes: usize) -> Vec<ConnReport> {
+        run_client(self.meshtool(0, &client_args(targets, repeat, bytes)))
+    }
+}
+
+pub fn client_args(targets: &[SocketAddr], repeat: usize, bytes: usize) -> Vec<String> {
+    let mut args = vec!["client".into(), "--repeat".into(), repeat.to_string()];
+    args.extend(["--bytes".into(), bytes.to_string()]);
+    args.extend(targets.iter().map(|t| t.to_string()));
+    args
+}
+
+pub fn run_client(cmd: Command) -> Vec<ConnReport> {
+    let out = process::run(cmd);
+    assert!(out.status.success(), "meshtool client failed: {}", String::from_utf8_lossy(&out.stderr));
+    serde_json::from_slice(&out.stdout)
+        .unwrap_or_else(|e| panic!("meshtool output {e}: {}", String::from_utf8_lossy(&out.stdout)))
+}
+
+/// Node proxy options beyond what the world derives itself.
+#[derive(Clone, Debug, Default)]
+pub struct ProxyOptions {
+    pub exclude_cidrs: Vec<String>,
+    /// Tasks (by index on the instance) to enrol; all when None.
+    pub enrol: Option<Vec<usize>>,
+    /// Run the proxy in this cgroup instead of `<instance>/proxy`.
+    pub cgroup: Option<PathBuf>,
+}
+
+pub struct Proxy {
+    pub proc: Proc,
+    pub config: PathBuf,
+    pub log: PathBuf,
+}
+
+pub struct Instance {
+    pub index: usize,
+    pub name: String,
+    pub netns: Netns,
+    pub ipv4: Ipv4Addr,
+    pub ipv6: Ipv6Addr,
+    pub bridge_v4: Ipv4Addr,
+    pub bridge_v6: Ipv6Addr,
+    /// The cgroup the node proxy attaches to: every task of this instance is below it.
+    pub cgroup_root: PathBuf,
+    pub pin_dir: PathBuf,
+    pub admin: SocketAddr,
+    pub tasks: Vec<Task>,
+    pub proxy: Option<Proxy>,
+    servers: Vec<Proc>,
+    workdir: PathBuf,
+    tools: Tools,
+}
+
+pub const OUTBOUND_PORT: u16 = 15001;
+
+impl Instance {
+    fn placement(&self, rel_cgroup: &str) -> Placement {
+        let cg = self.cgroup_root.join(rel_cgroup);
+        std::fs::create_dir_all(&cg).expect("mkdir cgroup");
+        Placement { netns: self.netns.path(), cgroup: cg }
+    }
+
+    /// Echo servers in the instance netns (unenrolled cgroup `servers`).
+    pub fn echo_server(&mut self, listen: &[SocketAddr]) {
+        let mut cmd = Command::new(&self.tools.meshtool);
+        cmd.arg("echo").args(listen.iter().map(|a| a.to_string()));
+        process::place(&mut cmd, &self.placement("servers"));
+        self.servers.push(process::spawn_ready(cmd, "echo server"));
+    }
+
+    /// A meshtool command in the instance netns, in an unenrolled cgroup.
+    pub fn unenrolled(&self, args: &[String]) -> Command {
+        let mut cmd = Command::new(&self.tools.meshtool);
+        cmd.args(args);
+        process::place(&mut cmd, &self.placement("unenrolled"));
+        cmd
+    }
+
+    pub fn config_text(&self, opts: &ProxyOptions) -> String {
+        let mut t = format!(
+            "instance = \"{}\"\npin_dir = \"{}\"\ncgroup_root = \"{}\"\nadmin_addr = \"{}\"\n\
+             outbound_port = {OUTBOUND_PORT}\nbridge_ipv4 = \"{}\"\nbridge_ipv6 = \"{}\"\n",
+            self.name,
+            self.pin_dir.display(),
+            self.cgroup_root.display(),
+            self.admin,
+            self.bridge_v4,
+            self.bridge_v6
+        );
+        let cidrs: Vec<String> = opts.exclude_cidrs.iter().map(|c| format!("\"{c}\"")).collect();
+        t += &format!("exclude_cidrs = [{}]\n", cidrs.join(", "));
+        for (i, task) in self.tasks.iter().enumerate() {
+            if opts.enrol.as_ref().is_some_and(|e| !e.contains(&i)) {
+                continue;
+            }
+            let cgroups: Vec<String> =
+                task.cgroups.iter().map(|c| format!("\"{}\"", c.display())).collect();
+            t += &format!(
+                "\n[[tasks]]\nid = \"{}\"\nfamily = \"{}\"\nnetwork_mode = \"{}\"\ncgroups = [{}]\n",
+                task.id,
+                task.family,
+                if task.mode == NetworkMode::Host { "host" } else { "bridge" },
+                cgroups.join(", ")
+            );
+        }
+        t
+    }
+
+    /// Write a config file and return the `ecsmesh run` command, placed in the proxy cgroup.
+    pub fn proxy_command(&self, config_text: &str, cgroup: Option<&Path>) -> (Command, PathBuf) {
+        let config = self.workdir.join(format!("{}.toml", self.name));
+        std::fs::write(&config, config_text).expect("write config");
+        let mut cmd = Command::new(&self.tools.ecsmesh);
+        cmd.arg("run").arg("--config").arg(&config).env("RUST_LOG", "info");
+        let mut at = self.placement("proxy");
+        if let Some(cg) = cgroup {
+            at.cgroup = cg.to_path_buf();
+        }
+        process::place(&mut cmd, &at);
+        (cmd, config)
+    }
+
+    pub fn start_proxy(&mut self, opts: &ProxyOptions) {
+        let text = self.config_text(opts);
+        let (cmd, config) = self.proxy_command(&text, opts.cgroup.as_deref());
+        let log = self.workdir.join(format!("{}-proxy.log", self.name));
+        let proc = process::spawn_logged(cmd, "ecsmesh", &log);
+        self.proxy = Some(Proxy { proc, config, log });
+        self.wait_ready();
+    }
+
+    pub fn proxy_log(&self) -> String {
+        self.proxy.as_ref().map(|p| std::fs::read_to_string(&p.log).unwrap_or_default()).unwrap_or_default()
+    }
+
+    fn wait_ready(&mut self) {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            if let Ok((200, _)) = self.netns.http_get(self.admin, "/ready") {
+                return;
+            }
+            let proxy = self.proxy.as_mut().unwrap();
+            if let Ok(Some(st)) = proxy.proc.child.try_wait() {
+                panic!("ecsmesh exited ({st}) before ready:\n{}", self.proxy_log());
+            }
+            assert!(Instant::now() < deadline, "ecsmesh not ready in 20 s:\n{}", self.proxy_log());
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    pub fn metrics(&self) -> prometheus_parse::Scrape {
+        let (status, body) = self.netns.http_get(self.admin, "/metrics").expect("GET /metrics");
+        assert_eq!(status, 200);
+        crate::metrics::parse(&body)
+    }
+
+    /// SIGTERM the proxy and wait for a clean exit.
+    pub fn stop_proxy(&mut self) -> std::process::ExitStatus {
+        let mut proxy = self.proxy.take().expect("proxy running");
+        proxy.proc.signal(nix::sys::signal::Signal::SIGTERM);
+        let st = proxy.proc.wait_timeout(Duration::from_secs(15)).expect("proxy exits after SIGTERM");
+        let log = std::fs::read_to_string(&proxy.log).unwrap_or_default();
+        assert!(st.success(), "proxy exit {st}:\n{log}");
+        st
+    }
+
+    pub fn outbound_v4(&self, mode: NetworkMode) -> SocketAddr {
+        match mode {
+            NetworkMode::Host => SocketAddr::new(Ipv4Addr::LOCALHOST.into(), OUTBOUND_PORT),
+            NetworkMode::Bridge => SocketAddr::new(self.bridge_v4.into(), OUTBOUND_PORT),
+        }
+    }
+
+    pub fn outbound_v6(&self, mode: NetworkMode) -> SocketAddr {
+        match mode {
+            NetworkMode::Host => SocketAddr::new(Ipv6Addr::LOCALHOST.into(), OUTBOUND_PORT),
+            NetworkMode::Bridge => SocketAddr::new(self.bridge_v6.into(), OUTBOUND_PORT),
+        }
+    }
+
+    pub fn addr(&self, port: u16) -> SocketAddr {
+        SocketAddr::new(IpAddr::V4(self.ipv4), port)
+    }
+
+    pub fn addr6(&self, port: u16) -> SocketAddr {
+        SocketAddr::new(IpAddr::V6(self.ipv6), port)
+    }
+}
+
+impl Drop for Instance {
+    fn drop(&mut self) {
+        if let Some(mut p) = self.proxy.take() {
+            p.proc.signal(nix::sys::signal::Signal::SIGTERM);
+            let _ = p.proc.wait_timeout(Duration::from_secs(10));
+        }
+        // Covers kill -9 tests and panics mid-test.
+        let _ = Command::new(&self.tools.ecsmesh)
+            .arg("uninstall")
+            .arg("--pin-dir")
+            .arg(&self.pin_dir)
+            .output();
+        self.servers.clear();
+        self.tasks.clear();
+    }
+}
+
+pub struct World {
+    pub id: String,
+    pub instances: Vec<Instance>,
+    // Dropped after the instances (field order): their processes live in these cgroups.
+    pub cgroups: CgroupTree,
+    pub fabric: Netns,
+    pub workdir: PathBuf,
+    tools: Tools,
+}
+
+impl World {
+    /// `n` container instances on one fabric: 10.0.0.(i+1)/24 and fd00::(i+1)/64 on eth0,
+    /// a docker0 bridge with 172.(17+i).0.1/24 and fd17:i::1/64, routes to the others' bridges.
+    pub fn new(tools: Tools, n: usize) -> Self {
+        assert!(n >= 1 && n <= 8);
+        let id = uid();
+        let workdir = std::env::temp_dir().join(format!("ecsmesh-{id}"));
+        std::fs::create_dir_all(&workdir).unwrap();
+        let cgroups = CgroupTree::new(&id);
+        let fabric = Netns::new(&format!("em{id}f"));
+        fabric.ip(&["link", "add", "fab", "type", "bridge"]);
+        fabric.ip(&["link", "set", "fab", "up"]);
+        let mut instances = Vec::new();
+        for i in 0..n {
+            let name = format!("inst{i}");
+            let netns = Netns::new(&format!("em{id}i{i}"));
+            let port = format!("p{i}");
+            fabric.ip(&["link", "add", &port, "type", "veth", "peer", "name", "eth0", "netns", &netns.name]);
+            fabric.ip(&["link", "set", &port, "master", "fab", "up"]);
+            let ipv4 = Ipv4Addr::new(10, 0, 0, i as u8 + 1);
+            let ipv6: Ipv6Addr = format!("fd00::{}", i + 1).parse().unwrap();
+            netns.ip(&["addr", "add", &format!("{ipv4}/24"), "dev", "eth0"]);
+            netns.ip(&["addr", "add", &format!("{ipv6}/64"), "dev", "eth0", "nodad"]);
+            netns.ip(&["link", "set", "eth0", "up"]);
+            let bridge_v4 = Ipv4Addr::new(172, 17 + i as u8, 0, 1);
+            let bridge_v6: Ipv6Addr = format!("fd17:{i}::1").parse().unwrap();
+            netns.ip(&["link", "add", "docker0", "type", "bridge"]);
+            netns.ip(&["addr", "add", &format!("{bridge_v4}/24"), "dev", "docker0"]);
+            netns.ip(&["addr", "add", &format!("{bridge_v6}/64"), "dev", "docker0", "nodad"]);
+            netns.ip(&["link", "set", "docker0", "up"]);
+            netns.sysctl("net.ipv4.ip_forward", "1");
+            netns.sysctl("net.ipv6.conf.all.forwarding", "1");
+            for j in (0..n).filter(|j| *j != i) {
+                netns.ip(&["route", "add", &format!("172.{}.0.0/24", 17 + j), "via", &format!("10.0.0.{}", j + 1)]);
+                netns.ip(&["-6", "route", "add", &format!("fd17:{j}::/64"), "via", &format!("fd00::{}", j + 1)]);
+            }
+            let cgroup_root = cgroups.dir(&name);
+            instances.push(Instance {
+                index: i,
+                pin_dir: PathBuf::from(format!("/sys/fs/bpf/ecsmesh-test-{id}-{name}")),
+                admin: "127.0.0.1:15000".parse().unwrap(),
+                name,
+                netns,
+                ipv4,
+                ipv6,
+                bridge_v4,
+                bridge_v6,
+                cgroup_root,
+                tasks: Vec::new(),
+                proxy: None,
+                servers: Vec::new(),
+                workdir: workdir.clone(),
+                tools: tools.clone(),
+            });
+        }
+        Self { id, instances, cgroups, fabric, workdir, tools }
+    }
+
+    /// Add a task with `containers` containers (cgroups) on instance `inst`.
+    pub fn add_task(&mut self, inst: usize, mode: NetworkMode, containers: usize) -> usize {
+        let instance = &mut self.instances[inst];
+        let k = instance.tasks.len();
+        let id = format!("{}-t{k}", instance.name);
+        let cgroups: Vec<PathBuf> = (0..containers.max(1))
+            .map(|c| self.cgroups.dir(&format!("{}/tasks/{id}/c{c}", instance.name)))
+            .collect();
+        let (ipv4, ipv6, netns_path, own_netns) = match mode {
+            NetworkMode::Host => (instance.ipv4, instance.ipv6, instance.netns.path(), None),
+            NetworkMode::Bridge => {
+                let ns = Netns::new(&format!("em{}i{inst}t{k}", self.id));
+                let veth = format!("veth{k}");
+                instance.netns.ip(&["link", "add", &veth, "type", "veth", "peer", "name", "eth0", "netns", &ns.name]);
+                instance.netns.ip(&["link", "set", &veth, "master", "docker0", "up"]);
+                let v4 = Ipv4Addr::new(172, 17 + inst as u8, 0, k as u8 + 2);
+                let v6: Ipv6Addr = format!("fd17:{inst}::{}", k + 2).parse().unwrap();
+                ns.ip(&["addr", "add", &format!("{v4}/24"), "dev", "eth0"]);
+                ns.ip(&["addr", "add", &format!("{v6}/64"), "dev", "eth0", "nodad"]);
+                ns.ip(&["link", "set", "eth0", "up"]);
+                ns.ip(&["route", "add", "default", "via", &instance.bridge_v4.to_string()]);
+                ns.ip(&["-6", "route", "add", "default", "via", &instance.bridge_v6.to_string()]);
+                (v4, v6, ns.path(), Some(ns))
+            }
+        };
+        instance.tasks.push(Task {
+            family: format!("family{k}"),
+            id,
+            mode,
+            cgroups,
+            ipv4,
+            ipv6,
+            netns_path,
+            own_netns,
+            tools: self.tools.clone(),
+        });
+        k
+    }
+}
+
+impl Drop for World {
+    fn drop(&mut self) {
+        // Instances first: their proxies and uninstall must finish before the cgroups and
+        // the fabric go (the remaining fields drop after this, in declaration order).
+        self.instances.clear();
+        if !std::thread::panicking() {
+            let _ = std::fs::remove_dir_all(&self.workdir);
+        }
+    }
+}
