@@ -85,3 +85,66 @@ fn two_hundred_concurrent_connections_reach_their_own_destinations() {
     let m = a.metrics();
     assert_eq!(counter(&m, "ecsmesh_tcp_connections_opened_total", &[]), 200.0);
 }
+
+#[test]
+fn excluded_destinations_and_udp_are_not_redirected() {
+    let mut w = World::new(tools(), 2);
+    let task = w.add_task(0, Host, 1);
+    // Link-local service addresses inside instance 0, like the ECS agent's and IMDS.
+    w.instances[0].netns.ip(&["addr", "add", "169.254.169.254/32", "dev", "lo"]);
+    w.instances[0].netns.ip(&["addr", "add", "169.254.170.2/32", "dev", "lo"]);
+    w.instances[1].netns.ip(&["addr", "add", "10.0.0.12/24", "dev", "eth0"]);
+    let p = |s: &str| s.parse::<SocketAddr>().unwrap();
+    let local = [p("127.0.0.1:9100"), p("[::1]:9100"), p("169.254.169.254:80"), p("169.254.170.2:80")];
+    w.instances[0].echo_server(&local);
+    let remote = [p("10.0.0.2:9000"), p("[fd00::2]:9000"), p("10.0.0.12:9000"), p("10.0.0.12:53")];
+    w.instances[1].echo_server(&remote);
+    let opts = ProxyOptions {
+        exclude_cidrs: vec!["10.0.0.2/32".into(), "fd00::2/128".into()],
+        ..Default::default()
+    };
+    w.instances[0].start_proxy(&opts);
+    let a = &w.instances[0];
+    let t = &a.tasks[task];
+
+    // Loopback, link-local, configured CIDRs (both families), and DNS's port.
+    let direct = [
+        local[0], local[1], local[2], local[3],
+        p("[::ffff:169.254.169.254]:80"), // v4-mapped: unwrapped before the exclusion check
+        p("[::ffff:127.0.0.1]:9100"),
+        remote[0], remote[1], p("[::ffff:10.0.0.2]:9000"),
+        remote[3],
+    ];
+    assert_direct(&t.client(&direct, 1, 512));
+
+    // Control: the same task's other destinations are redirected, including v4-mapped
+    // ones, which the proxy must look up under their IPv4 key.
+    assert_redirected(&t.client(&[remote[2]], 1, 512), a.outbound_v4(Host));
+    let mapped = t.client(&[p("[::ffff:10.0.0.12]:9000")], 1, 512);
+    assert_all_ok(&mapped);
+    assert_eq!(mapped[0].peer, Some(p("[::ffff:127.0.0.1]:15001")), "{mapped:?}");
+    assert_eq!(mapped[0].served_by.as_deref(), Some("10.0.0.12:9000"));
+
+    // UDP connect() is never rewritten.
+    let out = harness::process::run(t.meshtool(0, &["udp".into(), "10.0.0.12:9000".into()]));
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(v["peer"], "10.0.0.12:9000");
+    let m = a.metrics();
+    assert_eq!(counter(&m, "ecsmesh_tcp_connections_opened_total", &[]), 2.0);
+}
+
+#[test]
+fn proxy_inside_an_enrolled_cgroup_does_not_redirect_itself() {
+    let mut w = World::new(tools(), 2);
+    let task = w.add_task(0, Host, 2);
+    let target = w.instances[1].addr(9000);
+    w.instances[1].echo_server(&[target]);
+    // The proxy runs in the task's second container cgroup, which is enrolled: its own
+    // upstream connections must not be steered back into itself.
+    let cgroup = w.instances[0].tasks[task].cgroups[1].clone();
+    w.instances[0].start_proxy(&ProxyOptions { cgroup: Some(cgroup), ..Default::default() });
+    let a = &w.instances[0];
+    assert_redirected(&a.tasks[task].client(&[target, target], 1, 2048), a.outbound_v4(Host));
+    let m = a.metrics();
+    assert_eq!(counter(&m, "ecsmesh_tcp_connections_opened_total", &[]), 2.0);
+}
