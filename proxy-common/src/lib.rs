@@ -81,6 +81,10 @@ pub struct OrigDst {
     pub task_index: u32,
     /// Socket cookie of the client socket: lets the close hook delete only its own entry.
     pub cookie: u64,
+    /// CLOCK_MONOTONIC ns when the client closed gracefully before the proxy claimed the
+    /// entry (0 while open). Such an entry is kept: the connection's data may still sit in
+    /// the proxy's accept queue. The proxy deletes entries it claims and sweeps old ones.
+    pub closed_ns: u64,
 }
 
 /// Single-entry `SETTINGS` array.
@@ -106,7 +110,7 @@ pub mod stats {
 
 const _: () = assert!(core::mem::size_of::<TaskEntry>() == 28);
 const _: () = assert!(core::mem::size_of::<SockKey>() == 20);
-const _: () = assert!(core::mem::size_of::<OrigDst>() == 32);
+const _: () = assert!(core::mem::size_of::<OrigDst>() == 40);
 const _: () = assert!(core::mem::size_of::<Settings>() == 16);
 
 #[cfg(feature = "user")]

@@ -12,9 +12,12 @@
 //! bridge-mode tasks have distinct bridge addresses.
 //!
 //! Nothing leaks: `TCP_CONNECT_CB` arms the state callback for redirected sockets, and the
-//! transition to TCP_CLOSE (refused, timed out, reset, closed — accepted or not) removes the
-//! socket's `PENDING` and `ORIG_DST` entries. `PENDING` is an LRU so the one path that never
-//! reaches `tcp_connect()` (a route lookup failing after our hook) cannot fill it either.
+//! transition to TCP_CLOSE removes the socket's `PENDING` entry and — when refused, timed
+//! out or reset — its `ORIG_DST` entry. A client that closes gracefully may do so before the
+//! proxy has accepted (fire-and-forget senders); its entry is only stamped `closed_ns`, the
+//! proxy deletes every entry it claims and sweeps stamped ones it never claimed. `PENDING`
+//! is an LRU so the one path that never reaches `tcp_connect()` (a route lookup failing
+//! after our hook) cannot fill it either.
 #![no_std]
 #![no_main]
 
@@ -23,9 +26,10 @@ mod addr;
 use aya_ebpf::{
     bindings::{
         BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB, BPF_SOCK_OPS_STATE_CB, BPF_SOCK_OPS_STATE_CB_FLAG,
-        BPF_SOCK_OPS_TCP_CONNECT_CB, BPF_TCP_CLOSE, bpf_sock_addr,
+        BPF_SOCK_OPS_TCP_CONNECT_CB, BPF_TCP_CLOSE, BPF_TCP_CLOSING, BPF_TCP_FIN_WAIT1,
+        BPF_TCP_FIN_WAIT2, bpf_sock_addr,
     },
-    helpers::{bpf_get_current_cgroup_id, bpf_get_socket_cookie},
+    helpers::{bpf_get_current_cgroup_id, bpf_get_socket_cookie, bpf_ktime_get_ns},
     macros::{cgroup_sock_addr, map, sock_ops},
     maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray},
     programs::{SockAddrContext, SockOpsContext},
@@ -145,6 +149,7 @@ fn try_connect<const V6: bool>(ctx: &SockAddrContext) -> Allow {
         family: dst.family,
         task_index: task.task_index,
         cookie,
+        closed_ns: 0,
     };
     if PENDING.insert(cookie, orig, 0).is_err() {
         bump(stats::PENDING_FULL);
@@ -202,9 +207,20 @@ fn try_sockops(ctx: &SockOpsContext) {
         BPF_SOCK_OPS_STATE_CB if ctx.arg(1) == BPF_TCP_CLOSE => {
             let _ = PENDING.remove(cookie);
             let key = local_key(ctx);
-            if let Some(orig) = ORIG_DST.get_ptr(key)
-                && unsafe { (*orig).cookie } == cookie
-            {
+            let Some(orig) = ORIG_DST.get_ptr_mut(key) else {
+                return;
+            };
+            // SAFETY: pointer from a successful lookup; only this socket's entry is touched.
+            if unsafe { (*orig).cookie } != cookie {
+                return;
+            }
+            let old = ctx.arg(0);
+            if old == BPF_TCP_FIN_WAIT1 || old == BPF_TCP_FIN_WAIT2 || old == BPF_TCP_CLOSING {
+                // The client sent everything and closed: its bytes may still wait in the
+                // proxy's accept queue, so the proxy must still be able to find where they go.
+                unsafe { (*orig).closed_ns = bpf_ktime_get_ns() };
+            } else {
+                // Reset, refused, or closed after the proxy hung up: nothing left to route.
                 let _ = ORIG_DST.remove(key);
             }
         }

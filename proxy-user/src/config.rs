@@ -23,8 +23,8 @@ pub const DEFAULT_SOCKET_MARK: u32 = 0x4543_4d53;
 pub enum ConfigError {
     #[error("{path}: {source}")]
     Read { path: PathBuf, source: std::io::Error },
-    #[error("{path}:{line}:{column}: {message}")]
-    Parse { path: PathBuf, line: usize, column: usize, message: String },
+    #[error("{path}:{line}:{column}: {message} (in `{source_line}`)")]
+    Parse { path: PathBuf, line: usize, column: usize, message: String, source_line: String },
     #[error("{path}: {field}: {message}")]
     Invalid { path: PathBuf, field: String, message: String },
 }
@@ -81,6 +81,9 @@ impl Config {
                 line,
                 column,
                 message: e.message().replace('\n', " "),
+                // The offending line names the field even when the message does not
+                // ("invalid type: string, expected u16").
+                source_line: text.lines().nth(line - 1).unwrap_or_default().trim().to_owned(),
             }
         })?;
         raw.validate().map_err(|(field, message)| ConfigError::Invalid {

@@ -11,6 +11,8 @@ mod pins;
 use std::{
     net::{Ipv4Addr, Ipv6Addr, SocketAddr},
     path::PathBuf,
+    sync::Mutex,
+    time::Duration,
 };
 
 use aya::{
@@ -70,20 +72,47 @@ fn prog_err(what: impl Into<String>) -> impl FnOnce(aya::programs::ProgramError)
 /// A trait so that the proxy can be tested on loopback without root.
 pub trait OrigDstSource: Send + Sync + 'static {
     /// `peer` is the accepted socket's peer address. Returns the original destination and
-    /// the index of the task that made the connection.
-    fn lookup(&self, peer: SocketAddr) -> Option<(OrigDst, u32)>;
+    /// the index of the task that made the connection, and forgets it: each entry is
+    /// claimed exactly once.
+    fn claim(&self, peer: SocketAddr) -> Option<(OrigDst, u32)>;
 }
 
-/// Lookup side of the `ORIG_DST` map; shared by all accept loops.
+/// The proxy's handle on the `ORIG_DST` map. Lookups and deletes are single syscalls; the
+/// mutex only exists because aya's `remove` takes `&mut self`.
 pub struct OrigDstMap {
-    map: HashMap<MapData, SockKey, KernelOrigDst>,
+    map: Mutex<HashMap<MapData, SockKey, KernelOrigDst>>,
 }
 
 impl OrigDstSource for OrigDstMap {
-    fn lookup(&self, peer: SocketAddr) -> Option<(OrigDst, u32)> {
-        let v = self.map.get(&types::sock_key(peer), 0).ok()?;
+    fn claim(&self, peer: SocketAddr) -> Option<(OrigDst, u32)> {
+        let key = types::sock_key(peer);
+        let mut map = self.map.lock().unwrap_or_else(|p| p.into_inner());
+        let v = map.get(&key, 0).ok()?;
+        let _ = map.remove(&key);
         let addr = types::socket_addr(v.addr, v.port, v.family)?;
         Some((OrigDst(addr), v.task_index))
+    }
+}
+
+impl OrigDstMap {
+    /// Delete entries whose client closed more than `grace` ago without the proxy ever
+    /// accepting the connection (it was reset or the accept queue overflowed).
+    pub fn sweep(&self, grace: Duration) -> usize {
+        let now = nix::time::clock_gettime(nix::time::ClockId::CLOCK_MONOTONIC)
+            .map(|t| Duration::from(t).as_nanos() as u64)
+            .unwrap_or(0);
+        let grace = grace.as_nanos() as u64;
+        let mut map = self.map.lock().unwrap_or_else(|p| p.into_inner());
+        let stale: Vec<SockKey> = map
+            .iter()
+            .filter_map(Result::ok)
+            .filter(|(_, v)| v.closed_ns != 0 && now.saturating_sub(v.closed_ns) > grace)
+            .map(|(k, _)| k)
+            .collect();
+        for key in &stale {
+            let _ = map.remove(key);
+        }
+        stale.len()
     }
 }
 
@@ -143,7 +172,9 @@ impl Redirect {
             map.pin(pins::map_path(&config.pin_dir, name)).map_err(pins::PinError::from)?;
         }
         let orig = ebpf.take_map(maps::ORIG_DST).ok_or(EbpfError::MissingMap(maps::ORIG_DST))?;
-        let orig = OrigDstMap { map: HashMap::try_from(orig).map_err(map_err(maps::ORIG_DST))? };
+        let orig = OrigDstMap {
+            map: Mutex::new(HashMap::try_from(orig).map_err(map_err(maps::ORIG_DST))?),
+        };
         let stats_map = ebpf.take_map(maps::STATS).ok_or(EbpfError::MissingMap(maps::STATS))?;
         let stats = PerCpuArray::try_from(stats_map).map_err(map_err(maps::STATS))?;
         tracing::info!(

@@ -50,7 +50,7 @@ impl Outbound {
     }
 
     async fn handle(&self, client: TcpStream, peer: SocketAddr) {
-        let Some((dst, task_index)) = self.orig_dst.lookup(peer) else {
+        let Some((dst, task_index)) = self.orig_dst.claim(peer) else {
             self.metrics.fail("no_original_destination");
             tracing::warn!(%peer, "no original destination recorded; closing");
             return;

@@ -19,6 +19,23 @@ use crate::{
 
 /// How long open connections may finish after the redirect is detached.
 const DRAIN_TIMEOUT: Duration = Duration::from_secs(5);
+/// An entry whose client closed this long ago was never going to be accepted.
+const UNCLAIMED_GRACE: Duration = Duration::from_secs(10);
+
+async fn sweep(map: Arc<ebpf::OrigDstMap>, metrics: Arc<Metrics>, shutdown: CancellationToken) {
+    let mut tick = tokio::time::interval(UNCLAIMED_GRACE / 2);
+    loop {
+        tokio::select! {
+            _ = tick.tick() => {}
+            () = shutdown.cancelled() => return,
+        }
+        let m = map.clone();
+        let swept = tokio::task::spawn_blocking(move || m.sweep(UNCLAIMED_GRACE)).await.unwrap_or(0);
+        for _ in 0..swept {
+            metrics.fail("never_accepted");
+        }
+    }
+}
 
 #[derive(Debug, thiserror::Error)]
 pub enum RunError {
@@ -78,8 +95,10 @@ pub async fn run(config: Arc<Config>) -> Result<(), RunError> {
             return Err(e.into());
         }
     };
+    let orig_dst = Arc::new(orig_dst);
+    tokio::spawn(sweep(orig_dst.clone(), metrics.clone(), shutdown.clone()));
     let proxy = Arc::new(Outbound {
-        orig_dst: Arc::new(orig_dst),
+        orig_dst,
         tasks: Arc::new(config.tasks.iter().map(|t| t.id.clone()).collect()),
         metrics,
         socket_mark: config.socket_mark,

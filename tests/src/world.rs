@@ -129,10 +129,17 @@ impl Instance {
 
     /// Echo servers in the instance netns (unenrolled cgroup `servers`).
     pub fn echo_server(&mut self, listen: &[SocketAddr]) {
+        let mut args = vec!["echo".to_owned()];
+        args.extend(listen.iter().map(|a| a.to_string()));
+        self.server(&args);
+    }
+
+    /// Any meshtool server (prints READY when listening), unenrolled, kept until drop.
+    pub fn server(&mut self, args: &[String]) {
         let mut cmd = Command::new(&self.tools.meshtool);
-        cmd.arg("echo").args(listen.iter().map(|a| a.to_string()));
+        cmd.args(args);
         process::place(&mut cmd, &self.placement("servers"));
-        self.servers.push(process::spawn_ready(cmd, "echo server"));
+        self.servers.push(process::spawn_ready(cmd, &args[0]));
     }
 
     /// A meshtool command in the instance netns, in an unenrolled cgroup.

@@ -68,3 +68,10 @@ fn duplicate_task_and_bad_mode_are_rejected() {
         .to_string();
     assert!(e.contains("awsvpc") && e.starts_with("test.toml:"), "{e}");
 }
+
+#[test]
+fn type_errors_quote_the_line_with_the_field() {
+    let e = parse(&format!("{MINIMAL}outbound_port = \"x\"\n")).unwrap_err().to_string();
+    assert!(e.starts_with("test.toml:4:"), "{e}");
+    assert!(e.contains("outbound_port"), "{e}");
+}

@@ -42,6 +42,24 @@ enum Cmd {
         target: SocketAddr,
         #[arg(long)]
         count: usize,
+        /// Keep every connection open this long before closing them all.
+        #[arg(long, default_value_t = 0)]
+        hold_ms: u64,
+    },
+    /// Fire-and-forget: connect, write `bytes`, close without reading; `count` times.
+    Send {
+        target: SocketAddr,
+        #[arg(long)]
+        count: usize,
+        #[arg(long, default_value_t = 1024)]
+        bytes: usize,
+    },
+    /// Receive on every ADDR and append "<bytes> <checksum>" per connection to `out`.
+    Sink {
+        #[arg(long)]
+        out: std::path::PathBuf,
+        #[arg(required = true)]
+        listen: Vec<SocketAddr>,
     },
     /// connect() a UDP socket and report its peer address (sends one datagram).
     Udp { target: SocketAddr },
@@ -87,12 +105,27 @@ fn main() {
             };
             println!("{}", serde_json::to_string(&reports).unwrap());
         }
-        Cmd::Attempts { target, count } => {
-            let ok = (0..count)
-                .filter(|_| TcpStream::connect_timeout(&target, Duration::from_secs(2)).is_ok())
-                .count();
+        Cmd::Attempts { target, count, hold_ms } => {
+            let held: Vec<TcpStream> = (0..count)
+                .filter_map(|_| TcpStream::connect_timeout(&target, Duration::from_secs(2)).ok())
+                .collect();
+            let ok = held.len();
+            thread::sleep(Duration::from_millis(hold_ms.min(30_000)));
+            drop(held);
             println!("{}", serde_json::json!({ "attempts": count, "connected": ok }));
         }
+        Cmd::Send { target, count, bytes } => {
+            let mut sent = 0;
+            for _ in 0..count {
+                if let Ok(mut s) = TcpStream::connect_timeout(&target, Duration::from_secs(2))
+                    && s.write_all(&payload(0, bytes)).is_ok()
+                {
+                    sent += 1;
+                }
+            }
+            println!("{}", serde_json::json!({ "sent": sent, "checksum": checksum(&payload(0, bytes)) }));
+        }
+        Cmd::Sink { out, listen } => sink(out, listen),
         Cmd::Udp { target } => {
             let bind: SocketAddr = if target.is_ipv4() { "0.0.0.0:0" } else { "[::]:0" }.parse().unwrap();
             let sock = UdpSocket::bind(bind).expect("udp bind");
@@ -116,6 +149,41 @@ fn echo(listen: Vec<SocketAddr>) {
                 let me = l.local_addr().unwrap();
                 for conn in l.incoming().flatten() {
                     thread::spawn(move || serve(conn, me));
+                }
+            })
+        })
+        .collect();
+    for h in handles {
+        let _ = h.join();
+    }
+}
+
+/// FNV-1a, to compare payloads without shipping them around.
+fn checksum(data: &[u8]) -> u64 {
+    data.iter().fold(0xcbf2_9ce4_8422_2325, |h, b| (h ^ u64::from(*b)).wrapping_mul(0x100_0000_01b3))
+}
+
+fn sink(out: std::path::PathBuf, listen: Vec<SocketAddr>) {
+    let file = std::sync::Arc::new(std::sync::Mutex::new(
+        std::fs::OpenOptions::new().create(true).append(true).open(&out).expect("sink output"),
+    ));
+    let listeners: Vec<TcpListener> = listen.iter().map(|a| TcpListener::bind(a).expect("bind")).collect();
+    println!("READY");
+    std::io::stdout().flush().unwrap();
+    let handles: Vec<_> = listeners
+        .into_iter()
+        .map(|l| {
+            let file = file.clone();
+            thread::spawn(move || {
+                for mut conn in l.incoming().flatten() {
+                    let file = file.clone();
+                    thread::spawn(move || {
+                        let _ = conn.set_read_timeout(Some(DEADLINE));
+                        let mut data = Vec::new();
+                        let _ = conn.read_to_end(&mut data);
+                        let line = format!("{} {}\n", data.len(), checksum(&data));
+                        let _ = file.lock().unwrap().write_all(line.as_bytes());
+                    });
                 }
             })
         })
