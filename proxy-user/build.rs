@@ -5,10 +5,12 @@ use std::path::PathBuf;
 
 fn main() {
     println!("cargo:rerun-if-env-changed=ECSMESH_EBPF_OBJECT");
-    let object = std::env::var_os("ECSMESH_EBPF_OBJECT").map(PathBuf::from).unwrap_or_else(|| {
-        let manifest = PathBuf::from(std::env::var_os("CARGO_MANIFEST_DIR").unwrap());
-        manifest.join("../target/ebpf/bpfel-unknown-none/release/proxy-ebpf")
-    });
+    let object = std::env::var_os("ECSMESH_EBPF_OBJECT")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| {
+            let manifest = PathBuf::from(std::env::var_os("CARGO_MANIFEST_DIR").unwrap());
+            manifest.join("../target/ebpf/bpfel-unknown-none/release/proxy-ebpf")
+        });
     println!("cargo:rerun-if-changed={}", object.display());
     if !object.is_file() {
         let have_linker = std::env::var_os("PATH")
@@ -18,8 +20,14 @@ fn main() {
         } else {
             "the eBPF toolchain is not installed: run `cargo xtask setup`, then `cargo xtask build`"
         };
-        eprintln!("error: eBPF object not found at {}: {hint}", object.display());
+        eprintln!(
+            "error: eBPF object not found at {}: {hint}",
+            object.display()
+        );
         std::process::exit(1);
     }
-    println!("cargo:rustc-env=ECSMESH_EBPF_OBJECT={}", object.canonicalize().unwrap().display());
+    println!(
+        "cargo:rustc-env=ECSMESH_EBPF_OBJECT={}",
+        object.canonicalize().unwrap().display()
+    );
 }

@@ -8,9 +8,17 @@ pub const V4_MAPPED_WORD: u32 = u32::from_ne_bytes([0, 0, 0xff, 0xff]);
 #[inline(always)]
 pub fn normalise(ip6: [u32; 4], port: u16) -> SockKey {
     if ip6[0] == 0 && ip6[1] == 0 && ip6[2] == V4_MAPPED_WORD {
-        SockKey { addr: [ip6[3], 0, 0, 0], port, family: AF_INET }
+        SockKey {
+            addr: [ip6[3], 0, 0, 0],
+            port,
+            family: AF_INET,
+        }
     } else {
-        SockKey { addr: ip6, port, family: AF_INET6 }
+        SockKey {
+            addr: ip6,
+            port,
+            family: AF_INET6,
+        }
     }
 }
 

@@ -24,6 +24,7 @@
 mod addr;
 
 use aya_ebpf::{
+    EbpfContext,
     bindings::{
         BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB, BPF_SOCK_OPS_STATE_CB, BPF_SOCK_OPS_STATE_CB_FLAG,
         BPF_SOCK_OPS_TCP_CONNECT_CB, BPF_TCP_CLOSE, BPF_TCP_CLOSING, BPF_TCP_FIN_WAIT1,
@@ -33,12 +34,11 @@ use aya_ebpf::{
     macros::{cgroup_sock_addr, map, sock_ops},
     maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray},
     programs::{SockAddrContext, SockOpsContext},
-    EbpfContext,
 };
 use aya_log_ebpf::warn;
 use proxy_common::{
-    stats, OrigDst, Settings, SockKey, TaskEntry, AF_INET, AF_INET6, DNS_PORT, IPPROTO_TCP,
-    MAX_CONNECTIONS, MAX_EXCLUDED_CIDRS, MAX_TASK_CGROUPS, SOCK_STREAM,
+    AF_INET, AF_INET6, DNS_PORT, IPPROTO_TCP, MAX_CONNECTIONS, MAX_EXCLUDED_CIDRS,
+    MAX_TASK_CGROUPS, OrigDst, SOCK_STREAM, Settings, SockKey, TaskEntry, stats,
 };
 
 /// `true`: let the syscall proceed (possibly with a rewritten address). `false`: fail it
@@ -93,9 +93,18 @@ fn bump(index: u32) {
 fn destination(sa: &bpf_sock_addr, v6: bool) -> SockKey {
     let port = u16::from_be(sa.user_port as u16);
     if !v6 {
-        return SockKey { addr: [sa.user_ip4, 0, 0, 0], port, family: AF_INET };
+        return SockKey {
+            addr: [sa.user_ip4, 0, 0, 0],
+            port,
+            family: AF_INET,
+        };
     }
-    let ip6 = [sa.user_ip6[0], sa.user_ip6[1], sa.user_ip6[2], sa.user_ip6[3]];
+    let ip6 = [
+        sa.user_ip6[0],
+        sa.user_ip6[1],
+        sa.user_ip6[2],
+        sa.user_ip6[3],
+    ];
     addr::normalise(ip6, port)
 }
 
@@ -181,7 +190,11 @@ fn local_key(ctx: &SockOpsContext) -> SockKey {
     if ctx.family() == u32::from(AF_INET6) {
         addr::normalise(ctx.local_ip6(), port)
     } else {
-        SockKey { addr: [ctx.local_ip4(), 0, 0, 0], port, family: AF_INET }
+        SockKey {
+            addr: [ctx.local_ip4(), 0, 0, 0],
+            port,
+            family: AF_INET,
+        }
     }
 }
 

@@ -36,7 +36,11 @@ fn route(state: &AdminState, path: &str) -> Response<Full<Bytes>> {
         "/ready" if state.ready.load(Ordering::Acquire) => {
             respond(StatusCode::OK, "text/plain", "ready\n".into())
         }
-        "/ready" => respond(StatusCode::SERVICE_UNAVAILABLE, "text/plain", "not ready\n".into()),
+        "/ready" => respond(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "text/plain",
+            "not ready\n".into(),
+        ),
         "/metrics" => respond(
             StatusCode::OK,
             "application/openmetrics-text; version=1.0.0; charset=utf-8",

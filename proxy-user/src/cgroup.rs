@@ -11,7 +11,10 @@ pub enum CgroupError {
     #[error("no cgroup2 filesystem is mounted (looked in /proc/self/mountinfo)")]
     NoCgroup2,
     #[error("{path}: {source}")]
-    Io { path: PathBuf, source: std::io::Error },
+    Io {
+        path: PathBuf,
+        source: std::io::Error,
+    },
     #[error("/proc/self/cgroup has no cgroup v2 (\"0::\") line")]
     NoUnifiedLine,
 }
@@ -28,8 +31,10 @@ pub fn cgroup2_mount_from(mountinfo: &str) -> Option<PathBuf> {
 
 pub fn cgroup2_mount() -> Result<PathBuf, CgroupError> {
     let path = Path::new("/proc/self/mountinfo");
-    let text = std::fs::read_to_string(path)
-        .map_err(|source| CgroupError::Io { path: path.into(), source })?;
+    let text = std::fs::read_to_string(path).map_err(|source| CgroupError::Io {
+        path: path.into(),
+        source,
+    })?;
     cgroup2_mount_from(&text).ok_or(CgroupError::NoCgroup2)
 }
 
@@ -38,14 +43,19 @@ pub fn cgroup2_mount() -> Result<PathBuf, CgroupError> {
 pub fn cgroup_id(dir: &Path) -> Result<u64, CgroupError> {
     std::fs::metadata(dir)
         .map(|m| m.ino())
-        .map_err(|source| CgroupError::Io { path: dir.into(), source })
+        .map_err(|source| CgroupError::Io {
+            path: dir.into(),
+            source,
+        })
 }
 
 /// Path of the calling process's cgroup v2 directory.
 pub fn own_cgroup() -> Result<PathBuf, CgroupError> {
     let path = Path::new("/proc/self/cgroup");
-    let text = std::fs::read_to_string(path)
-        .map_err(|source| CgroupError::Io { path: path.into(), source })?;
+    let text = std::fs::read_to_string(path).map_err(|source| CgroupError::Io {
+        path: path.into(),
+        source,
+    })?;
     let rel = text
         .lines()
         .find_map(|l| l.strip_prefix("0::"))
@@ -61,9 +71,16 @@ mod tests {
     fn finds_hybrid_and_unified_mounts() {
         let hybrid = "35 25 0:30 / /sys/fs/cgroup/cpu rw,relatime shared:9 - cgroup cgroup rw,cpu\n\
                       36 25 0:31 / /sys/fs/cgroup/unified rw,relatime shared:10 - cgroup2 cgroup2 rw\n";
-        assert_eq!(cgroup2_mount_from(hybrid), Some("/sys/fs/cgroup/unified".into()));
-        let unified = "30 23 0:26 / /sys/fs/cgroup rw,nosuid shared:4 - cgroup2 cgroup2 rw,nsdelegate\n";
+        assert_eq!(
+            cgroup2_mount_from(hybrid),
+            Some("/sys/fs/cgroup/unified".into())
+        );
+        let unified =
+            "30 23 0:26 / /sys/fs/cgroup rw,nosuid shared:4 - cgroup2 cgroup2 rw,nsdelegate\n";
         assert_eq!(cgroup2_mount_from(unified), Some("/sys/fs/cgroup".into()));
-        assert_eq!(cgroup2_mount_from("1 2 0:1 / / rw - ext4 /dev/vda rw\n"), None);
+        assert_eq!(
+            cgroup2_mount_from("1 2 0:1 / / rw - ext4 /dev/vda rw\n"),
+            None
+        );
     }
 }

@@ -14,19 +14,31 @@ use crate::types::TaskId;
 
 pub const DEFAULT_PIN_DIR: &str = "/sys/fs/bpf/ecsmesh";
 pub const DEFAULT_OUTBOUND_PORT: u16 = 15001;
-pub const DEFAULT_ADMIN_ADDR: SocketAddr =
-    SocketAddr::new(IpAddr::V4(Ipv4Addr::LOCALHOST), 15000);
+pub const DEFAULT_ADMIN_ADDR: SocketAddr = SocketAddr::new(IpAddr::V4(Ipv4Addr::LOCALHOST), 15000);
 /// SO_MARK on the proxy's upstream sockets ("ECMS"); the eBPF programs never redirect it.
 pub const DEFAULT_SOCKET_MARK: u32 = 0x4543_4d53;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
     #[error("{path}: {source}")]
-    Read { path: PathBuf, source: std::io::Error },
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
     #[error("{path}:{line}:{column}: {message} (in `{source_line}`)")]
-    Parse { path: PathBuf, line: usize, column: usize, message: String, source_line: String },
+    Parse {
+        path: PathBuf,
+        line: usize,
+        column: usize,
+        message: String,
+        source_line: String,
+    },
     #[error("{path}: {field}: {message}")]
-    Invalid { path: PathBuf, field: String, message: String },
+    Invalid {
+        path: PathBuf,
+        field: String,
+        message: String,
+    },
 }
 
 /// How a task reaches the node proxy; decides the redirect address written into the kernel.
@@ -65,17 +77,16 @@ pub struct Config {
 
 impl Config {
     pub fn load(path: &Path) -> Result<Self, ConfigError> {
-        let text = std::fs::read_to_string(path)
-            .map_err(|source| ConfigError::Read { path: path.into(), source })?;
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.into(),
+            source,
+        })?;
         Self::parse(path, &text)
     }
 
     pub fn parse(path: &Path, text: &str) -> Result<Self, ConfigError> {
         let raw: raw::RawConfig = toml::from_str(text).map_err(|e| {
-            let (line, column) = e
-                .span()
-                .map(|s| line_col(text, s.start))
-                .unwrap_or((1, 1));
+            let (line, column) = e.span().map(|s| line_col(text, s.start)).unwrap_or((1, 1));
             ConfigError::Parse {
                 path: path.into(),
                 line,
@@ -83,14 +94,20 @@ impl Config {
                 message: e.message().replace('\n', " "),
                 // The offending line names the field even when the message does not
                 // ("invalid type: string, expected u16").
-                source_line: text.lines().nth(line - 1).unwrap_or_default().trim().to_owned(),
+                source_line: text
+                    .lines()
+                    .nth(line - 1)
+                    .unwrap_or_default()
+                    .trim()
+                    .to_owned(),
             }
         })?;
-        raw.validate().map_err(|(field, message)| ConfigError::Invalid {
-            path: path.into(),
-            field,
-            message,
-        })
+        raw.validate()
+            .map_err(|(field, message)| ConfigError::Invalid {
+                path: path.into(),
+                field,
+                message,
+            })
     }
 
     /// Addresses the outbound listener must bind: one per redirect target in use.
@@ -112,14 +129,19 @@ impl Config {
                 }
             }
         }
-        ips.into_iter().map(|ip| SocketAddr::new(ip, self.outbound_port)).collect()
+        ips.into_iter()
+            .map(|ip| SocketAddr::new(ip, self.outbound_port))
+            .collect()
     }
 }
 
 fn line_col(text: &str, offset: usize) -> (usize, usize) {
     let before = &text[..offset.min(text.len())];
     let line = before.matches('\n').count() + 1;
-    let column = before.rfind('\n').map_or(before.len(), |nl| before.len() - nl - 1) + 1;
+    let column = before
+        .rfind('\n')
+        .map_or(before.len(), |nl| before.len() - nl - 1)
+        + 1;
     (line, column)
 }
 

@@ -18,10 +18,7 @@ use std::{
 use aya::{
     Ebpf, EbpfLoader,
     maps::{Array, HashMap, LpmTrie, MapData, PerCpuArray, lpm_trie::Key},
-    programs::{
-        CgroupAttachMode, CgroupSockAddr, SockOps,
-        links::FdLink,
-    },
+    programs::{CgroupAttachMode, CgroupSockAddr, SockOps, links::FdLink},
 };
 use ipnet::IpNet;
 use proxy_common::{OrigDst as KernelOrigDst, Settings, SockKey, TaskEntry, maps, progs, stats};
@@ -38,19 +35,32 @@ static OBJECT: &[u8] = aya::include_bytes_aligned!(env!("ECSMESH_EBPF_OBJECT"));
 
 /// Always excluded, whatever the config says: loopback, the ECS agent's credential and
 /// metadata endpoints, and the EC2 instance metadata service.
-pub const BUILTIN_EXCLUDES: [&str; 4] =
-    ["127.0.0.0/8", "::1/128", "169.254.170.2/32", "169.254.169.254/32"];
+pub const BUILTIN_EXCLUDES: [&str; 4] = [
+    "127.0.0.0/8",
+    "::1/128",
+    "169.254.170.2/32",
+    "169.254.169.254/32",
+];
 
 #[derive(Debug, thiserror::Error)]
 pub enum EbpfError {
     #[error("loading the eBPF object: {0}")]
     Load(#[from] aya::EbpfError),
     #[error("{what}: {source}")]
-    Program { what: String, source: aya::programs::ProgramError },
+    Program {
+        what: String,
+        source: aya::programs::ProgramError,
+    },
     #[error("{what}: link: {source}")]
-    Link { what: String, source: aya::programs::links::LinkError },
+    Link {
+        what: String,
+        source: aya::programs::links::LinkError,
+    },
     #[error("map {name}: {source}")]
-    Map { name: &'static str, source: aya::maps::MapError },
+    Map {
+        name: &'static str,
+        source: aya::maps::MapError,
+    },
     #[error("map {0} missing from the object")]
     MissingMap(&'static str),
     #[error(transparent)]
@@ -142,9 +152,11 @@ impl Redirect {
         write_excludes(&mut ebpf, &config.exclude_cidrs)?;
         write_enrolled(&mut ebpf, config)?;
 
-        let cgroup_dir = std::fs::File::open(&config.cgroup_root).map_err(|source| {
-            cgroup::CgroupError::Io { path: config.cgroup_root.clone(), source }
-        })?;
+        let cgroup_dir =
+            std::fs::File::open(&config.cgroup_root).map_err(|source| cgroup::CgroupError::Io {
+                path: config.cgroup_root.clone(),
+                source,
+            })?;
         // bpf_link attachments (what aya uses on kernels >= 5.7) always join the cgroup's
         // multi-program list — the kernel passes BPF_F_ALLOW_MULTI itself — and reject the
         // flag from userspace with EINVAL, so `Single` here still coexists with programs
@@ -156,26 +168,41 @@ impl Redirect {
             let id = prog
                 .attach(&cgroup_dir, MODE)
                 .map_err(prog_err(format!("attaching {name}")))?;
-            pin_taken(&config.pin_dir, name, prog.take_link(id).map_err(prog_err(name))?)?;
-            prog.pin(pins::prog_path(&config.pin_dir, name)).map_err(pins::PinError::from)?;
+            pin_taken(
+                &config.pin_dir,
+                name,
+                prog.take_link(id).map_err(prog_err(name))?,
+            )?;
+            prog.pin(pins::prog_path(&config.pin_dir, name))
+                .map_err(pins::PinError::from)?;
         }
         let prog: &mut SockOps = program(&mut ebpf, progs::SOCKOPS)?;
         prog.load().map_err(prog_err("loading sockops"))?;
         let id = prog
             .attach(&cgroup_dir, MODE)
             .map_err(prog_err("attaching sockops"))?;
-        pin_taken(&config.pin_dir, progs::SOCKOPS, prog.take_link(id).map_err(prog_err("sockops"))?)?;
-        prog.pin(pins::prog_path(&config.pin_dir, progs::SOCKOPS)).map_err(pins::PinError::from)?;
+        pin_taken(
+            &config.pin_dir,
+            progs::SOCKOPS,
+            prog.take_link(id).map_err(prog_err("sockops"))?,
+        )?;
+        prog.pin(pins::prog_path(&config.pin_dir, progs::SOCKOPS))
+            .map_err(pins::PinError::from)?;
 
         for name in maps::ALL {
             let map = ebpf.map(name).ok_or(EbpfError::MissingMap(name))?;
-            map.pin(pins::map_path(&config.pin_dir, name)).map_err(pins::PinError::from)?;
+            map.pin(pins::map_path(&config.pin_dir, name))
+                .map_err(pins::PinError::from)?;
         }
-        let orig = ebpf.take_map(maps::ORIG_DST).ok_or(EbpfError::MissingMap(maps::ORIG_DST))?;
+        let orig = ebpf
+            .take_map(maps::ORIG_DST)
+            .ok_or(EbpfError::MissingMap(maps::ORIG_DST))?;
         let orig = OrigDstMap {
             map: Mutex::new(HashMap::try_from(orig).map_err(map_err(maps::ORIG_DST))?),
         };
-        let stats_map = ebpf.take_map(maps::STATS).ok_or(EbpfError::MissingMap(maps::STATS))?;
+        let stats_map = ebpf
+            .take_map(maps::STATS)
+            .ok_or(EbpfError::MissingMap(maps::STATS))?;
         let stats = PerCpuArray::try_from(stats_map).map_err(map_err(maps::STATS))?;
         tracing::info!(
             cgroup_root = %config.cgroup_root.display(),
@@ -183,7 +210,14 @@ impl Redirect {
             proxy_cgroup_id,
             "eBPF redirect attached"
         );
-        Ok((Self { ebpf, pin_dir: config.pin_dir.clone(), stats }, orig))
+        Ok((
+            Self {
+                ebpf,
+                pin_dir: config.pin_dir.clone(),
+                stats,
+            },
+            orig,
+        ))
     }
 
     /// Kernel-side counters (see `proxy_common::stats`), summed over CPUs.
@@ -199,7 +233,11 @@ impl Redirect {
 
     /// Detach every program and remove every pin of this instance.
     pub fn uninstall(self) -> Result<(), PinError> {
-        let Self { ebpf, pin_dir, stats } = self;
+        let Self {
+            ebpf,
+            pin_dir,
+            stats,
+        } = self;
         let result = pins::uninstall(&pin_dir);
         // Closing our program and map fds unloads them now that no pin holds them.
         drop((ebpf, stats));
@@ -211,7 +249,10 @@ fn pin_taken<L>(dir: &std::path::Path, name: &str, link: L) -> Result<(), EbpfEr
 where
     L: TryInto<FdLink, Error = aya::programs::links::LinkError>,
 {
-    let link = link.try_into().map_err(|source| EbpfError::Link { what: name.to_owned(), source })?;
+    let link = link.try_into().map_err(|source| EbpfError::Link {
+        what: name.to_owned(),
+        source,
+    })?;
     Ok(pins::pin_link(dir, name, link)?)
 }
 
@@ -240,10 +281,20 @@ fn spawn_logger(logger: aya_log::EbpfLogger<&'static dyn log::Log>) {
     });
 }
 
-fn write_settings(ebpf: &mut Ebpf, proxy_cgroup_id: u64, socket_mark: u32) -> Result<(), EbpfError> {
-    let map = ebpf.map_mut(maps::SETTINGS).ok_or(EbpfError::MissingMap(maps::SETTINGS))?;
+fn write_settings(
+    ebpf: &mut Ebpf,
+    proxy_cgroup_id: u64,
+    socket_mark: u32,
+) -> Result<(), EbpfError> {
+    let map = ebpf
+        .map_mut(maps::SETTINGS)
+        .ok_or(EbpfError::MissingMap(maps::SETTINGS))?;
     let mut settings: Array<_, Settings> = Array::try_from(map).map_err(map_err(maps::SETTINGS))?;
-    let value = Settings { proxy_cgroup_id, socket_mark, _pad: 0 };
+    let value = Settings {
+        proxy_cgroup_id,
+        socket_mark,
+        _pad: 0,
+    };
     settings.set(0, value, 0).map_err(map_err(maps::SETTINGS))
 }
 
@@ -251,26 +302,34 @@ fn write_settings(ebpf: &mut Ebpf, proxy_cgroup_id: u64, socket_mark: u32) -> Re
 /// side looks up.
 pub fn lpm_key(net: &IpNet) -> Key<[u8; 16]> {
     match net {
-        IpNet::V4(v4) => {
-            Key::new(96 + u32::from(v4.prefix_len()), v4.network().to_ipv6_mapped().octets())
-        }
+        IpNet::V4(v4) => Key::new(
+            96 + u32::from(v4.prefix_len()),
+            v4.network().to_ipv6_mapped().octets(),
+        ),
         IpNet::V6(v6) => Key::new(u32::from(v6.prefix_len()), v6.network().octets()),
     }
 }
 
 fn write_excludes(ebpf: &mut Ebpf, extra: &[IpNet]) -> Result<(), EbpfError> {
-    let map = ebpf.map_mut(maps::EXCLUDED).ok_or(EbpfError::MissingMap(maps::EXCLUDED))?;
+    let map = ebpf
+        .map_mut(maps::EXCLUDED)
+        .ok_or(EbpfError::MissingMap(maps::EXCLUDED))?;
     let mut trie: LpmTrie<_, [u8; 16], u8> =
         LpmTrie::try_from(map).map_err(map_err(maps::EXCLUDED))?;
-    let builtin = BUILTIN_EXCLUDES.iter().map(|s| s.parse::<IpNet>().expect("valid builtin"));
+    let builtin = BUILTIN_EXCLUDES
+        .iter()
+        .map(|s| s.parse::<IpNet>().expect("valid builtin"));
     for net in builtin.chain(extra.iter().copied()) {
-        trie.insert(&lpm_key(&net), 1, 0).map_err(map_err(maps::EXCLUDED))?;
+        trie.insert(&lpm_key(&net), 1, 0)
+            .map_err(map_err(maps::EXCLUDED))?;
     }
     Ok(())
 }
 
 fn write_enrolled(ebpf: &mut Ebpf, config: &Config) -> Result<(), EbpfError> {
-    let map = ebpf.map_mut(maps::ENROLLED).ok_or(EbpfError::MissingMap(maps::ENROLLED))?;
+    let map = ebpf
+        .map_mut(maps::ENROLLED)
+        .ok_or(EbpfError::MissingMap(maps::ENROLLED))?;
     let mut enrolled: HashMap<_, u64, TaskEntry> =
         HashMap::try_from(map).map_err(map_err(maps::ENROLLED))?;
     for (index, task) in config.tasks.iter().enumerate() {
@@ -287,7 +346,9 @@ fn write_enrolled(ebpf: &mut Ebpf, config: &Config) -> Result<(), EbpfError> {
         };
         for dir in &task.cgroups {
             let id = cgroup::cgroup_id(dir)?;
-            enrolled.insert(id, entry, 0).map_err(map_err(maps::ENROLLED))?;
+            enrolled
+                .insert(id, entry, 0)
+                .map_err(map_err(maps::ENROLLED))?;
             tracing::info!(task = %task.id, family = %task.family, cgroup = %dir.display(), cgroup_id = id, "task enrolled");
         }
     }

@@ -70,7 +70,9 @@ impl Default for Metrics {
 
 impl Metrics {
     pub fn task(task: &str) -> TaskLabels {
-        TaskLabels { source_task: task.to_owned() }
+        TaskLabels {
+            source_task: task.to_owned(),
+        }
     }
 
     pub fn fail(&self, reason: &'static str) {

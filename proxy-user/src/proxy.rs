@@ -4,7 +4,10 @@ use std::{io, net::SocketAddr, sync::Arc, time::Duration};
 
 use tokio::{
     io::{AsyncReadExt, AsyncWriteExt},
-    net::{TcpListener, TcpSocket, TcpStream, tcp::{OwnedReadHalf, OwnedWriteHalf}},
+    net::{
+        TcpListener, TcpSocket, TcpStream,
+        tcp::{OwnedReadHalf, OwnedWriteHalf},
+    },
 };
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
 
@@ -66,7 +69,9 @@ impl Outbound {
         self.metrics.closed.get_or_create(&labels).inc();
         match result {
             Ok(()) => tracing::debug!(%peer, %dst, %task, "connection closed"),
-            Err(e) => tracing::debug!(%peer, %dst, %task, error = %e, "connection ended with error"),
+            Err(e) => {
+                tracing::debug!(%peer, %dst, %task, error = %e, "connection ended with error")
+            }
         }
     }
 

@@ -30,7 +30,9 @@ async fn sweep(map: Arc<ebpf::OrigDstMap>, metrics: Arc<Metrics>, shutdown: Canc
             () = shutdown.cancelled() => return,
         }
         let m = map.clone();
-        let swept = tokio::task::spawn_blocking(move || m.sweep(UNCLAIMED_GRACE)).await.unwrap_or(0);
+        let swept = tokio::task::spawn_blocking(move || m.sweep(UNCLAIMED_GRACE))
+            .await
+            .unwrap_or(0);
         for _ in 0..swept {
             metrics.fail("never_accepted");
         }
@@ -40,7 +42,11 @@ async fn sweep(map: Arc<ebpf::OrigDstMap>, metrics: Arc<Metrics>, shutdown: Canc
 #[derive(Debug, thiserror::Error)]
 pub enum RunError {
     #[error("{field}: cannot listen on {addr}: {source}")]
-    Bind { field: &'static str, addr: SocketAddr, source: std::io::Error },
+    Bind {
+        field: &'static str,
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
     #[error(transparent)]
     Ebpf(#[from] EbpfError),
     #[error("uninstalling: {0}")]
@@ -50,7 +56,11 @@ pub enum RunError {
 }
 
 fn bind(field: &'static str, addr: SocketAddr) -> Result<TcpListener, RunError> {
-    let err = |source| RunError::Bind { field, addr, source };
+    let err = |source| RunError::Bind {
+        field,
+        addr,
+        source,
+    };
     let socket = match addr {
         SocketAddr::V4(_) => TcpSocket::new_v4(),
         SocketAddr::V6(_) => TcpSocket::new_v6(),
@@ -58,7 +68,9 @@ fn bind(field: &'static str, addr: SocketAddr) -> Result<TcpListener, RunError> 
     .map_err(err)?;
     if addr.is_ipv6() {
         // v4-mapped clients are served by the IPv4 listener (the kernel keys them as IPv4).
-        socket2::SockRef::from(&socket).set_only_v6(true).map_err(err)?;
+        socket2::SockRef::from(&socket)
+            .set_only_v6(true)
+            .map_err(err)?;
     }
     socket.set_reuseaddr(true).map_err(err)?;
     socket.bind(addr).map_err(err)?;
@@ -80,10 +92,17 @@ pub async fn run(config: Arc<Config>) -> Result<(), RunError> {
     let mut sigterm = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
         .map_err(RunError::Signal)?;
     let metrics = Arc::new(Metrics::default());
-    let state = Arc::new(AdminState { ready: Default::default(), metrics: metrics.clone() });
+    let state = Arc::new(AdminState {
+        ready: Default::default(),
+        metrics: metrics.clone(),
+    });
     let shutdown = CancellationToken::new();
     let tracker = TaskTracker::new();
-    tokio::spawn(admin::serve(admin_listener, state.clone(), shutdown.clone()));
+    tokio::spawn(admin::serve(
+        admin_listener,
+        state.clone(),
+        shutdown.clone(),
+    ));
 
     let (redirect, orig_dst) = match Redirect::install(&config) {
         Ok(x) => x,
@@ -104,8 +123,12 @@ pub async fn run(config: Arc<Config>) -> Result<(), RunError> {
         socket_mark: config.socket_mark,
     });
     for listener in outbound {
-        tracing::info!(addr = %listener.local_addr().map_err(|e| RunError::Signal(e))?, "outbound listener ready");
-        tokio::spawn(proxy.clone().serve(listener, shutdown.clone(), tracker.clone()));
+        tracing::info!(addr = ?listener.local_addr().ok(), "outbound listener ready");
+        tokio::spawn(
+            proxy
+                .clone()
+                .serve(listener, shutdown.clone(), tracker.clone()),
+        );
     }
     state.ready.store(true, Ordering::Release);
     tracing::info!(instance = %config.instance, "ready");
@@ -120,8 +143,14 @@ pub async fn run(config: Arc<Config>) -> Result<(), RunError> {
     tracing::info!(?kernel, "redirect detached");
     shutdown.cancel();
     tracker.close();
-    if tokio::time::timeout(DRAIN_TIMEOUT, tracker.wait()).await.is_err() {
-        tracing::warn!(open = tracker.len(), "drain timeout; closing remaining connections");
+    if tokio::time::timeout(DRAIN_TIMEOUT, tracker.wait())
+        .await
+        .is_err()
+    {
+        tracing::warn!(
+            open = tracker.len(),
+            "drain timeout; closing remaining connections"
+        );
     }
     uninstalled?;
     Ok(())

@@ -16,7 +16,10 @@ impl TaskId {
         if s.is_empty() || s.len() > 128 {
             return Err(format!("{s:?}: task id must be 1..=128 characters"));
         }
-        if !s.chars().all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_') {
+        if !s
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
+        {
             return Err(format!("{s:?}: task id may contain only [A-Za-z0-9_-]"));
         }
         Ok(Self(s.to_owned()))
@@ -78,7 +81,11 @@ pub fn ipv6_words(ip: Ipv6Addr) -> [u32; 4] {
 pub fn sock_key(peer: SocketAddr) -> SockKey {
     let peer = normalise(peer);
     let (addr, family) = words_of(peer.ip());
-    SockKey { addr, port: peer.port(), family }
+    SockKey {
+        addr,
+        port: peer.port(),
+        family,
+    }
 }
 
 /// Decode an address the kernel recorded.

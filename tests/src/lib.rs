@@ -20,7 +20,11 @@ pub use world::{Instance, NetworkMode, ProxyOptions, Task, World};
 /// Short unique token for names of kernel objects (netns names are limited in practice).
 pub fn uid() -> String {
     static NEXT: AtomicU32 = AtomicU32::new(0);
-    format!("{:x}x{}", std::process::id() % 0xfffff, NEXT.fetch_add(1, Ordering::Relaxed))
+    format!(
+        "{:x}x{}",
+        std::process::id() % 0xfffff,
+        NEXT.fetch_add(1, Ordering::Relaxed)
+    )
 }
 
 /// Binaries the harness runs.
@@ -33,15 +37,20 @@ pub struct Tools {
 impl Tools {
     /// `ECSMESH_BIN` (set by `cargo xtask test`), else the workspace's debug build.
     pub fn from_env(meshtool: &str) -> Self {
-        let ecsmesh = std::env::var_os("ECSMESH_BIN").map(PathBuf::from).unwrap_or_else(|| {
-            PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../target/debug/ecsmesh")
-        });
+        let ecsmesh = std::env::var_os("ECSMESH_BIN")
+            .map(PathBuf::from)
+            .unwrap_or_else(|| {
+                PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../target/debug/ecsmesh")
+            });
         assert!(
             ecsmesh.is_file(),
             "{} missing: run the suite with `cargo xtask test` (it builds the eBPF object and ecsmesh)",
             ecsmesh.display()
         );
-        Self { ecsmesh, meshtool: meshtool.into() }
+        Self {
+            ecsmesh,
+            meshtool: meshtool.into(),
+        }
     }
 }
 
@@ -73,14 +82,23 @@ pub fn pinned_map_len(path: &std::path::Path) -> usize {
         .arg(path)
         .output()
         .expect("bpftool");
-    assert!(out.status.success(), "bpftool map dump {}: {}", path.display(), String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "bpftool map dump {}: {}",
+        path.display(),
+        String::from_utf8_lossy(&out.stderr)
+    );
     let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("bpftool json");
     v.as_array().map_or(0, Vec::len)
 }
 
 /// Ids of programs attached to a cgroup directory (not inherited ones).
 pub fn cgroup_prog_ids(dir: &std::path::Path) -> Vec<u64> {
-    let out = Command::new("bpftool").args(["-j", "cgroup", "show"]).arg(dir).output().expect("bpftool");
+    let out = Command::new("bpftool")
+        .args(["-j", "cgroup", "show"])
+        .arg(dir)
+        .output()
+        .expect("bpftool");
     if !out.status.success() || out.stdout.is_empty() {
         return Vec::new();
     }
@@ -92,7 +110,10 @@ pub fn cgroup_prog_ids(dir: &std::path::Path) -> Vec<u64> {
 
 /// Ids of all programs loaded in the kernel.
 pub fn loaded_prog_ids() -> Vec<u64> {
-    let out = Command::new("bpftool").args(["-j", "prog", "list"]).output().expect("bpftool");
+    let out = Command::new("bpftool")
+        .args(["-j", "prog", "list"])
+        .output()
+        .expect("bpftool");
     let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or_default();
     v.as_array()
         .map(|a| a.iter().filter_map(|p| p["id"].as_u64()).collect())

@@ -17,7 +17,9 @@ pub struct Netns {
 impl Netns {
     pub fn new(name: &str) -> Self {
         sh("ip", &["netns", "add", name]);
-        let ns = Self { name: name.to_owned() };
+        let ns = Self {
+            name: name.to_owned(),
+        };
         ns.ip(&["link", "set", "lo", "up"]);
         ns
     }
@@ -34,7 +36,17 @@ impl Netns {
     }
 
     pub fn sysctl(&self, key: &str, value: &str) {
-        sh("ip", &["netns", "exec", &self.name, "sysctl", "-qw", &format!("{key}={value}")]);
+        sh(
+            "ip",
+            &[
+                "netns",
+                "exec",
+                &self.name,
+                "sysctl",
+                "-qw",
+                &format!("{key}={value}"),
+            ],
+        );
     }
 
     /// Run `f` on a thread that has joined this netns (setns affects only that thread),
@@ -63,7 +75,10 @@ impl Netns {
                 .nth(1)
                 .and_then(|c| c.parse().ok())
                 .ok_or_else(|| std::io::Error::other(format!("bad response: {text:?}")))?;
-            let body = text.split_once("\r\n\r\n").map(|(_, b)| b.to_owned()).unwrap_or_default();
+            let body = text
+                .split_once("\r\n\r\n")
+                .map(|(_, b)| b.to_owned())
+                .unwrap_or_default();
             Ok((status, body))
         })
     }

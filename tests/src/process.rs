@@ -78,21 +78,28 @@ pub fn spawn_ready(mut cmd: Command, name: &str) -> Proc {
     let mut child = cmd.spawn().unwrap_or_else(|e| panic!("spawn {name}: {e}"));
     let stdout = child.stdout.take().unwrap();
     let mut line = String::new();
-    BufReader::new(stdout).read_line(&mut line).expect("read READY");
+    BufReader::new(stdout)
+        .read_line(&mut line)
+        .expect("read READY");
     assert_eq!(line.trim(), "READY", "{name} did not start: {line:?}");
-    Proc { child, name: name.to_owned() }
+    Proc {
+        child,
+        name: name.to_owned(),
+    }
 }
 
 pub fn spawn_logged(mut cmd: Command, name: &str, log: &Path) -> Proc {
     let f = File::create(log).expect("log file");
     cmd.stdout(Stdio::null()).stderr(f);
     let child = cmd.spawn().unwrap_or_else(|e| panic!("spawn {name}: {e}"));
-    Proc { child, name: name.to_owned() }
+    Proc {
+        child,
+        name: name.to_owned(),
+    }
 }
 
 /// Run to completion (the tools bound their own run time) and return the output.
 pub fn run(mut cmd: Command) -> Output {
     cmd.stdin(Stdio::null());
-    let out = cmd.output().expect("run");
-    out
+    cmd.output().expect("run")
 }

@@ -48,7 +48,10 @@ pub struct Task {
 
 impl Task {
     pub fn placement(&self, container: usize) -> Placement {
-        Placement { netns: self.netns_path.clone(), cgroup: self.cgroups[container].clone() }
+        Placement {
+            netns: self.netns_path.clone(),
+            cgroup: self.cgroups[container].clone(),
+        }
     }
 
     pub fn netns(&self) -> Option<&Netns> {
@@ -78,9 +81,17 @@ pub fn client_args(targets: &[SocketAddr], repeat: usize, bytes: usize) -> Vec<S
 
 pub fn run_client(cmd: Command) -> Vec<ConnReport> {
     let out = process::run(cmd);
-    assert!(out.status.success(), "meshtool client failed: {}", String::from_utf8_lossy(&out.stderr));
-    serde_json::from_slice(&out.stdout)
-        .unwrap_or_else(|e| panic!("meshtool output {e}: {}", String::from_utf8_lossy(&out.stdout)))
+    assert!(
+        out.status.success(),
+        "meshtool client failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
+        panic!(
+            "meshtool output {e}: {}",
+            String::from_utf8_lossy(&out.stdout)
+        )
+    })
 }
 
 /// Node proxy options beyond what the world derives itself.
@@ -124,7 +135,10 @@ impl Instance {
     fn placement(&self, rel_cgroup: &str) -> Placement {
         let cg = self.cgroup_root.join(rel_cgroup);
         std::fs::create_dir_all(&cg).expect("mkdir cgroup");
-        Placement { netns: self.netns.path(), cgroup: cg }
+        Placement {
+            netns: self.netns.path(),
+            cgroup: cg,
+        }
     }
 
     /// Echo servers in the instance netns (unenrolled cgroup `servers`).
@@ -161,19 +175,30 @@ impl Instance {
             self.bridge_v4,
             self.bridge_v6
         );
-        let cidrs: Vec<String> = opts.exclude_cidrs.iter().map(|c| format!("\"{c}\"")).collect();
+        let cidrs: Vec<String> = opts
+            .exclude_cidrs
+            .iter()
+            .map(|c| format!("\"{c}\""))
+            .collect();
         t += &format!("exclude_cidrs = [{}]\n", cidrs.join(", "));
         for (i, task) in self.tasks.iter().enumerate() {
             if opts.enrol.as_ref().is_some_and(|e| !e.contains(&i)) {
                 continue;
             }
-            let cgroups: Vec<String> =
-                task.cgroups.iter().map(|c| format!("\"{}\"", c.display())).collect();
+            let cgroups: Vec<String> = task
+                .cgroups
+                .iter()
+                .map(|c| format!("\"{}\"", c.display()))
+                .collect();
             t += &format!(
                 "\n[[tasks]]\nid = \"{}\"\nfamily = \"{}\"\nnetwork_mode = \"{}\"\ncgroups = [{}]\n",
                 task.id,
                 task.family,
-                if task.mode == NetworkMode::Host { "host" } else { "bridge" },
+                if task.mode == NetworkMode::Host {
+                    "host"
+                } else {
+                    "bridge"
+                },
                 cgroups.join(", ")
             );
         }
@@ -185,7 +210,10 @@ impl Instance {
         let config = self.workdir.join(format!("{}.toml", self.name));
         std::fs::write(&config, config_text).expect("write config");
         let mut cmd = Command::new(&self.tools.ecsmesh);
-        cmd.arg("run").arg("--config").arg(&config).env("RUST_LOG", "info");
+        cmd.arg("run")
+            .arg("--config")
+            .arg(&config)
+            .env("RUST_LOG", "info");
         let mut at = self.placement("proxy");
         if let Some(cg) = cgroup {
             at.cgroup = cg.to_path_buf();
@@ -204,7 +232,10 @@ impl Instance {
     }
 
     pub fn proxy_log(&self) -> String {
-        self.proxy.as_ref().map(|p| std::fs::read_to_string(&p.log).unwrap_or_default()).unwrap_or_default()
+        self.proxy
+            .as_ref()
+            .map(|p| std::fs::read_to_string(&p.log).unwrap_or_default())
+            .unwrap_or_default()
     }
 
     fn wait_ready(&mut self) {
@@ -217,13 +248,20 @@ impl Instance {
             if let Ok(Some(st)) = proxy.proc.child.try_wait() {
                 panic!("ecsmesh exited ({st}) before ready:\n{}", self.proxy_log());
             }
-            assert!(Instant::now() < deadline, "ecsmesh not ready in 20 s:\n{}", self.proxy_log());
+            assert!(
+                Instant::now() < deadline,
+                "ecsmesh not ready in 20 s:\n{}",
+                self.proxy_log()
+            );
             std::thread::sleep(Duration::from_millis(50));
         }
     }
 
     pub fn metrics(&self) -> prometheus_parse::Scrape {
-        let (status, body) = self.netns.http_get(self.admin, "/metrics").expect("GET /metrics");
+        let (status, body) = self
+            .netns
+            .http_get(self.admin, "/metrics")
+            .expect("GET /metrics");
         assert_eq!(status, 200);
         crate::metrics::parse(&body)
     }
@@ -232,7 +270,10 @@ impl Instance {
     pub fn stop_proxy(&mut self) -> std::process::ExitStatus {
         let mut proxy = self.proxy.take().expect("proxy running");
         proxy.proc.signal(nix::sys::signal::Signal::SIGTERM);
-        let st = proxy.proc.wait_timeout(Duration::from_secs(15)).expect("proxy exits after SIGTERM");
+        let st = proxy
+            .proc
+            .wait_timeout(Duration::from_secs(15))
+            .expect("proxy exits after SIGTERM");
         let log = std::fs::read_to_string(&proxy.log).unwrap_or_default();
         assert!(st.success(), "proxy exit {st}:\n{log}");
         st
@@ -292,7 +333,7 @@ impl World {
     /// `n` container instances on one fabric: 10.0.0.(i+1)/24 and fd00::(i+1)/64 on eth0,
     /// a docker0 bridge with 172.(17+i).0.1/24 and fd17:i::1/64, routes to the others' bridges.
     pub fn new(tools: Tools, n: usize) -> Self {
-        assert!(n >= 1 && n <= 8);
+        assert!((1..=8).contains(&n), "1 to 8 instances");
         let id = uid();
         let workdir = std::env::temp_dir().join(format!("ecsmesh-{id}"));
         std::fs::create_dir_all(&workdir).unwrap();
@@ -305,7 +346,18 @@ impl World {
             let name = format!("inst{i}");
             let netns = Netns::new(&format!("em{id}i{i}"));
             let port = format!("p{i}");
-            fabric.ip(&["link", "add", &port, "type", "veth", "peer", "name", "eth0", "netns", &netns.name]);
+            fabric.ip(&[
+                "link",
+                "add",
+                &port,
+                "type",
+                "veth",
+                "peer",
+                "name",
+                "eth0",
+                "netns",
+                &netns.name,
+            ]);
             fabric.ip(&["link", "set", &port, "master", "fab", "up"]);
             let ipv4 = Ipv4Addr::new(10, 0, 0, i as u8 + 1);
             let ipv6: Ipv6Addr = format!("fd00::{}", i + 1).parse().unwrap();
@@ -316,13 +368,33 @@ impl World {
             let bridge_v6: Ipv6Addr = format!("fd17:{i}::1").parse().unwrap();
             netns.ip(&["link", "add", "docker0", "type", "bridge"]);
             netns.ip(&["addr", "add", &format!("{bridge_v4}/24"), "dev", "docker0"]);
-            netns.ip(&["addr", "add", &format!("{bridge_v6}/64"), "dev", "docker0", "nodad"]);
+            netns.ip(&[
+                "addr",
+                "add",
+                &format!("{bridge_v6}/64"),
+                "dev",
+                "docker0",
+                "nodad",
+            ]);
             netns.ip(&["link", "set", "docker0", "up"]);
             netns.sysctl("net.ipv4.ip_forward", "1");
             netns.sysctl("net.ipv6.conf.all.forwarding", "1");
             for j in (0..n).filter(|j| *j != i) {
-                netns.ip(&["route", "add", &format!("172.{}.0.0/24", 17 + j), "via", &format!("10.0.0.{}", j + 1)]);
-                netns.ip(&["-6", "route", "add", &format!("fd17:{j}::/64"), "via", &format!("fd00::{}", j + 1)]);
+                netns.ip(&[
+                    "route",
+                    "add",
+                    &format!("172.{}.0.0/24", 17 + j),
+                    "via",
+                    &format!("10.0.0.{}", j + 1),
+                ]);
+                netns.ip(&[
+                    "-6",
+                    "route",
+                    "add",
+                    &format!("fd17:{j}::/64"),
+                    "via",
+                    &format!("fd00::{}", j + 1),
+                ]);
             }
             let cgroup_root = cgroups.dir(&name);
             instances.push(Instance {
@@ -343,7 +415,14 @@ impl World {
                 tools: tools.clone(),
             });
         }
-        Self { id, instances, cgroups, fabric, workdir, tools }
+        Self {
+            id,
+            instances,
+            cgroups,
+            fabric,
+            workdir,
+            tools,
+        }
     }
 
     /// Add a task with `containers` containers (cgroups) on instance `inst`.
@@ -352,22 +431,42 @@ impl World {
         let k = instance.tasks.len();
         let id = format!("{}-t{k}", instance.name);
         let cgroups: Vec<PathBuf> = (0..containers.max(1))
-            .map(|c| self.cgroups.dir(&format!("{}/tasks/{id}/c{c}", instance.name)))
+            .map(|c| {
+                self.cgroups
+                    .dir(&format!("{}/tasks/{id}/c{c}", instance.name))
+            })
             .collect();
         let (ipv4, ipv6, netns_path, own_netns) = match mode {
             NetworkMode::Host => (instance.ipv4, instance.ipv6, instance.netns.path(), None),
             NetworkMode::Bridge => {
                 let ns = Netns::new(&format!("em{}i{inst}t{k}", self.id));
                 let veth = format!("veth{k}");
-                instance.netns.ip(&["link", "add", &veth, "type", "veth", "peer", "name", "eth0", "netns", &ns.name]);
-                instance.netns.ip(&["link", "set", &veth, "master", "docker0", "up"]);
+                instance.netns.ip(&[
+                    "link", "add", &veth, "type", "veth", "peer", "name", "eth0", "netns", &ns.name,
+                ]);
+                instance
+                    .netns
+                    .ip(&["link", "set", &veth, "master", "docker0", "up"]);
                 let v4 = Ipv4Addr::new(172, 17 + inst as u8, 0, k as u8 + 2);
                 let v6: Ipv6Addr = format!("fd17:{inst}::{}", k + 2).parse().unwrap();
                 ns.ip(&["addr", "add", &format!("{v4}/24"), "dev", "eth0"]);
                 ns.ip(&["addr", "add", &format!("{v6}/64"), "dev", "eth0", "nodad"]);
                 ns.ip(&["link", "set", "eth0", "up"]);
-                ns.ip(&["route", "add", "default", "via", &instance.bridge_v4.to_string()]);
-                ns.ip(&["-6", "route", "add", "default", "via", &instance.bridge_v6.to_string()]);
+                ns.ip(&[
+                    "route",
+                    "add",
+                    "default",
+                    "via",
+                    &instance.bridge_v4.to_string(),
+                ]);
+                ns.ip(&[
+                    "-6",
+                    "route",
+                    "add",
+                    "default",
+                    "via",
+                    &instance.bridge_v6.to_string(),
+                ]);
                 (v4, v6, ns.path(), Some(ns))
             }
         };

@@ -13,7 +13,12 @@ use harness::{
 };
 
 fn attempts(w: &World, inst: usize, task: usize, target: std::net::SocketAddr, n: usize) -> u64 {
-    let args = vec!["attempts".into(), target.to_string(), "--count".into(), n.to_string()];
+    let args = vec![
+        "attempts".into(),
+        target.to_string(),
+        "--count".into(),
+        n.to_string(),
+    ];
     let out = process::run(w.instances[inst].tasks[task].meshtool(0, &args));
     let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("attempts json");
     v["connected"].as_u64().unwrap()
@@ -30,23 +35,59 @@ fn two_instances_on_one_kernel_are_isolated_and_uninstall_one_leaves_the_other()
     w.instances[0].start_proxy(&ProxyOptions::default());
     w.instances[1].start_proxy(&ProxyOptions::default());
 
-    assert_redirected(&w.instances[0].tasks[ta].client(&[to_b], 3, 100), w.instances[0].outbound_v4(Host));
-    assert_redirected(&w.instances[1].tasks[tb].client(&[to_a], 2, 100), w.instances[1].outbound_v4(Host));
+    assert_redirected(
+        &w.instances[0].tasks[ta].client(&[to_b], 3, 100),
+        w.instances[0].outbound_v4(Host),
+    );
+    assert_redirected(
+        &w.instances[1].tasks[tb].client(&[to_a], 2, 100),
+        w.instances[1].outbound_v4(Host),
+    );
     let (ma, mb) = (w.instances[0].metrics(), w.instances[1].metrics());
-    let opened = |m, task: &str| counter(m, "ecsmesh_tcp_connections_opened_total", &[("source_task", task)]);
-    let (ida, idb) = (w.instances[0].tasks[ta].id.clone(), w.instances[1].tasks[tb].id.clone());
+    let opened = |m, task: &str| {
+        counter(
+            m,
+            "ecsmesh_tcp_connections_opened_total",
+            &[("source_task", task)],
+        )
+    };
+    let (ida, idb) = (
+        w.instances[0].tasks[ta].id.clone(),
+        w.instances[1].tasks[tb].id.clone(),
+    );
     assert_eq!((opened(&ma, &ida), opened(&ma, &idb)), (3.0, 0.0));
     assert_eq!((opened(&mb, &ida), opened(&mb, &idb)), (0.0, 2.0));
 
     // Crash instance 0's proxy and uninstall it; instance 1 keeps working.
     let a = &mut w.instances[0];
-    a.proxy.as_ref().unwrap().proc.signal(nix::sys::signal::Signal::SIGKILL);
+    a.proxy
+        .as_ref()
+        .unwrap()
+        .proc
+        .signal(nix::sys::signal::Signal::SIGKILL);
     a.proxy.take();
-    let out = Command::new(&tools().ecsmesh).arg("uninstall").arg("--pin-dir").arg(&a.pin_dir).output().unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let out = Command::new(&tools().ecsmesh)
+        .arg("uninstall")
+        .arg("--pin-dir")
+        .arg(&a.pin_dir)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     assert!(!a.pin_dir.exists());
-    assert!(w.instances[1].pin_dir.join("link_ecsmesh_connect4").exists());
-    assert_redirected(&w.instances[1].tasks[tb].client(&[to_a], 1, 100), w.instances[1].outbound_v4(Host));
+    assert!(
+        w.instances[1]
+            .pin_dir
+            .join("link_ecsmesh_connect4")
+            .exists()
+    );
+    assert_redirected(
+        &w.instances[1].tasks[tb].client(&[to_a], 1, 100),
+        w.instances[1].outbound_v4(Host),
+    );
     assert_direct(&w.instances[0].tasks[ta].client(&[to_b], 1, 100));
 }
 
@@ -59,14 +100,24 @@ fn sigterm_detaches_and_unpins_so_tasks_connect_directly() {
     w.instances[0].start_proxy(&ProxyOptions::default());
     let a = &mut w.instances[0];
     let ours = cgroup_prog_ids(&a.cgroup_root);
-    assert_eq!(ours.len(), 3, "connect4, connect6, sockops attached to the instance cgroup");
-    assert_redirected(&a.tasks[task].client(&[target], 1, 100), a.outbound_v4(Host));
+    assert_eq!(
+        ours.len(),
+        3,
+        "connect4, connect6, sockops attached to the instance cgroup"
+    );
+    assert_redirected(
+        &a.tasks[task].client(&[target], 1, 100),
+        a.outbound_v4(Host),
+    );
 
     a.stop_proxy();
     assert!(!a.pin_dir.exists(), "pin dir removed on SIGTERM");
     assert!(cgroup_prog_ids(&a.cgroup_root).is_empty());
     let loaded = loaded_prog_ids();
-    assert!(ours.iter().all(|id| !loaded.contains(id)), "programs unloaded");
+    assert!(
+        ours.iter().all(|id| !loaded.contains(id)),
+        "programs unloaded"
+    );
     // Today's behaviour after a clean stop: fail-open, tasks connect directly.
     assert_direct(&a.tasks[task].client(&[target], 1, 100));
 }
@@ -80,7 +131,11 @@ fn kill_9_fails_closed_until_uninstall_removes_everything() {
     w.instances[0].start_proxy(&ProxyOptions::default());
     let ours = cgroup_prog_ids(&w.instances[0].cgroup_root);
     let a = &mut w.instances[0];
-    a.proxy.as_ref().unwrap().proc.signal(nix::sys::signal::Signal::SIGKILL);
+    a.proxy
+        .as_ref()
+        .unwrap()
+        .proc
+        .signal(nix::sys::signal::Signal::SIGKILL);
     a.proxy.take();
 
     // Pinned redirect to a dead listener: enrolled tasks cannot connect (fail-closed).
@@ -89,15 +144,32 @@ fn kill_9_fails_closed_until_uninstall_removes_everything() {
     assert_eq!(attempts(&w, 0, task, target, 5), 0);
 
     let a = &w.instances[0];
-    let out = Command::new(&tools().ecsmesh).arg("uninstall").arg("--pin-dir").arg(&a.pin_dir).output().unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let out = Command::new(&tools().ecsmesh)
+        .arg("uninstall")
+        .arg("--pin-dir")
+        .arg(&a.pin_dir)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     assert!(!a.pin_dir.exists());
     assert!(cgroup_prog_ids(&a.cgroup_root).is_empty());
     let loaded = loaded_prog_ids();
-    assert!(ours.iter().all(|id| !loaded.contains(id)), "programs unloaded after uninstall");
+    assert!(
+        ours.iter().all(|id| !loaded.contains(id)),
+        "programs unloaded after uninstall"
+    );
     assert_direct(&a.tasks[task].client(&[target], 1, 100));
     // Idempotent.
-    let again = Command::new(&tools().ecsmesh).arg("uninstall").arg("--pin-dir").arg(&a.pin_dir).output().unwrap();
+    let again = Command::new(&tools().ecsmesh)
+        .arg("uninstall")
+        .arg("--pin-dir")
+        .arg(&a.pin_dir)
+        .output()
+        .unwrap();
     assert!(again.status.success());
 }
 
@@ -108,9 +180,22 @@ fn bad_config_exits_with_a_one_line_error_and_attaches_nothing() {
     let good = w.instances[0].config_text(&ProxyOptions::default());
     let missing = w.cgroups.path().join("no-such-cgroup");
     let cases: Vec<(String, &str)> = vec![
-        (good.replacen("outbound_port", "bogus_field = 1\noutbound_port", 1), "bogus_field"),
-        (good.replace("exclude_cidrs = []", "exclude_cidrs = [\"10.0.0.0/33\"]"), "exclude_cidrs[0]"),
-        (good.replacen("cgroups = [", &format!("cgroups = [\"{}\", ", missing.display()), 1), "tasks[0].cgroups[0]"),
+        (
+            good.replacen("outbound_port", "bogus_field = 1\noutbound_port", 1),
+            "bogus_field",
+        ),
+        (
+            good.replace("exclude_cidrs = []", "exclude_cidrs = [\"10.0.0.0/33\"]"),
+            "exclude_cidrs[0]",
+        ),
+        (
+            good.replacen(
+                "cgroups = [",
+                &format!("cgroups = [\"{}\", ", missing.display()),
+                1,
+            ),
+            "tasks[0].cgroups[0]",
+        ),
         (good.clone(), "outbound_port"), // with the port taken, below
     ];
     // Occupy the outbound port inside the instance for the last case.
@@ -120,13 +205,21 @@ fn bad_config_exits_with_a_one_line_error_and_attaches_nothing() {
         let (cmd, _) = a.proxy_command(&text, None);
         let log = w.workdir.join("bad.log");
         let mut p = spawn_logged(cmd, "ecsmesh", &log);
-        let st = p.wait_timeout(Duration::from_secs(10)).expect("bad config must exit");
+        let st = p
+            .wait_timeout(Duration::from_secs(10))
+            .expect("bad config must exit");
         let stderr = std::fs::read_to_string(&log).unwrap();
         assert!(!st.success(), "{field}: exit status should be non-zero");
         let last = stderr.lines().last().unwrap_or_default();
-        assert!(last.starts_with("ecsmesh: error:") && last.contains(field), "{field}: {stderr}");
+        assert!(
+            last.starts_with("ecsmesh: error:") && last.contains(field),
+            "{field}: {stderr}"
+        );
         assert!(!a.pin_dir.exists(), "{field}: nothing pinned");
-        assert!(cgroup_prog_ids(&a.cgroup_root).is_empty(), "{field}: nothing attached");
+        assert!(
+            cgroup_prog_ids(&a.cgroup_root).is_empty(),
+            "{field}: nothing attached"
+        );
     }
     // The proxy did not take over the port: the squatter still answers.
     let r = run_client(a.unenrolled(&client_args(&["127.0.0.1:15001".parse().unwrap()], 1, 10)));

@@ -36,14 +36,25 @@ fn enrolled_tasks_go_through_the_proxy_in_host_and_bridge_mode() {
 
     let m = a.metrics();
     let opened = |task: usize| {
-        counter(&m, "ecsmesh_tcp_connections_opened_total", &[("source_task", &a.tasks[task].id)])
+        counter(
+            &m,
+            "ecsmesh_tcp_connections_opened_total",
+            &[("source_task", &a.tasks[task].id)],
+        )
     };
     assert_eq!(opened(host), 2.0);
     assert_eq!(opened(bridge), 3.0);
-    let sent = counter(&m, "ecsmesh_tcp_sent_bytes_total", &[("source_task", &a.tasks[host].id)]);
+    let sent = counter(
+        &m,
+        "ecsmesh_tcp_sent_bytes_total",
+        &[("source_task", &a.tasks[host].id)],
+    );
     assert_eq!(sent, 2.0 * 4096.0, "bytes from the task towards the server");
-    let received =
-        counter(&m, "ecsmesh_tcp_received_bytes_total", &[("source_task", &a.tasks[host].id)]);
+    let received = counter(
+        &m,
+        "ecsmesh_tcp_received_bytes_total",
+        &[("source_task", &a.tasks[host].id)],
+    );
     // The echo plus the server's greeting line ("10.0.0.2:9000\n", "[fd00::2]:9000\n").
     assert_eq!(received, 2.0 * 4096.0 + 14.0 + 15.0);
 }
@@ -51,7 +62,10 @@ fn enrolled_tasks_go_through_the_proxy_in_host_and_bridge_mode() {
 #[test]
 fn two_hundred_concurrent_connections_reach_their_own_destinations() {
     let mut w = World::new(tools(), 2);
-    let tasks: Vec<_> = [Host, Host, Bridge, Bridge].into_iter().map(|m| (w.add_task(0, m, 1), m)).collect();
+    let tasks: Vec<_> = [Host, Host, Bridge, Bridge]
+        .into_iter()
+        .map(|m| (w.add_task(0, m, 1), m))
+        .collect();
     let b = &w.instances[1];
     let v4: Vec<SocketAddr> = (0..100).map(|p| b.addr(10_000 + p)).collect();
     let v6: Vec<SocketAddr> = (0..100).map(|p| b.addr6(10_000 + p)).collect();
@@ -66,8 +80,11 @@ fn two_hundred_concurrent_connections_reach_their_own_destinations() {
         .iter()
         .enumerate()
         .map(|(i, (task, _))| {
-            let targets: Vec<SocketAddr> =
-                v4[i * 25..(i + 1) * 25].iter().chain(&v6[i * 25..(i + 1) * 25]).copied().collect();
+            let targets: Vec<SocketAddr> = v4[i * 25..(i + 1) * 25]
+                .iter()
+                .chain(&v6[i * 25..(i + 1) * 25])
+                .copied()
+                .collect();
             let cmd = a.tasks[*task].meshtool(0, &client_args(&targets, 1, 32 * 1024));
             std::thread::spawn(move || run_client(cmd))
         })
@@ -77,13 +94,20 @@ fn two_hundred_concurrent_connections_reach_their_own_destinations() {
         let reports = h.join().unwrap();
         total += reports.len();
         for r in &reports {
-            let via = if r.target.is_ipv4() { a.outbound_v4(*mode) } else { a.outbound_v6(*mode) };
+            let via = if r.target.is_ipv4() {
+                a.outbound_v4(*mode)
+            } else {
+                a.outbound_v6(*mode)
+            };
             assert_redirected(std::slice::from_ref(r), via);
         }
     }
     assert_eq!(total, 200);
     let m = a.metrics();
-    assert_eq!(counter(&m, "ecsmesh_tcp_connections_opened_total", &[]), 200.0);
+    assert_eq!(
+        counter(&m, "ecsmesh_tcp_connections_opened_total", &[]),
+        200.0
+    );
 }
 
 #[test]
@@ -91,13 +115,29 @@ fn excluded_destinations_and_udp_are_not_redirected() {
     let mut w = World::new(tools(), 2);
     let task = w.add_task(0, Host, 1);
     // Link-local service addresses inside instance 0, like the ECS agent's and IMDS.
-    w.instances[0].netns.ip(&["addr", "add", "169.254.169.254/32", "dev", "lo"]);
-    w.instances[0].netns.ip(&["addr", "add", "169.254.170.2/32", "dev", "lo"]);
-    w.instances[1].netns.ip(&["addr", "add", "10.0.0.12/24", "dev", "eth0"]);
+    w.instances[0]
+        .netns
+        .ip(&["addr", "add", "169.254.169.254/32", "dev", "lo"]);
+    w.instances[0]
+        .netns
+        .ip(&["addr", "add", "169.254.170.2/32", "dev", "lo"]);
+    w.instances[1]
+        .netns
+        .ip(&["addr", "add", "10.0.0.12/24", "dev", "eth0"]);
     let p = |s: &str| s.parse::<SocketAddr>().unwrap();
-    let local = [p("127.0.0.1:9100"), p("[::1]:9100"), p("169.254.169.254:80"), p("169.254.170.2:80")];
+    let local = [
+        p("127.0.0.1:9100"),
+        p("[::1]:9100"),
+        p("169.254.169.254:80"),
+        p("169.254.170.2:80"),
+    ];
     w.instances[0].echo_server(&local);
-    let remote = [p("10.0.0.2:9000"), p("[fd00::2]:9000"), p("10.0.0.12:9000"), p("10.0.0.12:53")];
+    let remote = [
+        p("10.0.0.2:9000"),
+        p("[fd00::2]:9000"),
+        p("10.0.0.12:9000"),
+        p("10.0.0.12:53"),
+    ];
     w.instances[1].echo_server(&remote);
     let opts = ProxyOptions {
         exclude_cidrs: vec!["10.0.0.2/32".into(), "fd00::2/128".into()],
@@ -109,10 +149,15 @@ fn excluded_destinations_and_udp_are_not_redirected() {
 
     // Loopback, link-local, configured CIDRs (both families), and DNS's port.
     let direct = [
-        local[0], local[1], local[2], local[3],
+        local[0],
+        local[1],
+        local[2],
+        local[3],
         p("[::ffff:169.254.169.254]:80"), // v4-mapped: unwrapped before the exclusion check
         p("[::ffff:127.0.0.1]:9100"),
-        remote[0], remote[1], p("[::ffff:10.0.0.2]:9000"),
+        remote[0],
+        remote[1],
+        p("[::ffff:10.0.0.2]:9000"),
         remote[3],
     ];
     assert_direct(&t.client(&direct, 1, 512));
@@ -122,7 +167,11 @@ fn excluded_destinations_and_udp_are_not_redirected() {
     assert_redirected(&t.client(&[remote[2]], 1, 512), a.outbound_v4(Host));
     let mapped = t.client(&[p("[::ffff:10.0.0.12]:9000")], 1, 512);
     assert_all_ok(&mapped);
-    assert_eq!(mapped[0].peer, Some(p("[::ffff:127.0.0.1]:15001")), "{mapped:?}");
+    assert_eq!(
+        mapped[0].peer,
+        Some(p("[::ffff:127.0.0.1]:15001")),
+        "{mapped:?}"
+    );
     assert_eq!(mapped[0].served_by.as_deref(), Some("10.0.0.12:9000"));
 
     // UDP connect() is never rewritten.
@@ -130,7 +179,10 @@ fn excluded_destinations_and_udp_are_not_redirected() {
     let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(v["peer"], "10.0.0.12:9000");
     let m = a.metrics();
-    assert_eq!(counter(&m, "ecsmesh_tcp_connections_opened_total", &[]), 2.0);
+    assert_eq!(
+        counter(&m, "ecsmesh_tcp_connections_opened_total", &[]),
+        2.0
+    );
 }
 
 #[test]
@@ -142,9 +194,18 @@ fn proxy_inside_an_enrolled_cgroup_does_not_redirect_itself() {
     // The proxy runs in the task's second container cgroup, which is enrolled: its own
     // upstream connections must not be steered back into itself.
     let cgroup = w.instances[0].tasks[task].cgroups[1].clone();
-    w.instances[0].start_proxy(&ProxyOptions { cgroup: Some(cgroup), ..Default::default() });
+    w.instances[0].start_proxy(&ProxyOptions {
+        cgroup: Some(cgroup),
+        ..Default::default()
+    });
     let a = &w.instances[0];
-    assert_redirected(&a.tasks[task].client(&[target, target], 1, 2048), a.outbound_v4(Host));
+    assert_redirected(
+        &a.tasks[task].client(&[target, target], 1, 2048),
+        a.outbound_v4(Host),
+    );
     let m = a.metrics();
-    assert_eq!(counter(&m, "ecsmesh_tcp_connections_opened_total", &[]), 2.0);
+    assert_eq!(
+        counter(&m, "ecsmesh_tcp_connections_opened_total", &[]),
+        2.0
+    );
 }

@@ -1,1 +1,86 @@
-fn main(){}
+//! `cargo xtask setup | build | test | demo`: the project's own automation. Everything the
+//! build and the tests need is installed here, idempotently, from Debian and crates.io.
+mod build;
+mod demo;
+mod setup;
+
+use std::{
+    path::{Path, PathBuf},
+    process::Command,
+};
+
+use anyhow::{Context, Result, bail};
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Install what is missing: rustc-web + rust-web-src, bpftool, iproute2, bpf-linker.
+    Setup,
+    /// Build the eBPF object and the `ecsmesh` binary that embeds it.
+    Build {
+        #[arg(long)]
+        release: bool,
+    },
+    /// Format and lint checks, then every test (privileged ones need root).
+    Test,
+    /// Two simulated container instances, traffic between their tasks, what the proxies saw.
+    Demo,
+}
+
+fn main() -> Result<()> {
+    match Cli::parse().cmd {
+        Cmd::Setup => setup::install(),
+        Cmd::Build { release } => build::all(release).map(|_| ()),
+        Cmd::Test => test(),
+        Cmd::Demo => demo::run(),
+    }
+}
+
+pub fn workspace_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .unwrap()
+        .to_path_buf()
+}
+
+/// Run a command, failing with its full command line when it does not succeed.
+pub fn run(cmd: &mut Command) -> Result<()> {
+    let line = format!("{cmd:?}");
+    let status = cmd.status().with_context(|| format!("starting {line}"))?;
+    if !status.success() {
+        bail!("{line} failed: {status}");
+    }
+    Ok(())
+}
+
+fn cargo() -> Command {
+    let mut c = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()));
+    c.current_dir(workspace_root());
+    c
+}
+
+fn test() -> Result<()> {
+    let started = std::time::Instant::now();
+    let built = build::all(false)?;
+    run(cargo().args(["fmt", "--all", "--check"]))?;
+    run(cargo()
+        .args(["clippy", "--all-targets", "--", "-D", "warnings"])
+        .env("ECSMESH_EBPF_OBJECT", &built.ebpf_object))?;
+    if !nix::unistd::geteuid().is_root() {
+        bail!(
+            "the eBPF and namespace tests need root (CI runs as root); run `sudo -E cargo xtask test`"
+        );
+    }
+    run(cargo()
+        .args(["test", "--", "--test-threads", "4"])
+        .env("ECSMESH_BIN", &built.ecsmesh)
+        .env("ECSMESH_EBPF_OBJECT", &built.ebpf_object))?;
+    println!("xtask test: all checks passed in {:.0?}", started.elapsed());
+    Ok(())
+}

@@ -71,9 +71,8 @@ impl RawConfig {
             .iter()
             .enumerate()
             .map(|(i, s)| {
-                s.parse::<IpNet>().map_err(|e| {
-                    invalid(format!("exclude_cidrs[{i}]"), format!("{s:?}: {e}"))
-                })
+                s.parse::<IpNet>()
+                    .map_err(|e| invalid(format!("exclude_cidrs[{i}]"), format!("{s:?}: {e}")))
             })
             .collect::<Result<Vec<_>, _>>()?;
         let socket_mark = self.socket_mark.unwrap_or(DEFAULT_SOCKET_MARK);
@@ -85,10 +84,16 @@ impl RawConfig {
         for (i, t) in self.tasks.into_iter().enumerate() {
             let id = TaskId::new(&t.id).map_err(|e| invalid(format!("tasks[{i}].id"), e))?;
             if !seen.insert(id.clone()) {
-                return Err(invalid(format!("tasks[{i}].id"), format!("duplicate task id {id}")));
+                return Err(invalid(
+                    format!("tasks[{i}].id"),
+                    format!("duplicate task id {id}"),
+                ));
             }
             if t.cgroups.is_empty() {
-                return Err(invalid(format!("tasks[{i}].cgroups"), "at least one cgroup needed"));
+                return Err(invalid(
+                    format!("tasks[{i}].cgroups"),
+                    "at least one cgroup needed",
+                ));
             }
             for (j, cg) in t.cgroups.iter().enumerate() {
                 let field = format!("tasks[{i}].cgroups[{j}]");

@@ -22,7 +22,9 @@ fn defaults_apply() {
 
 #[test]
 fn unknown_field_names_line_and_field() {
-    let e = parse("instance = \"i\"\ncgroup_root = \"/\"\nbogus = 1\n").unwrap_err().to_string();
+    let e = parse("instance = \"i\"\ncgroup_root = \"/\"\nbogus = 1\n")
+        .unwrap_err()
+        .to_string();
     assert!(e.starts_with("test.toml:3:"), "{e}");
     assert!(e.contains("bogus"), "{e}");
     assert!(!e.contains('\n'), "one line: {e}");
@@ -30,9 +32,11 @@ fn unknown_field_names_line_and_field() {
 
 #[test]
 fn bad_cidr_names_the_entry() {
-    let e = parse(&format!("{MINIMAL}exclude_cidrs = [\"10.0.0.0/8\", \"10.0.0/99\"]\n"))
-        .unwrap_err()
-        .to_string();
+    let e = parse(&format!(
+        "{MINIMAL}exclude_cidrs = [\"10.0.0.0/8\", \"10.0.0/99\"]\n"
+    ))
+    .unwrap_err()
+    .to_string();
     assert!(e.contains("exclude_cidrs[1]"), "{e}");
 }
 
@@ -60,18 +64,26 @@ fn bridge_task_needs_bridge_address() {
 
 #[test]
 fn duplicate_task_and_bad_mode_are_rejected() {
-    let task = "[[tasks]]\nid = \"t1\"\nfamily = \"web\"\nnetwork_mode = \"host\"\ncgroups = [\"/\"]\n";
-    let e = parse(&format!("{MINIMAL}{task}{task}")).unwrap_err().to_string();
-    assert!(e.contains("tasks[1].id"), "{e}");
-    let e = parse(&format!("{MINIMAL}{}", task.replace("\"host\"", "\"awsvpc\"")))
+    let task =
+        "[[tasks]]\nid = \"t1\"\nfamily = \"web\"\nnetwork_mode = \"host\"\ncgroups = [\"/\"]\n";
+    let e = parse(&format!("{MINIMAL}{task}{task}"))
         .unwrap_err()
         .to_string();
+    assert!(e.contains("tasks[1].id"), "{e}");
+    let e = parse(&format!(
+        "{MINIMAL}{}",
+        task.replace("\"host\"", "\"awsvpc\"")
+    ))
+    .unwrap_err()
+    .to_string();
     assert!(e.contains("awsvpc") && e.starts_with("test.toml:"), "{e}");
 }
 
 #[test]
 fn type_errors_quote_the_line_with_the_field() {
-    let e = parse(&format!("{MINIMAL}outbound_port = \"x\"\n")).unwrap_err().to_string();
+    let e = parse(&format!("{MINIMAL}outbound_port = \"x\"\n"))
+        .unwrap_err()
+        .to_string();
     assert!(e.starts_with("test.toml:4:"), "{e}");
     assert!(e.contains("outbound_port"), "{e}");
 }

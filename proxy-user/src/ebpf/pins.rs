@@ -22,7 +22,10 @@ pub enum PinError {
 }
 
 fn io_err(path: &Path) -> impl FnOnce(io::Error) -> PinError + '_ {
-    move |source| PinError::Io { path: path.into(), source }
+    move |source| PinError::Io {
+        path: path.into(),
+        source,
+    }
 }
 
 pub fn link_path(dir: &Path, prog: &str) -> PathBuf {
@@ -38,7 +41,7 @@ pub fn map_path(dir: &Path, map: &str) -> PathBuf {
 /// Mount bpffs at /sys/fs/bpf when nothing (or not bpffs) is mounted there.
 pub fn ensure_bpffs() -> Result<(), PinError> {
     let is_bpffs = nix::sys::statfs::statfs(BPFFS)
-        .map(|s| s.filesystem_type().0 as i64 == BPF_FS_MAGIC)
+        .map(|s| s.filesystem_type().0 == BPF_FS_MAGIC)
         .unwrap_or(false);
     if is_bpffs {
         return Ok(());
@@ -86,8 +89,12 @@ pub fn uninstall(dir: &Path) -> Result<(), PinError> {
         .collect();
     names.sort();
     let ours = |n: &str| {
-        proxy_common::progs::ALL.iter().any(|p| n == format!("link_{p}") || n == format!("prog_{p}"))
-            || proxy_common::maps::ALL.iter().any(|m| n == format!("map_{m}"))
+        proxy_common::progs::ALL
+            .iter()
+            .any(|p| n == format!("link_{p}") || n == format!("prog_{p}"))
+            || proxy_common::maps::ALL
+                .iter()
+                .any(|m| n == format!("map_{m}"))
     };
     let (ours_names, foreign): (Vec<_>, Vec<_>) = names.into_iter().partition(|n| ours(n));
     // Links first, so no program is left attached while its maps disappear.
@@ -100,7 +107,10 @@ pub fn uninstall(dir: &Path) -> Result<(), PinError> {
         std::fs::remove_file(&path).map_err(io_err(&path))?;
     }
     if !foreign.is_empty() {
-        return Err(PinError::Foreign { path: dir.into(), names: foreign });
+        return Err(PinError::Foreign {
+            path: dir.into(),
+            names: foreign,
+        });
     }
     std::fs::remove_dir(dir).map_err(io_err(dir))
 }

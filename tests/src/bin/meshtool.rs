@@ -88,33 +88,54 @@ fn main() {
     let cli = Cli::parse();
     match cli.cmd {
         Cmd::Echo { listen } => echo(listen),
-        Cmd::Client { targets, repeat, bytes, sequential } => {
+        Cmd::Client {
+            targets,
+            repeat,
+            bytes,
+            sequential,
+        } => {
             let jobs: Vec<(usize, SocketAddr)> = targets
                 .iter()
                 .flat_map(|t| std::iter::repeat_n(*t, repeat))
                 .enumerate()
                 .collect();
             let reports: Vec<ConnReport> = if sequential {
-                jobs.into_iter().map(|(i, t)| one_connection(t, bytes, i as u64)).collect()
+                jobs.into_iter()
+                    .map(|(i, t)| one_connection(t, bytes, i as u64))
+                    .collect()
             } else {
                 let handles: Vec<_> = jobs
                     .into_iter()
                     .map(|(i, t)| thread::spawn(move || one_connection(t, bytes, i as u64)))
                     .collect();
-                handles.into_iter().map(|h| h.join().expect("client thread")).collect()
+                handles
+                    .into_iter()
+                    .map(|h| h.join().expect("client thread"))
+                    .collect()
             };
             println!("{}", serde_json::to_string(&reports).unwrap());
         }
-        Cmd::Attempts { target, count, hold_ms } => {
+        Cmd::Attempts {
+            target,
+            count,
+            hold_ms,
+        } => {
             let held: Vec<TcpStream> = (0..count)
                 .filter_map(|_| TcpStream::connect_timeout(&target, Duration::from_secs(2)).ok())
                 .collect();
             let ok = held.len();
             thread::sleep(Duration::from_millis(hold_ms.min(30_000)));
             drop(held);
-            println!("{}", serde_json::json!({ "attempts": count, "connected": ok }));
+            println!(
+                "{}",
+                serde_json::json!({ "attempts": count, "connected": ok })
+            );
         }
-        Cmd::Send { target, count, bytes } => {
+        Cmd::Send {
+            target,
+            count,
+            bytes,
+        } => {
             let mut sent = 0;
             for _ in 0..count {
                 if let Ok(mut s) = TcpStream::connect_timeout(&target, Duration::from_secs(2))
@@ -123,23 +144,38 @@ fn main() {
                     sent += 1;
                 }
             }
-            println!("{}", serde_json::json!({ "sent": sent, "checksum": checksum(&payload(0, bytes)) }));
+            println!(
+                "{}",
+                serde_json::json!({ "sent": sent, "checksum": checksum(&payload(0, bytes)) })
+            );
         }
         Cmd::Sink { out, listen } => sink(out, listen),
         Cmd::Udp { target } => {
-            let bind: SocketAddr = if target.is_ipv4() { "0.0.0.0:0" } else { "[::]:0" }.parse().unwrap();
+            let bind: SocketAddr = if target.is_ipv4() {
+                "0.0.0.0:0"
+            } else {
+                "[::]:0"
+            }
+            .parse()
+            .unwrap();
             let sock = UdpSocket::bind(bind).expect("udp bind");
             sock.connect(target).expect("udp connect");
             let _ = sock.send(b"ping");
             println!("{}", serde_json::json!({ "peer": sock.peer_addr().ok() }));
         }
-        Cmd::Pingpong { target, count, size } => pingpong(target, count, size),
+        Cmd::Pingpong {
+            target,
+            count,
+            size,
+        } => pingpong(target, count, size),
     }
 }
 
 fn echo(listen: Vec<SocketAddr>) {
-    let listeners: Vec<TcpListener> =
-        listen.iter().map(|a| TcpListener::bind(a).unwrap_or_else(|e| panic!("bind {a}: {e}"))).collect();
+    let listeners: Vec<TcpListener> = listen
+        .iter()
+        .map(|a| TcpListener::bind(a).unwrap_or_else(|e| panic!("bind {a}: {e}")))
+        .collect();
     println!("READY");
     std::io::stdout().flush().unwrap();
     let handles: Vec<_> = listeners
@@ -160,14 +196,23 @@ fn echo(listen: Vec<SocketAddr>) {
 
 /// FNV-1a, to compare payloads without shipping them around.
 fn checksum(data: &[u8]) -> u64 {
-    data.iter().fold(0xcbf2_9ce4_8422_2325, |h, b| (h ^ u64::from(*b)).wrapping_mul(0x100_0000_01b3))
+    data.iter().fold(0xcbf2_9ce4_8422_2325, |h, b| {
+        (h ^ u64::from(*b)).wrapping_mul(0x100_0000_01b3)
+    })
 }
 
 fn sink(out: std::path::PathBuf, listen: Vec<SocketAddr>) {
     let file = std::sync::Arc::new(std::sync::Mutex::new(
-        std::fs::OpenOptions::new().create(true).append(true).open(&out).expect("sink output"),
+        std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&out)
+            .expect("sink output"),
     ));
-    let listeners: Vec<TcpListener> = listen.iter().map(|a| TcpListener::bind(a).expect("bind")).collect();
+    let listeners: Vec<TcpListener> = listen
+        .iter()
+        .map(|a| TcpListener::bind(a).expect("bind"))
+        .collect();
     println!("READY");
     std::io::stdout().flush().unwrap();
     let handles: Vec<_> = listeners
@@ -227,7 +272,13 @@ fn payload(seed: u64, len: usize) -> Vec<u8> {
 }
 
 fn one_connection(target: SocketAddr, bytes: usize, seed: u64) -> ConnReport {
-    let mut report = ConnReport { target, peer: None, served_by: None, ok: false, error: None };
+    let mut report = ConnReport {
+        target,
+        peer: None,
+        served_by: None,
+        ok: false,
+        error: None,
+    };
     let result = (|| -> std::io::Result<()> {
         let mut s = TcpStream::connect_timeout(&target, Duration::from_secs(10))?;
         s.set_read_timeout(Some(DEADLINE))?;

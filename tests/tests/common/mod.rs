@@ -16,7 +16,12 @@ pub fn tools() -> Tools {
 #[track_caller]
 pub fn assert_all_ok(reports: &[ConnReport]) {
     let bad: Vec<_> = reports.iter().filter(|r| !r.ok).collect();
-    assert!(bad.is_empty(), "{} of {} connections failed: {bad:?}", bad.len(), reports.len());
+    assert!(
+        bad.is_empty(),
+        "{} of {} connections failed: {bad:?}",
+        bad.len(),
+        reports.len()
+    );
 }
 
 /// Every connection went through `via` and was answered by the server it asked for.
@@ -24,8 +29,16 @@ pub fn assert_all_ok(reports: &[ConnReport]) {
 pub fn assert_redirected(reports: &[ConnReport], via: SocketAddr) {
     assert_all_ok(reports);
     for r in reports {
-        assert_eq!(r.peer, Some(via), "client socket's peer should be the proxy: {r:?}");
-        assert_eq!(r.served_by.as_deref(), Some(r.target.to_string().as_str()), "{r:?}");
+        assert_eq!(
+            r.peer,
+            Some(via),
+            "client socket's peer should be the proxy: {r:?}"
+        );
+        assert_eq!(
+            r.served_by.as_deref(),
+            Some(r.target.to_string().as_str()),
+            "{r:?}"
+        );
     }
 }
 
@@ -34,6 +47,10 @@ pub fn assert_redirected(reports: &[ConnReport], via: SocketAddr) {
 pub fn assert_direct(reports: &[ConnReport]) {
     assert_all_ok(reports);
     for r in reports {
-        assert_eq!(r.peer, Some(r.target), "expected a direct connection: {r:?}");
+        assert_eq!(
+            r.peer,
+            Some(r.target),
+            "expected a direct connection: {r:?}"
+        );
     }
 }
