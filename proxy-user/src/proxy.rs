@@ -109,7 +109,10 @@ impl Outbound {
             SocketAddr::V4(_) => TcpSocket::new_v4()?,
             SocketAddr::V6(_) => TcpSocket::new_v6()?,
         };
-        socket2::SockRef::from(&socket).set_mark(self.socket_mark)?;
+        // 0 only in unprivileged unit tests (config rejects it): SO_MARK needs CAP_NET_ADMIN.
+        if self.socket_mark != 0 {
+            socket2::SockRef::from(&socket).set_mark(self.socket_mark)?;
+        }
         socket.set_nodelay(true)?;
         socket.connect(dst).await
     }
@@ -130,3 +133,6 @@ async fn pump(
         bytes.inc_by(n as u64);
     }
 }
+
+#[cfg(test)]
+mod tests;

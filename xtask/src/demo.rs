@@ -6,7 +6,7 @@ use harness::{NetworkMode, ProxyOptions, Tools, World};
 use crate::build;
 
 pub fn run() -> Result<()> {
-    let built = build::all(false)?;
+    let built = build::all(true)?;
     if !nix::unistd::geteuid().is_root() {
         bail!("the demo creates network namespaces, cgroups and eBPF programs: run it as root");
     }
@@ -59,6 +59,7 @@ pub fn run() -> Result<()> {
             );
         }
     }
+    hop_latency(&world, host, srv1)?;
     for inst in &world.instances {
         println!("\nwhat the node proxy of {} saw (GET /metrics):", inst.name);
         let (_, body) = inst.netns.http_get(inst.admin, "/metrics")?;
@@ -68,5 +69,58 @@ pub fn run() -> Result<()> {
     }
     println!("\ncleaning up namespaces, cgroups and eBPF pins");
     drop(world);
+    Ok(())
+}
+
+fn pingpong(cmd: std::process::Command) -> Result<(u64, u64)> {
+    let out = harness::process::run(cmd);
+    if !out.status.success() {
+        bail!("pingpong: {}", String::from_utf8_lossy(&out.stderr));
+    }
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout)?;
+    Ok((
+        v["p50_us"].as_u64().unwrap_or(0),
+        v["p99_us"].as_u64().unwrap_or(0),
+    ))
+}
+
+/// 1,000 ping-pongs of 64 bytes, direct (unenrolled process) and through the node proxy
+/// (enrolled task), interleaved over three rounds. A figure, not a benchmark: the
+/// processes are not pinned to CPUs (see `cargo xtask bench` for that).
+fn hop_latency(world: &World, task: usize, target: std::net::SocketAddr) -> Result<()> {
+    let args: Vec<String> = [
+        "pingpong",
+        &target.to_string(),
+        "--count",
+        "1000",
+        "--size",
+        "64",
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect();
+    let inst = &world.instances[0];
+    println!("\nplain TCP proxy hop, 1,000 x 64-byte ping-pong to {target} (p50/p99 in us):");
+    let mut added = Vec::new();
+    for round in 1..=3 {
+        let direct = pingpong(inst.unenrolled(&args))?;
+        let proxied = pingpong(inst.tasks[task].meshtool(0, &args))?;
+        println!(
+            "  round {round}: direct {}/{}  via node proxy {}/{}",
+            direct.0, direct.1, proxied.0, proxied.1
+        );
+        added.push((
+            proxied.0 as i64 - direct.0 as i64,
+            proxied.1 as i64 - direct.1 as i64,
+        ));
+    }
+    let mut p50: Vec<i64> = added.iter().map(|a| a.0).collect();
+    let mut p99: Vec<i64> = added.iter().map(|a| a.1).collect();
+    p50.sort();
+    p99.sort();
+    println!(
+        "  added by the proxy hop (median of rounds): p50 {} us, p99 {} us",
+        p50[1], p99[1]
+    );
     Ok(())
 }

@@ -1,0 +1,136 @@
+//! The forwarding logic on loopback, without root: a fake original-destination table
+//! stands in for the kernel maps.
+use std::{collections::HashMap, net::SocketAddr, sync::Mutex};
+
+use tokio::{
+    io::{AsyncReadExt, AsyncWriteExt},
+    net::{TcpListener, TcpStream},
+};
+
+use super::*;
+
+#[derive(Default)]
+struct FakeTable(Mutex<HashMap<SocketAddr, (OrigDst, u32)>>);
+
+impl OrigDstSource for FakeTable {
+    fn claim(&self, peer: SocketAddr) -> Option<(OrigDst, u32)> {
+        self.0.lock().unwrap().remove(&peer)
+    }
+}
+
+/// Upstream that reads until EOF, then answers with what it got, reversed, and closes:
+/// only works if the proxy forwards the client's half-close.
+async fn reverse_server() -> SocketAddr {
+    let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = l.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = l.accept().await {
+            tokio::spawn(async move {
+                let mut buf = Vec::new();
+                s.read_to_end(&mut buf).await.unwrap();
+                buf.reverse();
+                s.write_all(&buf).await.unwrap();
+            });
+        }
+    });
+    addr
+}
+
+async fn start(table: Arc<FakeTable>) -> (SocketAddr, Arc<Metrics>, CancellationToken) {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let metrics = Arc::new(Metrics::default());
+    let proxy = Arc::new(Outbound {
+        orig_dst: table,
+        tasks: Arc::new(vec![TaskId::new("task-a").unwrap()]),
+        metrics: metrics.clone(),
+        socket_mark: 0,
+    });
+    let stop = CancellationToken::new();
+    tokio::spawn(proxy.serve(listener, stop.clone(), TaskTracker::new()));
+    (addr, metrics, stop)
+}
+
+#[tokio::test]
+async fn forwards_to_the_original_destination_with_half_close() {
+    let upstream = reverse_server().await;
+    let table = Arc::new(FakeTable::default());
+    let (proxy, metrics, _stop) = start(table.clone()).await;
+
+    let client = tokio::net::TcpSocket::new_v4().unwrap();
+    client.bind("127.0.0.1:0".parse().unwrap()).unwrap();
+    table
+        .0
+        .lock()
+        .unwrap()
+        .insert(client.local_addr().unwrap(), (OrigDst(upstream), 0));
+    let mut s: TcpStream = client.connect(proxy).await.unwrap();
+    s.write_all(b"hello mesh").await.unwrap();
+    s.shutdown().await.unwrap();
+    let mut back = Vec::new();
+    s.read_to_end(&mut back).await.unwrap();
+    assert_eq!(back, b"hsem olleh");
+
+    // Counters are updated as bytes flow; closed once both directions ended.
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    let text = metrics.encode();
+    assert!(
+        text.contains("ecsmesh_tcp_connections_opened_total{source_task=\"task-a\"} 1"),
+        "{text}"
+    );
+    assert!(
+        text.contains("ecsmesh_tcp_connections_closed_total{source_task=\"task-a\"} 1"),
+        "{text}"
+    );
+    assert!(
+        text.contains("ecsmesh_tcp_sent_bytes_total{source_task=\"task-a\"} 10"),
+        "{text}"
+    );
+    assert!(
+        text.contains("ecsmesh_tcp_received_bytes_total{source_task=\"task-a\"} 10"),
+        "{text}"
+    );
+    assert!(table.0.lock().unwrap().is_empty(), "entry claimed");
+}
+
+#[tokio::test]
+async fn connections_without_a_recorded_destination_are_closed_and_counted() {
+    let (proxy, metrics, _stop) = start(Arc::new(FakeTable::default())).await;
+    let mut s = TcpStream::connect(proxy).await.unwrap();
+    let mut buf = [0u8; 1];
+    let n = tokio::time::timeout(Duration::from_secs(5), s.read(&mut buf))
+        .await
+        .unwrap();
+    assert!(matches!(n, Ok(0) | Err(_)), "closed by the proxy");
+    let text = metrics.encode();
+    assert!(
+        text.contains("reason=\"no_original_destination\"} 1"),
+        "{text}"
+    );
+}
+
+#[tokio::test]
+async fn refused_upstream_closes_the_client_and_counts() {
+    // A port that was just free: nothing listens there.
+    let closed = TcpListener::bind("127.0.0.1:0")
+        .await
+        .unwrap()
+        .local_addr()
+        .unwrap();
+    let table = Arc::new(FakeTable::default());
+    let (proxy, metrics, _stop) = start(table.clone()).await;
+    let client = tokio::net::TcpSocket::new_v4().unwrap();
+    client.bind("127.0.0.1:0".parse().unwrap()).unwrap();
+    table
+        .0
+        .lock()
+        .unwrap()
+        .insert(client.local_addr().unwrap(), (OrigDst(closed), 0));
+    let mut s = client.connect(proxy).await.unwrap();
+    let mut buf = [0u8; 1];
+    let n = tokio::time::timeout(Duration::from_secs(5), s.read(&mut buf))
+        .await
+        .unwrap();
+    assert!(matches!(n, Ok(0) | Err(_)));
+    assert!(metrics.encode().contains("reason=\"upstream_connect\"} 1"));
+}
