@@ -2,6 +2,8 @@
 //! build and the tests need is installed here, idempotently, from Debian and crates.io.
 mod build;
 mod demo;
+mod deploy_check;
+mod python;
 mod setup;
 
 use std::{
@@ -31,6 +33,12 @@ enum Cmd {
     Test,
     /// Two simulated container instances, traffic between their tasks, what the proxies saw.
     Demo,
+    /// Validate deploy/ offline: JSON/YAML, cfn-lint, task definitions against the ECS API
+    /// model, IAM policy, systemd unit (installs the Python tools into target/pyenv).
+    DeployCheck {
+        #[arg(long)]
+        dir: Option<PathBuf>,
+    },
 }
 
 fn main() -> Result<()> {
@@ -39,6 +47,7 @@ fn main() -> Result<()> {
         Cmd::Build { release } => build::all(release).map(|_| ()),
         Cmd::Test => test(),
         Cmd::Demo => demo::run(),
+        Cmd::DeployCheck { dir } => deploy_check::run(dir),
     }
 }
 
@@ -72,6 +81,7 @@ fn test() -> Result<()> {
     run(cargo()
         .args(["clippy", "--all-targets", "--", "-D", "warnings"])
         .env("ECSMESH_EBPF_OBJECT", &built.ebpf_object))?;
+    deploy_check::run(None)?;
     if !nix::unistd::geteuid().is_root() {
         bail!(
             "the eBPF and namespace tests need root (CI runs as root); run `sudo -E cargo xtask test`"
