@@ -14,12 +14,15 @@ use hyper_util::rt::TokioIo;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
-use crate::metrics::Metrics;
+use crate::{identity::IdentityManager, metrics::Metrics};
 
 pub struct AdminState {
-    /// True once programs are attached and listeners bound.
+    /// True once programs are attached, certificates issued and listeners bound.
     pub ready: AtomicBool,
     pub metrics: Arc<Metrics>,
+    /// Present when the mesh (mTLS) is configured: `POST /reload` re-reads the trust
+    /// bundle and issuer, `/identities` lists the certificates held.
+    pub identities: Option<Arc<IdentityManager>>,
 }
 
 fn respond(status: StatusCode, content_type: &str, body: String) -> Response<Full<Bytes>> {
@@ -30,7 +33,48 @@ fn respond(status: StatusCode, content_type: &str, body: String) -> Response<Ful
         .expect("static response parts are valid")
 }
 
-fn route(state: &AdminState, path: &str) -> Response<Full<Bytes>> {
+fn route(state: &AdminState, method: &hyper::Method, path: &str) -> Response<Full<Bytes>> {
+    match (method, path) {
+        (&hyper::Method::POST, "/reload") => match &state.identities {
+            Some(ids) => match ids.reload() {
+                Ok(()) => respond(StatusCode::OK, "text/plain", "reloaded\n".into()),
+                Err(e) => respond(
+                    StatusCode::INTERNAL_SERVER_ERROR,
+                    "text/plain",
+                    format!("{e}\n"),
+                ),
+            },
+            None => respond(
+                StatusCode::NOT_FOUND,
+                "text/plain",
+                "no identity configured\n".into(),
+            ),
+        },
+        (_, "/identities") => {
+            let list: Vec<serde_json::Value> = state
+                .identities
+                .iter()
+                .flat_map(|ids| ids.identities())
+                .filter_map(|id| state.identities.as_ref()?.current(&id))
+                .map(|svid| {
+                    serde_json::json!({
+                        "identity": svid.id.to_string(),
+                        "serial": svid.serial,
+                        "not_after": svid.not_after.duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0),
+                    })
+                })
+                .collect();
+            respond(
+                StatusCode::OK,
+                "application/json",
+                serde_json::Value::Array(list).to_string(),
+            )
+        }
+        _ => route_get(state, path),
+    }
+}
+
+fn route_get(state: &AdminState, path: &str) -> Response<Full<Bytes>> {
     match path {
         "/live" => respond(StatusCode::OK, "text/plain", "live\n".into()),
         "/ready" if state.ready.load(Ordering::Acquire) => {
@@ -65,7 +109,7 @@ pub async fn serve(listener: TcpListener, state: Arc<AdminState>, shutdown: Canc
         let state = state.clone();
         tokio::spawn(async move {
             let svc = service_fn(move |req: Request<hyper::body::Incoming>| {
-                let resp = route(&state, req.uri().path());
+                let resp = route(&state, req.method(), req.uri().path());
                 async move { Ok::<_, Infallible>(resp) }
             });
             if let Err(e) = hyper::server::conn::http1::Builder::new()

@@ -8,9 +8,16 @@ use std::{
     path::{Path, PathBuf},
 };
 
+use std::time::Duration;
+
 use ipnet::IpNet;
 
-use crate::types::TaskId;
+use crate::{
+    authz::Policy,
+    discovery::Discovery,
+    identity::{SpiffeId, TrustDomain},
+    types::TaskId,
+};
 
 pub const DEFAULT_PIN_DIR: &str = "/sys/fs/bpf/ecsmesh";
 pub const DEFAULT_OUTBOUND_PORT: u16 = 15001;
@@ -57,7 +64,33 @@ pub struct TaskConfig {
     pub family: String,
     pub network_mode: NetworkMode,
     pub cgroups: Vec<PathBuf>,
+    /// The task's workload identity (rendered from the template) when the mesh is on.
+    pub identity: Option<SpiffeId>,
 }
+
+/// What happens to connections towards destinations discovery does not know.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Deserialize, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Mode {
+    /// Forward them as plain TCP.
+    #[default]
+    Permissive,
+    /// Close them: every flow of an enrolled task must be a verified mesh flow.
+    Strict,
+}
+
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct IdentitySettings {
+    pub trust_domain: TrustDomain,
+    pub bundle: PathBuf,
+    pub issuer_dir: PathBuf,
+    pub svid_lifetime: Duration,
+    pub template: String,
+    pub allowed_trust_domains: Vec<TrustDomain>,
+}
+
+pub const DEFAULT_INBOUND_PORT: u16 = 15008;
+pub const DEFAULT_STREAM_CAP: usize = 100;
 
 #[derive(Debug, Clone, serde::Serialize)]
 pub struct Config {
@@ -73,6 +106,20 @@ pub struct Config {
     pub exclude_cidrs: Vec<IpNet>,
     pub socket_mark: u32,
     pub tasks: Vec<TaskConfig>,
+    /// ECS cluster name, part of workload identities.
+    pub cluster: String,
+    pub mode: Mode,
+    /// mTLS tunnel listener (HBONE-style HTTP/2 CONNECT).
+    pub inbound_addr: SocketAddr,
+    /// Streams per pooled tunnel connection before another connection opens.
+    pub tunnel_stream_cap: usize,
+    /// Meshed endpoints; empty without `discovery_file`.
+    #[serde(skip)]
+    pub discovery: Discovery,
+    pub discovery_file: Option<PathBuf>,
+    /// mTLS identity; without it the proxy forwards plain TCP only.
+    pub identity: Option<IdentitySettings>,
+    pub authorization: Policy,
 }
 
 impl Config {
@@ -108,6 +155,23 @@ impl Config {
                 field,
                 message,
             })
+    }
+
+    /// A sidecar serves exactly one task and shares its network namespace, so the task
+    /// reaches it on loopback (`host` mode from the proxy's point of view).
+    pub fn check_sidecar(&self) -> Result<(), ConfigError> {
+        let invalid = |message: &str| ConfigError::Invalid {
+            path: PathBuf::from("sidecar"),
+            field: "tasks".into(),
+            message: message.into(),
+        };
+        match self.tasks.as_slice() {
+            [t] if t.network_mode == NetworkMode::Host => Ok(()),
+            [_] => Err(invalid(
+                "a sidecar shares its task's netns: use network_mode = \"host\"",
+            )),
+            _ => Err(invalid("a sidecar enrols exactly one task")),
+        }
     }
 
     /// Addresses the outbound listener must bind: one per redirect target in use.

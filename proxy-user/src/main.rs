@@ -20,11 +20,28 @@ enum Command {
     Run {
         #[arg(long)]
         config: PathBuf,
+        /// Tokio worker threads (default: one per CPU).
+        #[arg(long)]
+        workers: Option<usize>,
+    },
+    /// Run as a per-task sidecar: the same proxy, attached to one task's cgroup, inside
+    /// that task's network namespace (the config enrols exactly one task, in `host`
+    /// network mode from the sidecar's point of view: it shares the task's netns).
+    Sidecar {
+        #[arg(long)]
+        config: PathBuf,
+        #[arg(long)]
+        workers: Option<usize>,
     },
     /// Validate a config file and print it as the proxy would use it.
     CheckConfig {
         #[arg(long)]
         config: PathBuf,
+    },
+    /// Certificate authority: trust anchors, per-instance issuers, test certificates.
+    Ca {
+        #[command(subcommand)]
+        cmd: ecsmesh::ca_cli::CaCommand,
     },
     /// Remove every program, link, pin and map of one instance.
     Uninstall {
@@ -59,19 +76,30 @@ fn main() -> ExitCode {
     }
 }
 
+fn serve(config: Config, workers: Option<usize>) -> anyhow::Result<()> {
+    let mut builder = tokio::runtime::Builder::new_multi_thread();
+    if let Some(n) = workers {
+        anyhow::ensure!(n > 0, "--workers must be at least 1");
+        builder.worker_threads(n);
+    }
+    let runtime = builder.enable_all().build()?;
+    runtime.block_on(ecsmesh::run::run(Arc::new(config)))?;
+    Ok(())
+}
+
 fn dispatch(command: Command) -> anyhow::Result<()> {
     match command {
-        Command::Run { config } => {
-            let config = Arc::new(Config::load(&config)?);
-            let runtime = tokio::runtime::Builder::new_multi_thread()
-                .enable_all()
-                .build()?;
-            runtime.block_on(ecsmesh::run::run(config))?;
+        Command::Run { config, workers } => serve(Config::load(&config)?, workers)?,
+        Command::Sidecar { config, workers } => {
+            let config = Config::load(&config)?;
+            config.check_sidecar()?;
+            serve(config, workers)?;
         }
         Command::CheckConfig { config } => {
             let config = Config::load(&config)?;
             println!("{}", serde_json::to_string_pretty(&config)?);
         }
+        Command::Ca { cmd } => ecsmesh::ca_cli::run(cmd)?,
         Command::Uninstall { pin_dir } => {
             ecsmesh::ebpf::uninstall(&pin_dir)?;
             tracing::info!(pin_dir = %pin_dir.display(), "uninstalled");

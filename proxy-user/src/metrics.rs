@@ -16,8 +16,38 @@ pub struct ReasonLabels {
     pub reason: &'static str,
 }
 
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct HandshakeLabels {
+    /// "client" (outbound side) or "server" (inbound side).
+    pub role: &'static str,
+    pub source_identity: String,
+    pub destination_identity: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RejectLabels {
+    pub side: &'static str,
+    pub reason: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct StreamLabels {
+    pub source_identity: String,
+    pub destination_family: String,
+}
+
 pub struct Metrics {
     registry: Registry,
+    /// mTLS handshakes completed, per identity pair.
+    pub handshakes: Family<HandshakeLabels, Counter>,
+    /// Tunnel handshakes and streams refused, by side and reason.
+    pub rejected: Family<RejectLabels, Counter>,
+    /// Tunnel streams accepted by the inbound side.
+    pub inbound_streams: Family<StreamLabels, Counter>,
+    /// Inbound tunnel bytes from the remote caller to the local task.
+    pub inbound_to_task: Family<StreamLabels, Counter>,
+    /// Inbound tunnel bytes from the local task back to the remote caller.
+    pub inbound_from_task: Family<StreamLabels, Counter>,
     pub opened: Family<TaskLabels, Counter>,
     pub closed: Family<TaskLabels, Counter>,
     /// Bytes from the task towards its destination.
@@ -37,8 +67,38 @@ impl Default for Metrics {
             sent: Family::default(),
             received: Family::default(),
             failed: Family::default(),
+            handshakes: Family::default(),
+            rejected: Family::default(),
+            inbound_streams: Family::default(),
+            inbound_to_task: Family::default(),
+            inbound_from_task: Family::default(),
             registry: Registry::default(),
         };
+        registry.register(
+            "tls_handshakes",
+            "mTLS tunnel handshakes completed, per identity pair",
+            m.handshakes.clone(),
+        );
+        registry.register(
+            "tunnel_rejected",
+            "Tunnel handshakes or streams refused, by side and reason",
+            m.rejected.clone(),
+        );
+        registry.register(
+            "tunnel_inbound_streams",
+            "Tunnel streams accepted by this proxy's inbound side",
+            m.inbound_streams.clone(),
+        );
+        registry.register(
+            "tunnel_inbound_received_bytes",
+            "Bytes from tunnel callers to local tasks",
+            m.inbound_to_task.clone(),
+        );
+        registry.register(
+            "tunnel_inbound_sent_bytes",
+            "Bytes from local tasks back to tunnel callers",
+            m.inbound_from_task.clone(),
+        );
         registry.register(
             "tcp_connections_opened",
             "TCP connections opened through the node proxy",
@@ -73,6 +133,12 @@ impl Metrics {
         TaskLabels {
             source_task: task.to_owned(),
         }
+    }
+
+    pub fn reject(&self, side: &'static str, reason: &'static str) {
+        self.rejected
+            .get_or_create(&RejectLabels { side, reason })
+            .inc();
     }
 
     pub fn fail(&self, reason: &'static str) {

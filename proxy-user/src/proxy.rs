@@ -1,32 +1,68 @@
 //! The outbound listener: accepts connections the kernel redirected, recovers where each
-//! was going and for which task, and forwards plain TCP there.
+//! was going and for which task, then either tunnels them over mTLS to the destination's
+//! node proxy (meshed endpoint), forwards them as plain TCP (unknown destination,
+//! permissive mode), or closes them (unknown destination, strict mode).
 use std::{io, net::SocketAddr, sync::Arc, time::Duration};
 
-use tokio::{
-    io::{AsyncReadExt, AsyncWriteExt},
-    net::{
-        TcpListener, TcpSocket, TcpStream,
-        tcp::{OwnedReadHalf, OwnedWriteHalf},
-    },
-};
+use tokio::net::{TcpListener, TcpStream};
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
 
 use crate::{
+    config::Mode,
+    copy,
+    discovery::{Discovery, Endpoint},
     ebpf::OrigDstSource,
-    metrics::Metrics,
+    identity::{IdentityTemplate, SpiffeId, TemplateVars, TrustDomain},
+    metrics::{Metrics, TaskLabels},
+    tunnel::{TunnelError, TunnelPool},
     types::{OrigDst, TaskId, normalise},
 };
 
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
-const COPY_BUFFER: usize = 16 * 1024;
+
+/// What the proxy knows about an enrolled task, indexed by the kernel's `task_index`.
+#[derive(Debug, Clone)]
+pub struct TaskRef {
+    pub id: TaskId,
+    pub identity: Option<SpiffeId>,
+}
+
+/// The identity a meshed endpoint must prove, derived the same way its own node derives it.
+pub struct ExpectedIdentity {
+    pub template: IdentityTemplate,
+    pub trust_domain: TrustDomain,
+    pub cluster: String,
+}
+
+impl ExpectedIdentity {
+    pub fn for_endpoint(&self, ep: &Endpoint) -> Option<SpiffeId> {
+        self.template
+            .render(&TemplateVars {
+                trust_domain: self.trust_domain.clone(),
+                cluster: self.cluster.clone(),
+                family: ep.family.clone(),
+                service: Some(ep.service.clone()),
+                task_role: None,
+            })
+            .ok()
+    }
+}
+
+/// Everything the outbound side needs to send a flow through the mesh.
+pub struct Mesh {
+    pub discovery: Arc<Discovery>,
+    pub pool: TunnelPool,
+    pub expected: ExpectedIdentity,
+}
 
 pub struct Outbound {
     pub orig_dst: Arc<dyn OrigDstSource>,
-    /// Indexed by the kernel's `task_index`.
-    pub tasks: Arc<Vec<TaskId>>,
+    pub tasks: Arc<Vec<TaskRef>>,
     pub metrics: Arc<Metrics>,
     /// SO_MARK for upstream sockets, so the redirect never loops them back to us.
     pub socket_mark: u32,
+    pub mode: Mode,
+    pub mesh: Option<Arc<Mesh>>,
 }
 
 impl Outbound {
@@ -63,14 +99,27 @@ impl Outbound {
             tracing::warn!(%peer, task_index, "connection from an unknown task index; closing");
             return;
         };
-        let labels = Metrics::task(task.as_str());
+        let meshed = self
+            .mesh
+            .as_ref()
+            .and_then(|m| m.discovery.endpoint(dst.0).cloned().map(|ep| (m, ep)));
+        if meshed.is_none() && self.mode == Mode::Strict {
+            self.metrics.fail("unknown_destination");
+            tracing::warn!(task = %task.id, %dst, "strict mode: destination is not a meshed endpoint; closing");
+            return;
+        }
+        let labels = Metrics::task(task.id.as_str());
         self.metrics.opened.get_or_create(&labels).inc();
-        let result = self.forward(client, dst, &labels).await;
+        let _ = client.set_nodelay(true);
+        let result = match meshed {
+            Some((mesh, ep)) => self.tunnel(client, mesh, task, &ep, dst, &labels).await,
+            None => self.forward(client, dst, &labels).await,
+        };
         self.metrics.closed.get_or_create(&labels).inc();
         match result {
-            Ok(()) => tracing::debug!(%peer, %dst, %task, "connection closed"),
+            Ok(()) => tracing::debug!(%peer, %dst, task = %task.id, "connection closed"),
             Err(e) => {
-                tracing::debug!(%peer, %dst, %task, error = %e, "connection ended with error")
+                tracing::debug!(%peer, %dst, task = %task.id, error = %e, "connection ended with error")
             }
         }
     }
@@ -79,9 +128,14 @@ impl Outbound {
         &self,
         client: TcpStream,
         dst: OrigDst,
-        labels: &crate::metrics::TaskLabels,
+        labels: &TaskLabels,
     ) -> io::Result<()> {
-        let upstream = match tokio::time::timeout(CONNECT_TIMEOUT, self.connect(dst.0)).await {
+        let upstream = match tokio::time::timeout(
+            CONNECT_TIMEOUT,
+            copy::connect_marked(dst.0, self.socket_mark),
+        )
+        .await
+        {
             Ok(Ok(s)) => s,
             Ok(Err(e)) => {
                 self.metrics.fail("upstream_connect");
@@ -92,45 +146,59 @@ impl Outbound {
                 return Err(io::ErrorKind::TimedOut.into());
             }
         };
-        let _ = client.set_nodelay(true);
-        let (cr, cw) = client.into_split();
-        let (ur, uw) = upstream.into_split();
+        self.copy(client, upstream, labels).await
+    }
+
+    async fn tunnel(
+        &self,
+        client: TcpStream,
+        mesh: &Mesh,
+        task: &TaskRef,
+        ep: &Endpoint,
+        dst: OrigDst,
+        labels: &TaskLabels,
+    ) -> io::Result<()> {
+        let (Some(source), Some(expected)) =
+            (task.identity.as_ref(), mesh.expected.for_endpoint(ep))
+        else {
+            self.metrics.fail("no_identity");
+            return Err(io::Error::other(
+                "no identity for the source task or the endpoint",
+            ));
+        };
+        let opened = tokio::time::timeout(
+            CONNECT_TIMEOUT,
+            mesh.pool.open(source, &expected, ep.tunnel, dst.0),
+        )
+        .await;
+        let (stream, lease) = match opened {
+            Ok(Ok(x)) => x,
+            Ok(Err(e)) => {
+                self.metrics.fail(match &e {
+                    TunnelError::Refused { .. } => "tunnel_refused",
+                    TunnelError::Handshake { .. } => "tunnel_handshake",
+                    _ => "tunnel_connect",
+                });
+                tracing::warn!(task = %task.id, source_identity = %source, expected = %expected, %dst, error = %e, "tunnel failed");
+                return Err(io::Error::other(e));
+            }
+            Err(_) => {
+                self.metrics.fail("tunnel_timeout");
+                return Err(io::ErrorKind::TimedOut.into());
+            }
+        };
+        let result = self.copy(client, stream, labels).await;
+        drop(lease);
+        result
+    }
+
+    async fn copy<U>(&self, client: TcpStream, upstream: U, labels: &TaskLabels) -> io::Result<()>
+    where
+        U: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+    {
         let sent = self.metrics.sent.get_or_create(labels).clone();
         let received = self.metrics.received.get_or_create(labels).clone();
-        // Each direction ends on its own EOF by shutting down the other side's write half,
-        // so half-closed protocols (request, FIN, response) work. An error in either
-        // direction drops both, closing the sockets.
-        tokio::try_join!(pump(cr, uw, &sent), pump(ur, cw, &received))?;
-        Ok(())
-    }
-
-    async fn connect(&self, dst: SocketAddr) -> io::Result<TcpStream> {
-        let socket = match dst {
-            SocketAddr::V4(_) => TcpSocket::new_v4()?,
-            SocketAddr::V6(_) => TcpSocket::new_v6()?,
-        };
-        // 0 only in unprivileged unit tests (config rejects it): SO_MARK needs CAP_NET_ADMIN.
-        if self.socket_mark != 0 {
-            socket2::SockRef::from(&socket).set_mark(self.socket_mark)?;
-        }
-        socket.set_nodelay(true)?;
-        socket.connect(dst).await
-    }
-}
-
-async fn pump(
-    mut from: OwnedReadHalf,
-    mut to: OwnedWriteHalf,
-    bytes: &prometheus_client::metrics::counter::Counter,
-) -> io::Result<()> {
-    let mut buf = vec![0u8; COPY_BUFFER];
-    loop {
-        let n = from.read(&mut buf).await?;
-        if n == 0 {
-            return to.shutdown().await;
-        }
-        to.write_all(&buf[..n]).await?;
-        bytes.inc_by(n as u64);
+        copy::bidirectional(client, upstream, &sent, &received).await
     }
 }
 

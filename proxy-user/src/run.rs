@@ -13,8 +13,10 @@ use crate::{
     admin::{self, AdminState},
     config::Config,
     ebpf::{self, EbpfError, PinError, Redirect},
+    identity::{IdentityConfig, IdentityError, IdentityManager, IdentityTemplate},
     metrics::Metrics,
-    proxy::Outbound,
+    proxy::{ExpectedIdentity, Mesh, Outbound, TaskRef},
+    tunnel::{Inbound, TunnelPool},
 };
 
 /// How long open connections may finish after the redirect is detached.
@@ -53,6 +55,69 @@ pub enum RunError {
     Uninstall(#[from] PinError),
     #[error("installing signal handlers: {0}")]
     Signal(std::io::Error),
+    #[error("identity: {0}")]
+    Identity(#[from] IdentityError),
+}
+
+/// The mTLS side of the proxy, present when the config has an `[identity]` section.
+struct MeshParts {
+    identities: Arc<IdentityManager>,
+    mesh: Arc<Mesh>,
+    inbound: Arc<Inbound>,
+    listener: TcpListener,
+}
+
+/// Load the identity material, issue every local task its certificate, bind the tunnel
+/// listener: all before anything is attached, so a bad CA directory fails the start.
+fn mesh_parts(config: &Config, metrics: &Arc<Metrics>) -> Result<Option<MeshParts>, RunError> {
+    let Some(idn) = &config.identity else {
+        return Ok(None);
+    };
+    let identities = IdentityManager::new(IdentityConfig {
+        bundle: idn.bundle.clone(),
+        issuer_dir: idn.issuer_dir.clone(),
+        svid_lifetime: idn.svid_lifetime,
+        allowed_trust_domains: idn.allowed_trust_domains.clone(),
+    })?;
+    let mut local = std::collections::HashMap::new();
+    for task in &config.tasks {
+        if let Some(id) = &task.identity {
+            let svid = identities.ensure(id)?;
+            tracing::info!(task = %task.id, identity = %id, serial = %svid.serial, "certificate issued");
+            local.insert(id.sni(), (id.clone(), task.family.clone()));
+        }
+    }
+    let discovery = Arc::new(config.discovery.clone());
+    let listener = bind("inbound_addr", config.inbound_addr)?;
+    let mesh = Arc::new(Mesh {
+        discovery: discovery.clone(),
+        pool: TunnelPool::new(
+            identities.clone(),
+            metrics.clone(),
+            config.tunnel_stream_cap,
+            config.socket_mark,
+        ),
+        expected: ExpectedIdentity {
+            template: IdentityTemplate::new(&idn.template)?,
+            trust_domain: idn.trust_domain.clone(),
+            cluster: config.cluster.clone(),
+        },
+    });
+    let inbound = Arc::new(Inbound {
+        identities: identities.clone(),
+        local,
+        discovery,
+        policy: config.authorization.clone(),
+        metrics: metrics.clone(),
+        socket_mark: config.socket_mark,
+        stream_cap: config.tunnel_stream_cap,
+    });
+    Ok(Some(MeshParts {
+        identities,
+        mesh,
+        inbound,
+        listener,
+    }))
 }
 
 fn bind(field: &'static str, addr: SocketAddr) -> Result<TcpListener, RunError> {
@@ -92,12 +157,14 @@ pub async fn run(config: Arc<Config>) -> Result<(), RunError> {
     let mut sigterm = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
         .map_err(RunError::Signal)?;
     let metrics = Arc::new(Metrics::default());
+    let mesh = mesh_parts(&config, &metrics)?;
+    let shutdown = CancellationToken::new();
+    let tracker = TaskTracker::new();
     let state = Arc::new(AdminState {
         ready: Default::default(),
         metrics: metrics.clone(),
+        identities: mesh.as_ref().map(|m| m.identities.clone()),
     });
-    let shutdown = CancellationToken::new();
-    let tracker = TaskTracker::new();
     tokio::spawn(admin::serve(
         admin_listener,
         state.clone(),
@@ -116,12 +183,27 @@ pub async fn run(config: Arc<Config>) -> Result<(), RunError> {
     };
     let orig_dst = Arc::new(orig_dst);
     tokio::spawn(sweep(orig_dst.clone(), metrics.clone(), shutdown.clone()));
+    let tasks = config.tasks.iter().map(|t| TaskRef {
+        id: t.id.clone(),
+        identity: t.identity.clone(),
+    });
     let proxy = Arc::new(Outbound {
         orig_dst,
-        tasks: Arc::new(config.tasks.iter().map(|t| t.id.clone()).collect()),
+        tasks: Arc::new(tasks.collect()),
         metrics,
         socket_mark: config.socket_mark,
+        mode: config.mode,
+        mesh: mesh.as_ref().map(|m| m.mesh.clone()),
     });
+    if let Some(parts) = mesh {
+        parts.identities.spawn_background(shutdown.clone());
+        tracing::info!(addr = ?parts.listener.local_addr().ok(), endpoints = config.discovery.len(), "tunnel listener ready");
+        tokio::spawn(
+            parts
+                .inbound
+                .serve(parts.listener, shutdown.clone(), tracker.clone()),
+        );
+    }
     for listener in outbound {
         tracing::info!(addr = ?listener.local_addr().ok(), "outbound listener ready");
         tokio::spawn(

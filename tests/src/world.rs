@@ -102,7 +102,24 @@ pub struct ProxyOptions {
     pub enrol: Option<Vec<usize>>,
     /// Run the proxy in this cgroup instead of `<instance>/proxy`.
     pub cgroup: Option<PathBuf>,
+    /// Unknown destinations are closed instead of passed through (mesh only).
+    pub strict: bool,
+    pub svid_lifetime_secs: Option<u64>,
+    pub tunnel_stream_cap: Option<usize>,
+    /// Authorization allow rules: (source pattern, destination family, port).
+    pub allow: Vec<(String, Option<String>, Option<u16>)>,
 }
+
+/// Identity material of one instance, made by `World::enable_mesh`.
+#[derive(Clone, Debug)]
+pub struct InstanceMesh {
+    pub trust_domain: String,
+    pub issuer_dir: PathBuf,
+    pub discovery: PathBuf,
+}
+
+/// The cluster name the harness uses in identities.
+pub const CLUSTER: &str = "test";
 
 pub struct Proxy {
     pub proc: Proc,
@@ -124,6 +141,7 @@ pub struct Instance {
     pub admin: SocketAddr,
     pub tasks: Vec<Task>,
     pub proxy: Option<Proxy>,
+    pub mesh: Option<InstanceMesh>,
     servers: Vec<Proc>,
     workdir: PathBuf,
     tools: Tools,
@@ -181,6 +199,32 @@ impl Instance {
             .map(|c| format!("\"{c}\""))
             .collect();
         t += &format!("exclude_cidrs = [{}]\n", cidrs.join(", "));
+        if let Some(mesh) = &self.mesh {
+            t += &format!(
+                "cluster = \"{CLUSTER}\"\ndiscovery_file = \"{}\"\nmode = \"{}\"\n",
+                mesh.discovery.display(),
+                if opts.strict { "strict" } else { "permissive" }
+            );
+            if let Some(cap) = opts.tunnel_stream_cap {
+                t += &format!("tunnel_stream_cap = {cap}\n");
+            }
+            t += &format!(
+                "\n[identity]\ntrust_domain = \"{}\"\nbundle = \"{}\"\nissuer_dir = \"{}\"\nsvid_lifetime_secs = {}\n",
+                mesh.trust_domain,
+                mesh.issuer_dir.join("bundle.pem").display(),
+                mesh.issuer_dir.display(),
+                opts.svid_lifetime_secs.unwrap_or(86_400)
+            );
+            for (source, family, port) in &opts.allow {
+                t += &format!("\n[[authorization.allow]]\nsource = \"{source}\"\n");
+                if let Some(f) = family {
+                    t += &format!("destination_family = \"{f}\"\n");
+                }
+                if let Some(p) = port {
+                    t += &format!("port = {p}\n");
+                }
+            }
+        }
         for (i, task) in self.tasks.iter().enumerate() {
             if opts.enrol.as_ref().is_some_and(|e| !e.contains(&i)) {
                 continue;
@@ -410,6 +454,7 @@ impl World {
                 cgroup_root,
                 tasks: Vec::new(),
                 proxy: None,
+                mesh: None,
                 servers: Vec::new(),
                 workdir: workdir.clone(),
                 tools: tools.clone(),
@@ -471,7 +516,7 @@ impl World {
             }
         };
         instance.tasks.push(Task {
-            family: format!("family{k}"),
+            family: format!("{}-app{k}", instance.name),
             id,
             mode,
             cgroups,
@@ -482,6 +527,83 @@ impl World {
             tools: self.tools.clone(),
         });
         k
+    }
+}
+
+impl World {
+    /// `ecsmesh ca ...`; panics with its output when it fails.
+    pub fn ca(&self, args: &[&str]) -> String {
+        let out = Command::new(&self.tools.ecsmesh)
+            .arg("ca")
+            .args(args)
+            .output()
+            .expect("ecsmesh ca");
+        assert!(
+            out.status.success(),
+            "ecsmesh ca {}: {}{}",
+            args.join(" "),
+            String::from_utf8_lossy(&out.stderr),
+            String::from_utf8_lossy(&out.stdout)
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
+    pub fn ca_dir(&self) -> PathBuf {
+        self.workdir.join("ca")
+    }
+
+    /// A CA for `trust_domain` and one issuer per instance; every proxy started afterwards
+    /// runs with mTLS. Discovery starts empty: see `write_discovery`.
+    pub fn enable_mesh(&mut self, trust_domain: &str) {
+        let ca = self.ca_dir();
+        self.ca(&[
+            "init",
+            "--trust-domain",
+            trust_domain,
+            "--out",
+            &ca.display().to_string(),
+        ]);
+        let discovery = self.workdir.join("discovery.toml");
+        std::fs::write(&discovery, "").unwrap();
+        for i in 0..self.instances.len() {
+            let name = self.instances[i].name.clone();
+            let issuer_dir = self.workdir.join(format!("issuer-{name}"));
+            self.ca(&[
+                "issue-intermediate",
+                "--ca",
+                &ca.display().to_string(),
+                "--instance",
+                &name,
+                "--out",
+                &issuer_dir.display().to_string(),
+            ]);
+            self.instances[i].mesh = Some(InstanceMesh {
+                trust_domain: trust_domain.to_owned(),
+                issuer_dir,
+                discovery: discovery.clone(),
+            });
+        }
+    }
+
+    /// Meshed endpoints: (service, address, task family). Tunnel address = endpoint IP.
+    pub fn write_discovery(&self, endpoints: &[(&str, SocketAddr, &str)]) {
+        let mut t = String::new();
+        for (service, addr, family) in endpoints {
+            t += &format!(
+                "[[services]]\nname = \"{service}\"\n[[services.endpoints]]\naddress = \"{addr}\"\nfamily = \"{family}\"\n\n"
+            );
+        }
+        std::fs::write(self.workdir.join("discovery.toml"), t).unwrap();
+    }
+
+    /// The identity the harness's template gives a family.
+    pub fn identity(&self, family: &str) -> String {
+        let td = &self.instances[0]
+            .mesh
+            .as_ref()
+            .expect("enable_mesh first")
+            .trust_domain;
+        format!("spiffe://{td}/ecs/{CLUSTER}/{family}")
     }
 }
 

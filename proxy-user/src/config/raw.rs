@@ -8,10 +8,15 @@ use ipnet::IpNet;
 use serde::Deserialize;
 
 use super::{
-    Config, DEFAULT_ADMIN_ADDR, DEFAULT_OUTBOUND_PORT, DEFAULT_PIN_DIR, DEFAULT_SOCKET_MARK,
-    NetworkMode, TaskConfig,
+    Config, DEFAULT_ADMIN_ADDR, DEFAULT_INBOUND_PORT, DEFAULT_OUTBOUND_PORT, DEFAULT_PIN_DIR,
+    DEFAULT_SOCKET_MARK, DEFAULT_STREAM_CAP, IdentitySettings, Mode, NetworkMode, TaskConfig,
 };
-use crate::types::TaskId;
+use crate::{
+    authz::{AllowRule, Policy},
+    discovery::Discovery,
+    identity::{DEFAULT_TEMPLATE, IdentityTemplate, TemplateVars, TrustDomain},
+    types::TaskId,
+};
 
 type Invalid = (String, String);
 
@@ -36,6 +41,41 @@ pub(super) struct RawConfig {
     socket_mark: Option<u32>,
     #[serde(default)]
     tasks: Vec<RawTask>,
+    #[serde(default)]
+    cluster: Option<String>,
+    #[serde(default)]
+    mode: Mode,
+    #[serde(default)]
+    inbound_addr: Option<SocketAddr>,
+    #[serde(default)]
+    tunnel_stream_cap: Option<usize>,
+    #[serde(default)]
+    discovery_file: Option<PathBuf>,
+    #[serde(default)]
+    identity: Option<RawIdentity>,
+    #[serde(default)]
+    authorization: RawAuthorization,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawIdentity {
+    trust_domain: String,
+    bundle: PathBuf,
+    issuer_dir: PathBuf,
+    #[serde(default)]
+    svid_lifetime_secs: Option<u64>,
+    #[serde(default)]
+    template: Option<String>,
+    #[serde(default)]
+    allowed_trust_domains: Option<Vec<String>>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawAuthorization {
+    #[serde(default)]
+    allow: Vec<AllowRule>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -45,6 +85,11 @@ struct RawTask {
     family: String,
     network_mode: NetworkMode,
     cgroups: Vec<PathBuf>,
+    /// Template inputs beyond the family.
+    #[serde(default)]
+    service: Option<String>,
+    #[serde(default)]
+    task_role: Option<String>,
 }
 
 fn invalid(field: impl Into<String>, message: impl Into<String>) -> Invalid {
@@ -78,6 +123,40 @@ impl RawConfig {
         let socket_mark = self.socket_mark.unwrap_or(DEFAULT_SOCKET_MARK);
         if socket_mark == 0 {
             return Err(invalid("socket_mark", "must not be 0"));
+        }
+        let cluster = self.cluster.unwrap_or_else(|| "default".to_owned());
+        if cluster.is_empty() {
+            return Err(invalid("cluster", "must not be empty"));
+        }
+        let identity = self.identity.map(|i| i.validate()).transpose()?;
+        let template = identity
+            .as_ref()
+            .map(|i| {
+                IdentityTemplate::new(&i.template)
+                    .map_err(|e| invalid("identity.template", e.to_string()))
+            })
+            .transpose()?;
+        let inbound_addr = self.inbound_addr.unwrap_or(SocketAddr::new(
+            Ipv4Addr::UNSPECIFIED.into(),
+            DEFAULT_INBOUND_PORT,
+        ));
+        let tunnel_stream_cap = self.tunnel_stream_cap.unwrap_or(DEFAULT_STREAM_CAP);
+        if tunnel_stream_cap == 0 {
+            return Err(invalid("tunnel_stream_cap", "must be at least 1"));
+        }
+        let discovery = match &self.discovery_file {
+            Some(path) => Discovery::load(path, inbound_addr.port())
+                .map_err(|e| invalid("discovery_file", e.to_string()))?,
+            None => Discovery::default(),
+        };
+        if !discovery.is_empty() && identity.is_none() {
+            return Err(invalid(
+                "discovery_file",
+                "meshed endpoints need an [identity] section",
+            ));
+        }
+        if self.mode == Mode::Strict && identity.is_none() {
+            return Err(invalid("mode", "strict mode needs an [identity] section"));
         }
         let mut tasks = Vec::with_capacity(self.tasks.len());
         let mut seen = std::collections::HashSet::new();
@@ -120,11 +199,25 @@ impl RawConfig {
                     "bridge mode needs bridge_ipv4 or bridge_ipv6 (the proxy listens there)",
                 ));
             }
+            let task_identity = match (&identity, &template) {
+                (Some(idn), Some(tpl)) => Some(
+                    tpl.render(&TemplateVars {
+                        trust_domain: idn.trust_domain.clone(),
+                        cluster: cluster.clone(),
+                        family: t.family.clone(),
+                        service: t.service.clone(),
+                        task_role: t.task_role.clone(),
+                    })
+                    .map_err(|e| invalid(format!("tasks[{i}]"), format!("identity: {e}")))?,
+                ),
+                _ => None,
+            };
             tasks.push(TaskConfig {
                 id,
                 family: t.family,
                 network_mode: t.network_mode,
                 cgroups: t.cgroups,
+                identity: task_identity,
             });
         }
         Ok(Config {
@@ -138,6 +231,58 @@ impl RawConfig {
             exclude_cidrs,
             socket_mark,
             tasks,
+            cluster,
+            mode: self.mode,
+            inbound_addr,
+            tunnel_stream_cap,
+            discovery,
+            discovery_file: self.discovery_file,
+            identity,
+            authorization: Policy {
+                allow: self.authorization.allow,
+            },
+        })
+    }
+}
+
+impl RawIdentity {
+    fn validate(self) -> Result<IdentitySettings, Invalid> {
+        let trust_domain = TrustDomain::new(&self.trust_domain)
+            .map_err(|e| invalid("identity.trust_domain", e.to_string()))?;
+        let lifetime = self.svid_lifetime_secs.unwrap_or(24 * 3600);
+        if lifetime == 0 {
+            return Err(invalid("identity.svid_lifetime_secs", "must be at least 1"));
+        }
+        let allowed_trust_domains = match self.allowed_trust_domains {
+            None => vec![trust_domain.clone()],
+            Some(list) => list
+                .iter()
+                .enumerate()
+                .map(|(i, s)| {
+                    TrustDomain::new(s).map_err(|e| {
+                        invalid(
+                            format!("identity.allowed_trust_domains[{i}]"),
+                            e.to_string(),
+                        )
+                    })
+                })
+                .collect::<Result<_, _>>()?,
+        };
+        for (field, path) in [
+            ("identity.bundle", &self.bundle),
+            ("identity.issuer_dir", &self.issuer_dir),
+        ] {
+            if !path.exists() {
+                return Err(invalid(field, format!("{}: not found", path.display())));
+            }
+        }
+        Ok(IdentitySettings {
+            trust_domain,
+            bundle: self.bundle,
+            issuer_dir: self.issuer_dir,
+            svid_lifetime: std::time::Duration::from_secs(lifetime),
+            template: self.template.unwrap_or_else(|| DEFAULT_TEMPLATE.to_owned()),
+            allowed_trust_domains,
         })
     }
 }

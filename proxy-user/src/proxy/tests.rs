@@ -42,9 +42,14 @@ async fn start(table: Arc<FakeTable>) -> (SocketAddr, Arc<Metrics>, Cancellation
     let metrics = Arc::new(Metrics::default());
     let proxy = Arc::new(Outbound {
         orig_dst: table,
-        tasks: Arc::new(vec![TaskId::new("task-a").unwrap()]),
+        tasks: Arc::new(vec![TaskRef {
+            id: TaskId::new("task-a").unwrap(),
+            identity: None,
+        }]),
         metrics: metrics.clone(),
         socket_mark: 0,
+        mode: Mode::Permissive,
+        mesh: None,
     });
     let stop = CancellationToken::new();
     tokio::spawn(proxy.serve(listener, stop.clone(), TaskTracker::new()));

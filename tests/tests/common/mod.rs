@@ -1,6 +1,7 @@
 //! Shared by the privileged integration tests. They need root (CI runs as root) and fail,
 //! never skip, when it is missing or the kernel refuses.
 #![allow(dead_code)]
+pub mod mesh;
 use std::net::SocketAddr;
 
 use harness::{Tools, world::ConnReport};

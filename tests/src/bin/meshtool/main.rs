@@ -2,6 +2,14 @@
 //! stdout, what each connection saw (peer address, which server answered, whether the echo
 //! was byte-exact). Blocking std networking on purpose: nothing here should depend on the
 //! code under test. Every loop is bounded by a count and a deadline.
+//!
+//! The mTLS probes (`tunnel`, `tls-server`, `raw`) use rustls/h2 directly, independent of
+//! the proxy's own TLS code.
+mod raw;
+mod tls;
+mod tls_server;
+mod tunnel;
+
 use std::{
     io::{BufRead, BufReader, Read, Write},
     net::{Shutdown, SocketAddr, TcpListener, TcpStream, UdpSocket},
@@ -36,6 +44,9 @@ enum Cmd {
         /// Run connections one after another instead of concurrently.
         #[arg(long)]
         sequential: bool,
+        /// Payload is this string repeated/truncated to `--bytes` (for packet captures).
+        #[arg(long, value_parser = clap::builder::NonEmptyStringValueParser::new())]
+        marker: Option<String>,
     },
     /// Try to connect `count` times; report how many succeeded (for refused-port tests).
     Attempts {
@@ -70,7 +81,71 @@ enum Cmd {
         count: usize,
         #[arg(long, default_value_t = 64)]
         size: usize,
+        /// Pause between round trips: a long-lived, mostly idle connection.
+        #[arg(long, default_value_t = 0)]
+        interval_ms: u64,
     },
+    /// HBONE-style probe: TLS 1.3 (ALPN h2) to ADDR, then HTTP/2 CONNECT streams.
+    /// One JSON line: {"tls","h2","statuses","stream_errors","echo_ok"}.
+    Tunnel {
+        #[arg(long)]
+        connect: SocketAddr,
+        /// SNI (a DNS name).
+        #[arg(long)]
+        sni: String,
+        /// Client certificate chain (PEM, leaf first); no client certificate without it.
+        #[arg(long, requires = "key")]
+        cert: Option<std::path::PathBuf>,
+        #[arg(long, requires = "cert")]
+        key: Option<std::path::PathBuf>,
+        /// `:authority` of the CONNECT requests.
+        #[arg(long, default_value = tunnel::DEFAULT_TARGET)]
+        target: String,
+        #[arg(long, default_value_t = 1)]
+        streams: usize,
+        /// Echo this many bytes through the first stream answered 200 (target: `echo`).
+        #[arg(long, default_value_t = 0)]
+        payload_bytes: usize,
+        /// Add an `x-pad` header of this many bytes to each CONNECT.
+        #[arg(long, default_value_t = 0)]
+        header_bytes: usize,
+        /// Trust bundle (PEM) for the server's chain; requires --expect-identity.
+        #[arg(long, requires = "expect_identity")]
+        bundle: Option<std::path::PathBuf>,
+        /// The server leaf's single URI SAN must be this SPIFFE id; requires --bundle.
+        #[arg(long, requires = "bundle")]
+        expect_identity: Option<String>,
+    },
+    /// TLS 1.3 server (ALPN h2, no client auth) that completes handshakes and holds each
+    /// connection until the peer closes or 30 s pass. Prints READY; exits after 60 s.
+    TlsServer {
+        #[arg(long)]
+        listen: SocketAddr,
+        #[arg(long)]
+        cert: std::path::PathBuf,
+        #[arg(long)]
+        key: std::path::PathBuf,
+    },
+    /// Send a plaintext probe (`--text`) or a TLS ClientHello plus 4 KiB of garbage, then
+    /// read until the peer closes or 5 s pass: {"sent","received","closed_by_peer"}.
+    Raw {
+        #[arg(long)]
+        connect: SocketAddr,
+        #[arg(
+            long,
+            conflicts_with = "hello_then_garbage",
+            required_unless_present = "hello_then_garbage"
+        )]
+        text: Option<String>,
+        #[arg(long)]
+        hello_then_garbage: bool,
+    },
+}
+
+/// Usage errors found after parsing (bad files, bad names): message and exit code 2.
+fn usage_error(msg: &str) -> ! {
+    eprintln!("meshtool: {msg}");
+    std::process::exit(2)
 }
 
 const DEADLINE: Duration = Duration::from_secs(30);
@@ -93,6 +168,7 @@ fn main() {
             repeat,
             bytes,
             sequential,
+            marker,
         } => {
             let jobs: Vec<(usize, SocketAddr)> = targets
                 .iter()
@@ -101,12 +177,15 @@ fn main() {
                 .collect();
             let reports: Vec<ConnReport> = if sequential {
                 jobs.into_iter()
-                    .map(|(i, t)| one_connection(t, bytes, i as u64))
+                    .map(|(i, t)| one_connection(t, bytes, i as u64, marker.as_deref()))
                     .collect()
             } else {
                 let handles: Vec<_> = jobs
                     .into_iter()
-                    .map(|(i, t)| thread::spawn(move || one_connection(t, bytes, i as u64)))
+                    .map(|(i, t)| {
+                        let marker = marker.clone();
+                        thread::spawn(move || one_connection(t, bytes, i as u64, marker.as_deref()))
+                    })
                     .collect();
                 handles
                     .into_iter()
@@ -167,7 +246,55 @@ fn main() {
             target,
             count,
             size,
-        } => pingpong(target, count, size),
+            interval_ms,
+        } => pingpong(target, count, size, Duration::from_millis(interval_ms)),
+        Cmd::Tunnel {
+            connect,
+            sni,
+            cert,
+            key,
+            target,
+            streams,
+            payload_bytes,
+            header_bytes,
+            bundle,
+            expect_identity,
+        } => {
+            let report = tunnel::run(tunnel::Args {
+                connect,
+                sni,
+                cert,
+                key,
+                target,
+                streams,
+                payload_bytes,
+                header_bytes,
+                bundle,
+                expect_identity,
+            })
+            .unwrap_or_else(|e| usage_error(&e));
+            println!("{}", serde_json::to_string(&report).unwrap());
+        }
+        Cmd::TlsServer { listen, cert, key } => {
+            tls_server::run(listen, &cert, &key).unwrap_or_else(|e| usage_error(&e));
+        }
+        Cmd::Raw {
+            connect,
+            text,
+            hello_then_garbage: _,
+        } => {
+            let probe = match text {
+                Some(t) => raw::Probe::Text(t),
+                None => raw::Probe::HelloThenGarbage,
+            };
+            match raw::run(connect, probe) {
+                Ok(report) => println!("{}", serde_json::to_string(&report).unwrap()),
+                Err(e) => {
+                    eprintln!("meshtool raw: {e}");
+                    std::process::exit(1);
+                }
+            }
+        }
     }
 }
 
@@ -258,6 +385,11 @@ fn serve(mut conn: TcpStream, me: SocketAddr) {
     let _ = conn.shutdown(Shutdown::Write);
 }
 
+/// `marker` repeated and truncated to `len` bytes (`marker` is not empty).
+fn marker_payload(marker: &str, len: usize) -> Vec<u8> {
+    marker.bytes().cycle().take(len).collect()
+}
+
 /// Deterministic per-connection payload, so a mixed-up stream cannot echo correctly.
 fn payload(seed: u64, len: usize) -> Vec<u8> {
     let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
@@ -271,7 +403,7 @@ fn payload(seed: u64, len: usize) -> Vec<u8> {
         .collect()
 }
 
-fn one_connection(target: SocketAddr, bytes: usize, seed: u64) -> ConnReport {
+fn one_connection(target: SocketAddr, bytes: usize, seed: u64, marker: Option<&str>) -> ConnReport {
     let mut report = ConnReport {
         target,
         peer: None,
@@ -283,7 +415,10 @@ fn one_connection(target: SocketAddr, bytes: usize, seed: u64) -> ConnReport {
         let mut s = TcpStream::connect_timeout(&target, Duration::from_secs(10))?;
         s.set_read_timeout(Some(DEADLINE))?;
         report.peer = s.peer_addr().ok();
-        let sent = payload(seed, bytes);
+        let sent = match marker {
+            Some(m) => marker_payload(m, bytes),
+            None => payload(seed, bytes),
+        };
         let writer = {
             let mut w = s.try_clone()?;
             let sent = sent.clone();
@@ -316,7 +451,9 @@ fn one_connection(target: SocketAddr, bytes: usize, seed: u64) -> ConnReport {
     report
 }
 
-fn pingpong(target: SocketAddr, count: usize, size: usize) {
+fn pingpong(target: SocketAddr, count: usize, size: usize, interval: Duration) {
+    // Bounded: the paced variant gets its schedule plus the usual deadline, at most 2 min.
+    let deadline = (DEADLINE + interval * count as u32).min(Duration::from_secs(120));
     let mut s = TcpStream::connect_timeout(&target, Duration::from_secs(10)).expect("connect");
     s.set_nodelay(true).unwrap();
     s.set_read_timeout(Some(DEADLINE)).unwrap();
@@ -327,9 +464,12 @@ fn pingpong(target: SocketAddr, count: usize, size: usize) {
     let mut back = vec![0u8; size];
     let mut hist = hdrhistogram::Histogram::<u64>::new(3).unwrap();
     let start = Instant::now();
-    for _ in 0..count {
-        if start.elapsed() > DEADLINE {
+    for i in 0..count {
+        if start.elapsed() > deadline {
             break;
+        }
+        if i > 0 && !interval.is_zero() {
+            std::thread::sleep(interval);
         }
         let t = Instant::now();
         s.write_all(&msg).unwrap();

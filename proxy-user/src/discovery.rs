@@ -1,0 +1,224 @@
+//! Which destinations are meshed. Today a static file; the Cloud Map source of the ECS
+//! integration fills the same `Discovery` structure, so the routing code never knows
+//! where endpoints came from.
+use std::{
+    collections::{BTreeMap, HashMap},
+    net::SocketAddr,
+    path::{Path, PathBuf},
+};
+
+use serde::Deserialize;
+
+#[derive(Debug, thiserror::Error)]
+pub enum DiscoveryError {
+    #[error("{path}: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("{path}: {message}")]
+    Parse { path: PathBuf, message: String },
+    #[error("{path}: {field}: {message}")]
+    Invalid {
+        path: PathBuf,
+        field: String,
+        message: String,
+    },
+}
+
+/// One task endpoint that accepts mesh traffic.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct Endpoint {
+    pub service: String,
+    /// Where the task listens (host- and bridge-mode tasks publish on the instance address).
+    pub addr: SocketAddr,
+    /// Task family: decides the identity the endpoint must present.
+    pub family: String,
+    pub weight: u32,
+    /// The destination instance's proxy inbound (tunnel) address.
+    pub tunnel: SocketAddr,
+}
+
+#[derive(Debug, Default, Clone)]
+pub struct Discovery {
+    by_addr: HashMap<SocketAddr, Endpoint>,
+    services: BTreeMap<String, Vec<Endpoint>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawFile {
+    #[serde(default)]
+    services: Vec<RawService>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawService {
+    name: String,
+    #[serde(default)]
+    endpoints: Vec<RawEndpoint>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawEndpoint {
+    address: SocketAddr,
+    family: String,
+    #[serde(default)]
+    weight: Option<u32>,
+    /// Tunnel address; defaults to the endpoint IP on the inbound port.
+    #[serde(default)]
+    tunnel: Option<SocketAddr>,
+}
+
+impl Discovery {
+    pub fn load(path: &Path, inbound_port: u16) -> Result<Self, DiscoveryError> {
+        let text = std::fs::read_to_string(path).map_err(|source| DiscoveryError::Read {
+            path: path.into(),
+            source,
+        })?;
+        Self::parse(path, &text, inbound_port)
+    }
+
+    pub fn parse(path: &Path, text: &str, inbound_port: u16) -> Result<Self, DiscoveryError> {
+        let raw: RawFile = toml::from_str(text).map_err(|e| DiscoveryError::Parse {
+            path: path.into(),
+            message: e.to_string().replace('\n', " "),
+        })?;
+        let invalid = |field: String, message: String| DiscoveryError::Invalid {
+            path: path.into(),
+            field,
+            message,
+        };
+        let mut endpoints = Vec::new();
+        for (i, svc) in raw.services.into_iter().enumerate() {
+            if svc.name.is_empty() {
+                return Err(invalid(
+                    format!("services[{i}].name"),
+                    "must not be empty".into(),
+                ));
+            }
+            for (j, ep) in svc.endpoints.into_iter().enumerate() {
+                let field = format!("services[{i}].endpoints[{j}]");
+                if ep.family.is_empty() {
+                    return Err(invalid(
+                        format!("{field}.family"),
+                        "must not be empty".into(),
+                    ));
+                }
+                let weight = ep.weight.unwrap_or(1);
+                if weight == 0 {
+                    return Err(invalid(
+                        format!("{field}.weight"),
+                        "must be at least 1".into(),
+                    ));
+                }
+                endpoints.push(Endpoint {
+                    service: svc.name.clone(),
+                    addr: ep.address,
+                    family: ep.family,
+                    weight,
+                    tunnel: ep
+                        .tunnel
+                        .unwrap_or(SocketAddr::new(ep.address.ip(), inbound_port)),
+                });
+            }
+        }
+        Self::from_endpoints(endpoints).map_err(|(addr, a, b)| {
+            invalid(
+                "services".into(),
+                format!("{addr} is listed for both {a} and {b}"),
+            )
+        })
+    }
+
+    /// Build from any source; an address claimed by two families is ambiguous.
+    pub fn from_endpoints(endpoints: Vec<Endpoint>) -> Result<Self, (SocketAddr, String, String)> {
+        let mut d = Discovery::default();
+        for ep in endpoints {
+            if let Some(prev) = d.by_addr.get(&ep.addr)
+                && prev.family != ep.family
+            {
+                return Err((ep.addr, prev.family.clone(), ep.family));
+            }
+            d.by_addr.insert(ep.addr, ep.clone());
+            d.services.entry(ep.service.clone()).or_default().push(ep);
+        }
+        Ok(d)
+    }
+
+    /// The meshed endpoint at `addr`, if any (v4-mapped addresses are normalised by caller).
+    pub fn endpoint(&self, addr: SocketAddr) -> Option<&Endpoint> {
+        self.by_addr.get(&addr)
+    }
+
+    pub fn service(&self, name: &str) -> &[Endpoint] {
+        self.services.get(name).map_or(&[], Vec::as_slice)
+    }
+
+    pub fn len(&self) -> usize {
+        self.by_addr.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.by_addr.is_empty()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const FILE: &str = r#"
+[[services]]
+name = "orders"
+[[services.endpoints]]
+address = "10.0.0.2:8080"
+family = "orders"
+[[services.endpoints]]
+address = "10.0.0.3:8080"
+family = "orders"
+weight = 3
+tunnel = "10.0.1.3:15008"
+"#;
+
+    #[test]
+    fn endpoints_default_their_tunnel_to_the_endpoint_ip() {
+        let d = Discovery::parse(Path::new("d.toml"), FILE, 15008).unwrap();
+        let ep = d.endpoint("10.0.0.2:8080".parse().unwrap()).unwrap();
+        assert_eq!(ep.tunnel, "10.0.0.2:15008".parse().unwrap());
+        assert_eq!(ep.weight, 1);
+        let ep = d.endpoint("10.0.0.3:8080".parse().unwrap()).unwrap();
+        assert_eq!(
+            (ep.tunnel, ep.weight),
+            ("10.0.1.3:15008".parse().unwrap(), 3)
+        );
+        assert_eq!(d.service("orders").len(), 2);
+        assert!(d.endpoint("10.0.0.9:8080".parse().unwrap()).is_none());
+    }
+
+    #[test]
+    fn bad_files_name_the_field() {
+        let e = Discovery::parse(
+            Path::new("d.toml"),
+            &FILE.replace("weight = 3", "weight = 0"),
+            15008,
+        );
+        assert!(
+            e.unwrap_err()
+                .to_string()
+                .contains("services[0].endpoints[1].weight")
+        );
+        let e = Discovery::parse(
+            Path::new("d.toml"),
+            "[[services]]\nname = \"x\"\nbogus = 1\n",
+            15008,
+        );
+        assert!(e.unwrap_err().to_string().contains("bogus"));
+        let dup = format!(
+            "{FILE}\n[[services]]\nname = \"other\"\n[[services.endpoints]]\naddress = \"10.0.0.2:8080\"\nfamily = \"web\"\n"
+        );
+        assert!(Discovery::parse(Path::new("d.toml"), &dup, 15008).is_err());
+    }
+}

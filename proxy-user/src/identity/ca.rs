@@ -1,0 +1,488 @@
+//! A small file-based CA (rcgen, ECDSA P-256) and the certificate objects a node proxy
+//! loads from it.
+//!
+//! Hierarchy: trust anchors (self-signed roots, kept offline in the CA directory) sign one
+//! issuer per container instance; an instance's node proxy signs short-lived SVIDs for its
+//! own tasks. Per-instance issuers name their instance in a URI SAN so one instance can be
+//! revoked alone, and several anchors can sit in the bundle at once so a rotation has an
+//! overlap window with no outage.
+//!
+//! CA directory layout:
+//! - `ca.toml`: trust domain, active anchor, anchors in the bundle, issued instances
+//! - `anchors/<n>.pem`, `anchors/<n>.key` (0600)
+//! - `bundle.pem`: every anchor currently trusted
+//!
+//! Instance output directory: `bundle.pem`, `issuer.pem`, `issuer.key` (0600).
+use std::{
+    path::{Path, PathBuf},
+    time::{Duration, SystemTime},
+};
+
+use rcgen::{KeyPair, PKCS_ECDSA_P256_SHA256};
+use rustls_pki_types::CertificateDer;
+use serde::{Deserialize, Serialize};
+
+use super::{
+    IdentityError, KEY_MODE, PUBLIC_MODE, SpiffeId, TrustDomain, create_private_dir, read_string,
+    write_atomic,
+};
+
+use super::certgen::{Signer, ca_params, first_cert, leaf_params, now_secs, to_time};
+use super::verify::CertInfo;
+pub use super::verify::TrustBundle;
+
+pub const STATE_FILE: &str = "ca.toml";
+pub const ANCHOR_DIR: &str = "anchors";
+pub const BUNDLE_FILE: &str = "bundle.pem";
+pub const ISSUER_CERT_FILE: &str = "issuer.pem";
+pub const ISSUER_KEY_FILE: &str = "issuer.key";
+
+const DAY: Duration = Duration::from_secs(24 * 3600);
+const ANCHOR_LIFETIME: Duration = Duration::from_secs(10 * 365 * 24 * 3600);
+const INTERMEDIATE_LIFETIME: Duration = Duration::from_secs(365 * 24 * 3600);
+
+/// What to put in a leaf certificate made by [`Ca::issue_leaf`] (tooling and tests, which
+/// need deliberately broken certificates too).
+#[derive(Clone, Debug)]
+pub struct LeafSpec {
+    /// URI SANs, any number, SPIFFE or not.
+    pub uris: Vec<String>,
+    pub lifetime: Duration,
+    /// Backdates `not_before`; with a short lifetime this makes an expired certificate.
+    pub not_before_ago: Duration,
+    pub self_signed: bool,
+    /// Sign with this instance issuer (chain = leaf + issuer) instead of the active anchor.
+    pub issuer_dir: Option<PathBuf>,
+}
+
+impl Default for LeafSpec {
+    fn default() -> Self {
+        Self {
+            uris: Vec::new(),
+            lifetime: DAY,
+            not_before_ago: Duration::ZERO,
+            self_signed: false,
+            issuer_dir: None,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct CaState {
+    trust_domain: TrustDomain,
+    /// Anchor that signs new issuers.
+    active_anchor: u32,
+    /// Number the next anchor gets; anchors are never renumbered.
+    next_anchor: u32,
+    /// Anchors in the trust bundle, oldest first.
+    bundle: Vec<u32>,
+    #[serde(default)]
+    instances: Vec<InstanceRecord>,
+}
+
+/// An issued instance issuer, remembered so that rotation can re-issue it in place.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct InstanceRecord {
+    name: String,
+    out: PathBuf,
+}
+
+/// An open CA directory.
+pub struct Ca {
+    dir: PathBuf,
+    state: CaState,
+    active: Signer,
+}
+
+impl std::fmt::Debug for Ca {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Ca")
+            .field("dir", &self.dir)
+            .field("state", &self.state)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Ca {
+    /// Creates a CA with one trust anchor in `dir`. Refuses to touch an existing CA: an
+    /// overwritten anchor key would silently cut off every node that trusts it.
+    pub fn init(dir: &Path, td: TrustDomain) -> Result<Ca, IdentityError> {
+        if dir.join(STATE_FILE).exists() || dir.join(ANCHOR_DIR).exists() {
+            return Err(IdentityError::CaExists(dir.to_owned()));
+        }
+        create_private_dir(dir)?;
+        create_private_dir(&dir.join(ANCHOR_DIR))?;
+        let state = CaState {
+            trust_domain: td,
+            active_anchor: 1,
+            next_anchor: 2,
+            bundle: vec![1],
+            instances: Vec::new(),
+        };
+        let active = new_anchor(dir, &state.trust_domain, 1)?;
+        let ca = Ca {
+            dir: dir.to_owned(),
+            state,
+            active,
+        };
+        ca.save_state()?;
+        ca.write_ca_bundle()?;
+        Ok(ca)
+    }
+
+    pub fn open(dir: &Path) -> Result<Ca, IdentityError> {
+        let path = dir.join(STATE_FILE);
+        let state: CaState = toml::from_str(&read_string(&path)?)
+            .map_err(|e| IdentityError::invalid(path.display(), e))?;
+        if !state.bundle.contains(&state.active_anchor) {
+            return Err(IdentityError::invalid(
+                path.display(),
+                "active anchor is not in the bundle",
+            ));
+        }
+        let active = load_anchor(dir, state.active_anchor)?;
+        Ok(Ca {
+            dir: dir.to_owned(),
+            state,
+            active,
+        })
+    }
+
+    pub fn trust_domain(&self) -> &TrustDomain {
+        &self.state.trust_domain
+    }
+
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    /// Path of the CA's trust bundle (all anchors currently trusted).
+    pub fn bundle_path(&self) -> PathBuf {
+        self.dir.join(BUNDLE_FILE)
+    }
+
+    /// Number of anchors in the bundle.
+    pub fn anchor_count(&self) -> usize {
+        self.state.bundle.len()
+    }
+
+    /// Instances with an issuer, and where their files are.
+    pub fn instances(&self) -> Vec<(String, PathBuf)> {
+        self.state
+            .instances
+            .iter()
+            .map(|r| (r.name.clone(), r.out.clone()))
+            .collect()
+    }
+
+    /// Issues (or re-issues) the issuer of one container instance into `out`.
+    pub fn issue_intermediate(&mut self, instance: &str, out: &Path) -> Result<(), IdentityError> {
+        // Validate the name before anything is written.
+        instance_id(&self.state.trust_domain, instance)?;
+        create_private_dir(out)?;
+        let out = out.canonicalize().map_err(|e| IdentityError::io(out, e))?;
+        self.write_instance(instance, &out)?;
+        self.state.instances.retain(|r| r.name != instance);
+        self.state.instances.push(InstanceRecord {
+            name: instance.to_owned(),
+            out,
+        });
+        self.save_state()
+    }
+
+    /// Adds a new anchor, makes it the signer, and re-issues every instance issuer under it.
+    /// The old anchors stay in the bundle so SVIDs already out keep verifying until
+    /// [`Ca::retire`].
+    pub fn rotate(&mut self) -> Result<(), IdentityError> {
+        let n = self.state.next_anchor;
+        let signer = new_anchor(&self.dir, &self.state.trust_domain, n)?;
+        self.state.next_anchor = n + 1;
+        self.state.bundle.push(n);
+        self.state.active_anchor = n;
+        self.active = signer;
+        self.save_state()?;
+        self.write_ca_bundle()?;
+        for rec in self.state.instances.clone() {
+            self.write_instance(&rec.name, &rec.out)?;
+        }
+        Ok(())
+    }
+
+    /// Drops every anchor but the active one from the bundles; returns how many went.
+    pub fn retire(&mut self) -> Result<usize, IdentityError> {
+        let dropped = self.state.bundle.len() - 1;
+        self.state.bundle = vec![self.state.active_anchor];
+        self.save_state()?;
+        self.write_ca_bundle()?;
+        let pem = self.bundle_pem()?;
+        for rec in &self.state.instances {
+            write_atomic(&rec.out.join(BUNDLE_FILE), pem.as_bytes(), PUBLIC_MODE)?;
+        }
+        Ok(dropped)
+    }
+
+    /// Makes an arbitrary leaf certificate; returns (certificate chain PEM, key PEM).
+    pub fn issue_leaf(&self, spec: &LeafSpec) -> Result<(String, String), IdentityError> {
+        let key = KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256)?;
+        let not_before = now_secs() - to_time(spec.not_before_ago)?;
+        let not_after = not_before + to_time(spec.lifetime)?;
+        let params = leaf_params(&spec.uris, not_before, not_after)?;
+        let chain = if spec.self_signed {
+            params.self_signed(&key)?.pem()
+        } else if let Some(dir) = &spec.issuer_dir {
+            let issuer = Issuer::load(dir)?;
+            let leaf = issuer.signer().sign(params, &key)?;
+            format!("{}{}", leaf.pem(), issuer.certificate_pem())
+        } else {
+            self.active.sign(params, &key)?.pem()
+        };
+        Ok((chain, key.serialize_pem()))
+    }
+
+    fn write_instance(&self, name: &str, out: &Path) -> Result<(), IdentityError> {
+        let id = instance_id(&self.state.trust_domain, name)?;
+        let key = KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256)?;
+        let mut params = ca_params(
+            format!("ecsmesh instance {name}"),
+            &self.state.trust_domain,
+            INTERMEDIATE_LIFETIME,
+            Some(0),
+        )?;
+        params.subject_alt_names = vec![rcgen::SanType::URI(rcgen::Ia5String::try_from(
+            id.to_string(),
+        )?)];
+        params.use_authority_key_identifier_extension = true;
+        let cert = self.active.sign(params, &key)?;
+        create_private_dir(out)?;
+        // Bundle first: a watcher must never see an issuer its bundle does not anchor.
+        write_atomic(
+            &out.join(BUNDLE_FILE),
+            self.bundle_pem()?.as_bytes(),
+            PUBLIC_MODE,
+        )?;
+        write_atomic(
+            &out.join(ISSUER_KEY_FILE),
+            key.serialize_pem().as_bytes(),
+            KEY_MODE,
+        )?;
+        write_atomic(
+            &out.join(ISSUER_CERT_FILE),
+            cert.pem().as_bytes(),
+            PUBLIC_MODE,
+        )
+    }
+
+    fn bundle_pem(&self) -> Result<String, IdentityError> {
+        let mut pem = String::new();
+        for n in &self.state.bundle {
+            pem.push_str(&read_string(&anchor_path(&self.dir, *n, "pem"))?);
+        }
+        Ok(pem)
+    }
+
+    fn write_ca_bundle(&self) -> Result<(), IdentityError> {
+        write_atomic(
+            &self.bundle_path(),
+            self.bundle_pem()?.as_bytes(),
+            PUBLIC_MODE,
+        )
+    }
+
+    fn save_state(&self) -> Result<(), IdentityError> {
+        let path = self.dir.join(STATE_FILE);
+        let text =
+            toml::to_string(&self.state).map_err(|e| IdentityError::invalid(path.display(), e))?;
+        write_atomic(&path, text.as_bytes(), PUBLIC_MODE)
+    }
+}
+
+/// The identity an instance issuer carries: `spiffe://<td>/ecsmesh/instance/<name>`.
+pub fn instance_id(td: &TrustDomain, instance: &str) -> Result<SpiffeId, IdentityError> {
+    SpiffeId::parse(&format!("spiffe://{td}/ecsmesh/instance/{instance}"))
+}
+
+fn anchor_path(dir: &Path, n: u32, ext: &str) -> PathBuf {
+    dir.join(ANCHOR_DIR).join(format!("{n}.{ext}"))
+}
+
+fn new_anchor(dir: &Path, td: &TrustDomain, n: u32) -> Result<Signer, IdentityError> {
+    let key = KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256)?;
+    let params = ca_params(
+        format!("ecsmesh trust anchor {n}"),
+        td,
+        ANCHOR_LIFETIME,
+        None,
+    )?;
+    let cert = params.self_signed(&key)?;
+    create_private_dir(&dir.join(ANCHOR_DIR))?;
+    write_atomic(
+        &anchor_path(dir, n, "key"),
+        key.serialize_pem().as_bytes(),
+        KEY_MODE,
+    )?;
+    write_atomic(
+        &anchor_path(dir, n, "pem"),
+        cert.pem().as_bytes(),
+        PUBLIC_MODE,
+    )?;
+    Signer::from_parts(cert.der().clone(), key, &anchor_path(dir, n, "pem"))
+}
+
+fn load_anchor(dir: &Path, n: u32) -> Result<Signer, IdentityError> {
+    let pem_path = anchor_path(dir, n, "pem");
+    let key_path = anchor_path(dir, n, "key");
+    let cert = first_cert(&read_string(&pem_path)?, &pem_path.display().to_string())?;
+    let key = KeyPair::from_pem(&read_string(&key_path)?)
+        .map_err(|e| IdentityError::invalid(key_path.display(), e))?;
+    Signer::from_parts(cert, key, &pem_path)
+}
+
+/// A node's issuer: the instance intermediate and its key, from `issuer.pem`/`issuer.key`.
+pub struct Issuer {
+    id: SpiffeId,
+    cert: CertificateDer<'static>,
+    cert_pem: String,
+    not_after: SystemTime,
+    signer: Signer,
+}
+
+impl std::fmt::Debug for Issuer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Issuer")
+            .field("id", &self.id)
+            .field("not_after", &self.not_after)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Issuer {
+    pub fn load(dir: &Path) -> Result<Issuer, IdentityError> {
+        let pem_path = dir.join(ISSUER_CERT_FILE);
+        let key_path = dir.join(ISSUER_KEY_FILE);
+        let cert_pem = read_string(&pem_path)?;
+        let cert = first_cert(&cert_pem, &pem_path.display().to_string())?;
+        let key = KeyPair::from_pem(&read_string(&key_path)?)
+            .map_err(|e| IdentityError::invalid(key_path.display(), e))?;
+        let info =
+            CertInfo::parse(&cert).map_err(|r| IdentityError::invalid(pem_path.display(), r))?;
+        let id = match info.uris.as_slice() {
+            [uri] => SpiffeId::parse(uri)?,
+            _ => {
+                return Err(IdentityError::invalid(
+                    pem_path.display(),
+                    "an issuer carries exactly one spiffe:// URI SAN",
+                ));
+            }
+        };
+        let signer = Signer::from_parts(cert.clone(), key, &pem_path)?;
+        Ok(Issuer {
+            id,
+            cert,
+            cert_pem,
+            not_after: info.not_after,
+            signer,
+        })
+    }
+
+    /// The instance this issuer belongs to (`spiffe://<td>/ecsmesh/instance/<name>`).
+    pub fn instance_id(&self) -> &SpiffeId {
+        &self.id
+    }
+
+    pub fn certificate(&self) -> &CertificateDer<'static> {
+        &self.cert
+    }
+
+    pub fn certificate_pem(&self) -> &str {
+        &self.cert_pem
+    }
+
+    pub fn not_after(&self) -> SystemTime {
+        self.not_after
+    }
+
+    fn signer(&self) -> &Signer {
+        &self.signer
+    }
+
+    /// Issues an X.509-SVID for `id`, valid from now (whole seconds) for `lifetime`, but
+    /// never beyond the issuer itself: a leaf outliving its issuer would fail anyway.
+    /// Only identities of the issuer's own trust domain are issued.
+    pub fn issue_svid(&self, id: &SpiffeId, lifetime: Duration) -> Result<Svid, IdentityError> {
+        if lifetime < Duration::from_secs(1) {
+            return Err(IdentityError::LifetimeTooShort);
+        }
+        if id.trust_domain() != self.id.trust_domain() {
+            return Err(IdentityError::ForeignTrustDomain {
+                id: id.clone(),
+                expected: self.id.trust_domain().clone(),
+            });
+        }
+        let key = KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256)?;
+        let not_before = now_secs();
+        let cap = time::OffsetDateTime::from(self.not_after);
+        let not_after = (not_before + to_time(Duration::from_secs(lifetime.as_secs()))?).min(cap);
+        let params = leaf_params(&[id.to_string()], not_before, not_after)?;
+        let leaf = self.signer.sign(params, &key)?;
+        let info =
+            CertInfo::parse(leaf.der()).map_err(|r| IdentityError::invalid("new SVID", r))?;
+        let chain = vec![leaf.der().clone(), self.cert.clone()];
+        let key_der = rustls_pki_types::PrivatePkcs8KeyDer::from(key.serialize_der());
+        let certified = rustls::sign::CertifiedKey::from_der(
+            chain.clone(),
+            key_der.into(),
+            &super::provider(),
+        )?;
+        Ok(Svid {
+            id: id.clone(),
+            chain,
+            not_before: info.not_before,
+            not_after: info.not_after,
+            serial: info.serial,
+            certified: std::sync::Arc::new(certified),
+        })
+    }
+}
+
+/// An X.509-SVID with its key, ready for rustls.
+#[derive(Clone)]
+pub struct Svid {
+    pub id: SpiffeId,
+    /// Leaf, then issuer.
+    pub chain: Vec<CertificateDer<'static>>,
+    pub not_before: SystemTime,
+    pub not_after: SystemTime,
+    /// Serial number of the leaf, lowercase hex.
+    pub serial: String,
+    certified: std::sync::Arc<rustls::sign::CertifiedKey>,
+}
+
+impl std::fmt::Debug for Svid {
+    // Hand-written so the key never reaches a log line.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Svid")
+            .field("id", &self.id)
+            .field("serial", &self.serial)
+            .field("not_before", &self.not_before)
+            .field("not_after", &self.not_after)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Svid {
+    pub fn certified_key(&self) -> std::sync::Arc<rustls::sign::CertifiedKey> {
+        self.certified.clone()
+    }
+
+    /// Half-way through the validity: time enough to retry a failed refresh many times
+    /// before peers start rejecting the old certificate.
+    pub fn refresh_at(&self) -> SystemTime {
+        let life = self
+            .not_after
+            .duration_since(self.not_before)
+            .unwrap_or(Duration::ZERO);
+        self.not_before + life / 2
+    }
+}

@@ -1,0 +1,448 @@
+//! The node proxy's identity state: trust bundle, instance issuer and the SVIDs of the
+//! node's tasks, kept fresh in the background and exposed as rustls configs.
+//!
+//! Refreshing or reloading never tears a connection down: established TLS sessions keep
+//! the certificate they were made with, and only new handshakes see the new one, because
+//! the resolvers and verifiers read the current state on every handshake.
+use std::{
+    collections::HashMap,
+    path::{Path, PathBuf},
+    sync::{Arc, RwLock},
+    time::{Duration, SystemTime},
+};
+
+use arc_swap::ArcSwap;
+use rustls::{
+    SignatureScheme,
+    client::ResolvesClientCert,
+    server::{ClientHello, ResolvesServerCert},
+    sign::CertifiedKey,
+};
+use rustls_pki_types::UnixTime;
+use tokio_util::sync::CancellationToken;
+
+use super::{
+    IdentityError, Issuer, SpiffeClientVerifier, SpiffeId, SpiffeServerVerifier, Svid, TrustBundle,
+    TrustDomain, Usage, verify_peer,
+};
+
+/// Quiet time after the last file event before reloading: a CA rotation writes several
+/// files, and reloading between them would only produce transient errors.
+const RELOAD_DEBOUNCE: Duration = Duration::from_millis(200);
+/// How long the refresher waits after a refresh that left SVIDs due (issuance failed).
+const RETRY_AFTER_FAILURE: Duration = Duration::from_secs(1);
+/// Upper bound of one refresher sleep, so a wall-clock jump is noticed.
+const MAX_SLEEP: Duration = Duration::from_secs(60);
+
+/// Where the node's identity material lives and how long its SVIDs last.
+#[derive(Clone, Debug)]
+pub struct IdentityConfig {
+    pub bundle: PathBuf,
+    /// Directory with `issuer.pem` and `issuer.key`.
+    pub issuer_dir: PathBuf,
+    pub svid_lifetime: Duration,
+    /// Trust domains whose peers are accepted; empty means the issuer's own.
+    pub allowed_trust_domains: Vec<TrustDomain>,
+}
+
+#[derive(Default)]
+struct Table {
+    by_id: HashMap<SpiffeId, Arc<Svid>>,
+    /// `SpiffeId::sni()` → identity, for the server certificate resolver.
+    by_sni: HashMap<String, SpiffeId>,
+}
+
+/// See the module documentation. Shared as `Arc<IdentityManager>`.
+pub struct IdentityManager {
+    cfg: IdentityConfig,
+    allowed: Vec<TrustDomain>,
+    bundle: Arc<ArcSwap<TrustBundle>>,
+    issuer: ArcSwap<Issuer>,
+    svids: RwLock<Table>,
+    /// Wakes the refresher when the set of SVIDs changed.
+    changed: tokio::sync::Notify,
+}
+
+impl std::fmt::Debug for IdentityManager {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("IdentityManager")
+            .field("cfg", &self.cfg)
+            .field("identities", &self.identities())
+            .finish_non_exhaustive()
+    }
+}
+
+impl IdentityManager {
+    /// Loads the bundle and issuer; fails if the issuer does not chain to the bundle, since
+    /// every SVID it signed would then be refused by every peer.
+    pub fn new(cfg: IdentityConfig) -> Result<Arc<Self>, IdentityError> {
+        let (bundle, issuer) = load_material(&cfg)?;
+        let allowed = if cfg.allowed_trust_domains.is_empty() {
+            vec![issuer.instance_id().trust_domain().clone()]
+        } else {
+            cfg.allowed_trust_domains.clone()
+        };
+        Ok(Arc::new(Self {
+            cfg,
+            allowed,
+            bundle: Arc::new(ArcSwap::from_pointee(bundle)),
+            issuer: ArcSwap::from_pointee(issuer),
+            svids: RwLock::default(),
+            changed: tokio::sync::Notify::new(),
+        }))
+    }
+
+    pub fn bundle_handle(&self) -> Arc<ArcSwap<TrustBundle>> {
+        self.bundle.clone()
+    }
+
+    pub fn allowed(&self) -> &[TrustDomain] {
+        &self.allowed
+    }
+
+    /// The instance issuer's identity.
+    pub fn issuer_id(&self) -> SpiffeId {
+        self.issuer.load().instance_id().clone()
+    }
+
+    /// The SVID for `id`, issuing it first if there is none.
+    pub fn ensure(&self, id: &SpiffeId) -> Result<Arc<Svid>, IdentityError> {
+        if let Some(svid) = self.current(id) {
+            return Ok(svid);
+        }
+        let svid = Arc::new(self.issuer.load().issue_svid(id, self.cfg.svid_lifetime)?);
+        let svid = {
+            let mut table = self.write();
+            table.by_sni.insert(id.sni(), id.clone());
+            table.by_id.entry(id.clone()).or_insert(svid).clone()
+        };
+        self.changed.notify_one();
+        Ok(svid)
+    }
+
+    pub fn remove(&self, id: &SpiffeId) {
+        let mut table = self.write();
+        table.by_id.remove(id);
+        table.by_sni.remove(&id.sni());
+    }
+
+    pub fn current(&self, id: &SpiffeId) -> Option<Arc<Svid>> {
+        self.read().by_id.get(id).cloned()
+    }
+
+    pub fn identities(&self) -> Vec<SpiffeId> {
+        let mut ids: Vec<_> = self.read().by_id.keys().cloned().collect();
+        ids.sort();
+        ids
+    }
+
+    /// Re-issues every SVID at or past its refresh time; returns how many were replaced.
+    pub fn refresh_due(&self) -> usize {
+        let now = SystemTime::now();
+        let due: Vec<SpiffeId> = self
+            .read()
+            .by_id
+            .values()
+            .filter(|s| s.refresh_at() <= now)
+            .map(|s| s.id.clone())
+            .collect();
+        let mut refreshed = 0;
+        for id in due {
+            match self.reissue(&id) {
+                Ok(Some(svid)) => {
+                    refreshed += 1;
+                    tracing::info!(identity = %id, serial = %svid.serial, "certificate refreshed");
+                }
+                Ok(None) => {}
+                Err(e) => tracing::warn!(identity = %id, error = %e, "certificate refresh failed"),
+            }
+        }
+        refreshed
+    }
+
+    /// Re-reads bundle and issuer and re-issues every SVID under the new issuer. On any
+    /// error nothing changes: the previous good state stays in use.
+    pub fn reload(&self) -> Result<(), IdentityError> {
+        let (bundle, issuer) = load_material(&self.cfg)?;
+        let anchors = bundle.len();
+        let issuer_id = issuer.instance_id().clone();
+        // Issue everything first, then swap, so a failure leaves the old state whole.
+        let ids = self.identities();
+        let fresh = ids
+            .iter()
+            .map(|id| Ok(Arc::new(issuer.issue_svid(id, self.cfg.svid_lifetime)?)))
+            .collect::<Result<Vec<_>, IdentityError>>()?;
+        self.bundle.store(Arc::new(bundle));
+        self.issuer.store(Arc::new(issuer));
+        {
+            let mut table = self.write();
+            for svid in fresh {
+                // Skip identities removed meanwhile.
+                if let Some(slot) = table.by_id.get_mut(&svid.id) {
+                    *slot = svid;
+                }
+            }
+        }
+        self.changed.notify_one();
+        tracing::info!(anchors, issuer = %issuer_id, "trust bundle and issuer reloaded");
+        Ok(())
+    }
+
+    fn reissue(&self, id: &SpiffeId) -> Result<Option<Arc<Svid>>, IdentityError> {
+        let svid = Arc::new(self.issuer.load().issue_svid(id, self.cfg.svid_lifetime)?);
+        let mut table = self.write();
+        Ok(table.by_id.get_mut(id).map(|slot| {
+            *slot = svid.clone();
+            svid
+        }))
+    }
+
+    fn earliest_refresh(&self) -> Option<SystemTime> {
+        self.read().by_id.values().map(|s| s.refresh_at()).min()
+    }
+
+    /// Starts the refresher, the file watcher and the SIGHUP handler; all stop on
+    /// `shutdown`. Needs a tokio runtime. A watcher or signal handler that cannot be set up
+    /// is logged, not fatal: the other reload paths still work.
+    pub fn spawn_background(self: &Arc<Self>, shutdown: CancellationToken) {
+        tokio::spawn(self.clone().refresher(shutdown.clone()));
+        match self.watcher() {
+            Ok((watcher, rx)) => {
+                tokio::spawn(self.clone().watch_loop(watcher, rx, shutdown.clone()));
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "cannot watch identity files; reload on SIGHUP only")
+            }
+        }
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()) {
+            Ok(mut hup) => {
+                let this = self.clone();
+                tokio::spawn(async move {
+                    loop {
+                        tokio::select! {
+                            _ = shutdown.cancelled() => break,
+                            Some(()) = hup.recv() => this.reload_logged("SIGHUP"),
+                        }
+                    }
+                });
+            }
+            Err(e) => tracing::error!(error = %e, "cannot handle SIGHUP"),
+        }
+    }
+
+    fn reload_logged(&self, trigger: &str) {
+        if let Err(e) = self.reload() {
+            tracing::warn!(trigger, error = %e, "identity reload failed; keeping the previous bundle and issuer");
+        }
+    }
+
+    async fn refresher(self: Arc<Self>, shutdown: CancellationToken) {
+        loop {
+            let wait = match self.earliest_refresh() {
+                Some(at) => at
+                    .duration_since(SystemTime::now())
+                    .unwrap_or(Duration::ZERO)
+                    .min(MAX_SLEEP),
+                None => MAX_SLEEP,
+            };
+            tokio::select! {
+                _ = shutdown.cancelled() => return,
+                _ = self.changed.notified() => continue,
+                _ = tokio::time::sleep(wait) => {}
+            }
+            self.refresh_due();
+            if self
+                .earliest_refresh()
+                .is_some_and(|at| at <= SystemTime::now())
+            {
+                tokio::select! {
+                    _ = shutdown.cancelled() => return,
+                    _ = tokio::time::sleep(RETRY_AFTER_FAILURE) => {}
+                }
+            }
+        }
+    }
+
+    /// Watches the directories holding the bundle and the issuer (not the files: the CA
+    /// replaces files by rename, which a watch on the old file would miss).
+    fn watcher(
+        &self,
+    ) -> Result<
+        (
+            notify::RecommendedWatcher,
+            tokio::sync::mpsc::UnboundedReceiver<()>,
+        ),
+        IdentityError,
+    > {
+        use notify::Watcher;
+        let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+        let watched = self.watched_files();
+        let mut watcher = notify::recommended_watcher(move |ev: notify::Result<notify::Event>| {
+            if let Ok(ev) = ev
+                && ev.paths.iter().any(|p| watched.iter().any(|w| w == p))
+            {
+                let _ = tx.send(());
+            }
+        })?;
+        let mut dirs: Vec<PathBuf> = self
+            .watched_files()
+            .iter()
+            .map(|f| f.parent().unwrap_or(Path::new(".")).to_owned())
+            .collect();
+        dirs.sort();
+        dirs.dedup();
+        for dir in dirs {
+            watcher.watch(&dir, notify::RecursiveMode::NonRecursive)?;
+        }
+        Ok((watcher, rx))
+    }
+
+    fn watched_files(&self) -> Vec<PathBuf> {
+        let abs = |p: &Path| std::path::absolute(p).unwrap_or_else(|_| p.to_owned());
+        vec![
+            abs(&self.cfg.bundle),
+            abs(&self.cfg.issuer_dir.join(super::ca::ISSUER_CERT_FILE)),
+            abs(&self.cfg.issuer_dir.join(super::ca::ISSUER_KEY_FILE)),
+        ]
+    }
+
+    async fn watch_loop(
+        self: Arc<Self>,
+        watcher: notify::RecommendedWatcher,
+        mut rx: tokio::sync::mpsc::UnboundedReceiver<()>,
+        shutdown: CancellationToken,
+    ) {
+        let _keep_alive = watcher;
+        loop {
+            tokio::select! {
+                _ = shutdown.cancelled() => return,
+                ev = rx.recv() => if ev.is_none() { return },
+            }
+            // Debounce: wait until the files have been quiet for a moment.
+            loop {
+                tokio::select! {
+                    _ = shutdown.cancelled() => return,
+                    _ = tokio::time::sleep(RELOAD_DEBOUNCE) => break,
+                    ev = rx.recv() => if ev.is_none() { return },
+                }
+            }
+            self.reload_logged("file change");
+        }
+    }
+
+    /// Server side of the tunnel: TLS 1.3, ring, mandatory SPIFFE client auth, SVID chosen
+    /// by SNI, ALPN h2.
+    pub fn server_config(self: &Arc<Self>) -> Arc<rustls::ServerConfig> {
+        let verifier = SpiffeClientVerifier::new(self.bundle.clone(), self.allowed.clone());
+        let mut cfg = rustls::ServerConfig::builder_with_provider(super::provider())
+            .with_protocol_versions(&[&rustls::version::TLS13])
+            .expect("the ring provider supports TLS 1.3")
+            .with_client_cert_verifier(verifier)
+            .with_cert_resolver(self.server_cert_resolver());
+        cfg.alpn_protocols = vec![b"h2".to_vec()];
+        Arc::new(cfg)
+    }
+
+    /// Client side of the tunnel from `source` to `expected`: TLS 1.3, ring, the server must
+    /// be exactly `expected`, ALPN h2. Connect with server name `expected.sni()`.
+    pub fn client_config(
+        self: &Arc<Self>,
+        source: SpiffeId,
+        expected: SpiffeId,
+    ) -> Arc<rustls::ClientConfig> {
+        let verifier =
+            SpiffeServerVerifier::new(self.bundle.clone(), self.allowed.clone(), expected);
+        let mut cfg = rustls::ClientConfig::builder_with_provider(super::provider())
+            .with_protocol_versions(&[&rustls::version::TLS13])
+            .expect("the ring provider supports TLS 1.3")
+            .dangerous()
+            .with_custom_certificate_verifier(verifier)
+            .with_client_cert_resolver(self.client_cert_resolver(source));
+        cfg.alpn_protocols = vec![b"h2".to_vec()];
+        Arc::new(cfg)
+    }
+
+    pub fn server_cert_resolver(self: &Arc<Self>) -> Arc<dyn ResolvesServerCert> {
+        Arc::new(ServerResolver(self.clone()))
+    }
+
+    pub fn client_cert_resolver(self: &Arc<Self>, source: SpiffeId) -> Arc<dyn ResolvesClientCert> {
+        Arc::new(ClientResolver {
+            manager: self.clone(),
+            source,
+        })
+    }
+
+    /// Verifies that `issuer` chains to `bundle` by issuing a throwaway SVID and verifying
+    /// it like a peer would.
+    fn check_anchored(bundle: &TrustBundle, issuer: &Issuer) -> Result<(), IdentityError> {
+        let id = issuer.instance_id();
+        let probe = issuer.issue_svid(id, Duration::from_secs(60))?;
+        let td = std::slice::from_ref(id.trust_domain());
+        verify_peer(
+            bundle,
+            td,
+            &probe.chain[0],
+            &probe.chain[1..],
+            UnixTime::now(),
+            Usage::Server,
+        )
+        .map(drop)
+        .map_err(|rejection| IdentityError::IssuerNotTrusted {
+            issuer: id.clone(),
+            rejection: Box::new(rejection),
+        })
+    }
+
+    fn read(&self) -> std::sync::RwLockReadGuard<'_, Table> {
+        // A panic while holding the lock cannot leave the table inconsistent (every write
+        // is a single insert/remove), so poisoning is ignored.
+        self.svids.read().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn write(&self) -> std::sync::RwLockWriteGuard<'_, Table> {
+        self.svids.write().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+fn load_material(cfg: &IdentityConfig) -> Result<(TrustBundle, Issuer), IdentityError> {
+    let bundle = TrustBundle::load(&cfg.bundle)?;
+    let issuer = Issuer::load(&cfg.issuer_dir)?;
+    IdentityManager::check_anchored(&bundle, &issuer)?;
+    Ok((bundle, issuer))
+}
+
+#[derive(Debug)]
+struct ServerResolver(Arc<IdentityManager>);
+
+impl ResolvesServerCert for ServerResolver {
+    /// The SVID whose `sni()` the client asked for; none (handshake fails) otherwise, so a
+    /// node never presents some other task's identity.
+    fn resolve(&self, hello: ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
+        let table = self.0.read();
+        let id = table.by_sni.get(hello.server_name()?)?;
+        table.by_id.get(id).map(|s| s.certified_key())
+    }
+}
+
+#[derive(Debug)]
+struct ClientResolver {
+    manager: Arc<IdentityManager>,
+    source: SpiffeId,
+}
+
+impl ResolvesClientCert for ClientResolver {
+    fn resolve(
+        &self,
+        _root_hint_subjects: &[&[u8]],
+        _sigschemes: &[SignatureScheme],
+    ) -> Option<Arc<CertifiedKey>> {
+        self.manager
+            .current(&self.source)
+            .map(|s| s.certified_key())
+    }
+
+    fn has_certs(&self) -> bool {
+        true
+    }
+}

@@ -1,0 +1,136 @@
+use clap::Parser;
+
+use super::{TempDir, certs, check_with, mode};
+use crate::{
+    ca_cli::{CaCommand, run},
+    identity::{Rejection, TrustBundle, TrustDomain},
+};
+
+#[derive(Parser)]
+struct Cli {
+    #[command(subcommand)]
+    cmd: CaCommand,
+}
+
+fn ca(args: &[&str]) {
+    let cli = Cli::try_parse_from(std::iter::once("ca").chain(args.iter().copied()))
+        .unwrap_or_else(|e| panic!("{args:?}: {e}"));
+    run(cli.cmd).unwrap();
+}
+
+#[test]
+fn cli_drives_the_whole_ca_lifecycle() {
+    let tmp = TempDir::new("cli");
+    let p = |s: &str| tmp.path().join(s).to_str().unwrap().to_owned();
+    ca(&["init", "--trust-domain", "example.org", "--out", &p("ca")]);
+    ca(&[
+        "issue-intermediate",
+        "--ca",
+        &p("ca"),
+        "--instance",
+        "i-7",
+        "--out",
+        &p("node"),
+    ]);
+    ca(&[
+        "issue",
+        "--ca",
+        &p("ca"),
+        "--issuer",
+        &p("node"),
+        "--uri",
+        "spiffe://example.org/ecs/prod/orders",
+        "--out-cert",
+        &p("leaf.pem"),
+        "--out-key",
+        &p("leaf.key"),
+    ]);
+    assert_eq!(mode(&tmp.path().join("leaf.key")), 0o600);
+    assert_eq!(mode(&tmp.path().join("node/issuer.key")), 0o600);
+    let td = [TrustDomain::new("example.org").unwrap()];
+    let bundle = || TrustBundle::load(&tmp.path().join("node/bundle.pem")).unwrap();
+    let leaf = certs(&std::fs::read_to_string(tmp.path().join("leaf.pem")).unwrap());
+    assert_eq!(leaf.len(), 2);
+    assert!(check_with(&bundle(), &td, &leaf).is_ok());
+
+    // Expired, two URIs, self-signed: every flag reaches the certificate.
+    ca(&[
+        "issue",
+        "--ca",
+        &p("ca"),
+        "--issuer",
+        &p("node"),
+        "--uri",
+        "spiffe://example.org/a",
+        "--uri",
+        "spiffe://example.org/b",
+        "--out-cert",
+        &p("two.pem"),
+        "--out-key",
+        &p("two.key"),
+    ]);
+    let two = certs(&std::fs::read_to_string(tmp.path().join("two.pem")).unwrap());
+    assert_eq!(
+        check_with(&bundle(), &td, &two),
+        Err(Rejection::MultipleUriSans(2))
+    );
+    ca(&[
+        "issue",
+        "--ca",
+        &p("ca"),
+        "--issuer",
+        &p("node"),
+        "--uri",
+        "spiffe://example.org/a",
+        "--lifetime-secs",
+        "10",
+        "--not-before-secs-ago",
+        "60",
+        "--out-cert",
+        &p("old.pem"),
+        "--out-key",
+        &p("old.key"),
+    ]);
+    let old = certs(&std::fs::read_to_string(tmp.path().join("old.pem")).unwrap());
+    assert_eq!(check_with(&bundle(), &td, &old), Err(Rejection::Expired));
+    ca(&[
+        "issue",
+        "--ca",
+        &p("ca"),
+        "--self-signed",
+        "--uri",
+        "spiffe://example.org/a",
+        "--out-cert",
+        &p("self.pem"),
+        "--out-key",
+        &p("self.key"),
+    ]);
+    let selfsigned = certs(&std::fs::read_to_string(tmp.path().join("self.pem")).unwrap());
+    assert!(matches!(
+        check_with(&bundle(), &td, &selfsigned),
+        Err(Rejection::UnknownCa(_))
+    ));
+
+    ca(&["rotate", "--ca", &p("ca")]);
+    assert_eq!(bundle().len(), 2);
+    assert!(check_with(&bundle(), &td, &leaf).is_ok());
+    ca(&["retire", "--ca", &p("ca")]);
+    assert_eq!(bundle().len(), 1);
+    assert!(matches!(
+        check_with(&bundle(), &td, &leaf),
+        Err(Rejection::UnknownCa(_))
+    ));
+}
+
+#[test]
+fn cli_init_refuses_a_bad_trust_domain_and_an_existing_ca() {
+    let tmp = TempDir::new("cli-init");
+    let out = tmp.path().join("ca");
+    let cmd = |td: &str| CaCommand::Init {
+        trust_domain: td.into(),
+        out: out.clone(),
+    };
+    assert!(run(cmd("Not A Domain")).is_err());
+    run(cmd("example.org")).unwrap();
+    assert!(run(cmd("example.org")).is_err());
+}

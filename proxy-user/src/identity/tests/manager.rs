@@ -1,0 +1,141 @@
+use std::time::{Duration, Instant};
+
+use tokio_util::sync::CancellationToken;
+
+use super::Pki;
+use crate::identity::{Ca, IdentityConfig, IdentityError, IdentityManager};
+
+const HOUR: Duration = Duration::from_secs(3600);
+
+#[test]
+fn ensure_issues_once_and_remove_forgets() {
+    let pki = Pki::new("example.org");
+    let m = pki.manager(HOUR);
+    let a = pki.id("/ecs/prod/a");
+    let b = pki.id("/ecs/prod/b");
+    assert!(m.current(&a).is_none());
+    let first = m.ensure(&a).unwrap();
+    assert_eq!(m.ensure(&a).unwrap().serial, first.serial);
+    m.ensure(&b).unwrap();
+    assert_eq!(m.identities(), vec![a.clone(), b.clone()]);
+    m.remove(&a);
+    assert!(m.current(&a).is_none());
+    assert_eq!(m.identities(), vec![b]);
+    assert_eq!(m.allowed(), std::slice::from_ref(&pki.td));
+    assert_eq!(m.bundle_handle().load().len(), 1);
+}
+
+#[test]
+fn new_refuses_an_issuer_the_bundle_does_not_anchor() {
+    let pki = Pki::new("example.org");
+    let other = Pki::new("example.org");
+    let err = IdentityManager::new(IdentityConfig {
+        bundle: pki.node.join("bundle.pem"),
+        issuer_dir: other.node.clone(),
+        svid_lifetime: HOUR,
+        allowed_trust_domains: vec![],
+    })
+    .unwrap_err();
+    assert!(
+        matches!(err, IdentityError::IssuerNotTrusted { .. }),
+        "{err}"
+    );
+}
+
+#[test]
+fn refresh_due_reissues_at_half_life() {
+    let pki = Pki::new("example.org");
+    let id = pki.id("/ecs/prod/a");
+    // Long-lived: nothing is due.
+    let long = pki.manager(HOUR);
+    long.ensure(&id).unwrap();
+    assert_eq!(long.refresh_due(), 0);
+
+    let m = pki.manager(Duration::from_secs(2));
+    let before = m.ensure(&id).unwrap();
+    std::thread::sleep(Duration::from_millis(1100));
+    assert_eq!(m.refresh_due(), 1);
+    let after = m.current(&id).unwrap();
+    assert_ne!(after.serial, before.serial);
+    assert!(after.not_after > before.not_after);
+}
+
+#[test]
+fn reload_picks_up_a_rotation_and_keeps_the_old_state_on_errors() {
+    let pki = Pki::new("example.org");
+    let id = pki.id("/ecs/prod/a");
+    let m = pki.manager(HOUR);
+    let before = m.ensure(&id).unwrap();
+
+    let mut ca = Ca::open(&pki.tmp.path().join("ca")).unwrap();
+    ca.rotate().unwrap();
+    m.reload().unwrap();
+    assert_eq!(m.bundle_handle().load().len(), 2);
+    let after = m.current(&id).unwrap();
+    assert_ne!(after.serial, before.serial);
+    assert_eq!(&after.chain[1], pki.issuer().certificate());
+
+    // A broken issuer key: reload fails, nothing changes.
+    std::fs::write(pki.node.join("issuer.key"), "not a key").unwrap();
+    ca.retire().unwrap();
+    assert!(m.reload().is_err());
+    assert_eq!(m.bundle_handle().load().len(), 2);
+    assert_eq!(m.current(&id).unwrap().serial, after.serial);
+}
+
+async fn wait_for(what: &str, mut cond: impl FnMut() -> bool) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !cond() {
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+#[tokio::test]
+async fn background_watcher_reloads_on_file_change() {
+    let pki = Pki::new("example.org");
+    let id = pki.id("/ecs/prod/a");
+    let m = pki.manager(HOUR);
+    let before = m.ensure(&id).unwrap();
+    let shutdown = CancellationToken::new();
+    m.spawn_background(shutdown.clone());
+    // Let the watcher start before the files change.
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let mut ca = Ca::open(&pki.tmp.path().join("ca")).unwrap();
+    ca.rotate().unwrap();
+    wait_for("reload after rotation", || {
+        m.bundle_handle().load().len() == 2
+            && m.current(&id).unwrap().chain[1] == *pki.issuer().certificate()
+    })
+    .await;
+    assert_ne!(m.current(&id).unwrap().serial, before.serial);
+    shutdown.cancel();
+}
+
+#[tokio::test]
+async fn background_refresher_reissues_before_expiry() {
+    let pki = Pki::new("example.org");
+    let id = pki.id("/ecs/prod/a");
+    let m = pki.manager(Duration::from_secs(2));
+    let shutdown = CancellationToken::new();
+    m.spawn_background(shutdown.clone());
+    let first = m.ensure(&id).unwrap();
+    wait_for("refresh", || m.current(&id).unwrap().serial != first.serial).await;
+    shutdown.cancel();
+}
+
+#[tokio::test]
+async fn sighup_reloads() {
+    let pki = Pki::new("example.org");
+    let m = pki.manager(HOUR);
+    // Change the files before anything watches them: only SIGHUP can notice.
+    let mut ca = Ca::open(&pki.tmp.path().join("ca")).unwrap();
+    ca.rotate().unwrap();
+    let shutdown = CancellationToken::new();
+    m.spawn_background(shutdown.clone());
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(m.bundle_handle().load().len(), 1);
+    nix::sys::signal::raise(nix::sys::signal::Signal::SIGHUP).unwrap();
+    wait_for("reload on SIGHUP", || m.bundle_handle().load().len() == 2).await;
+    shutdown.cancel();
+}

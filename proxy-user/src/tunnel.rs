@@ -1,0 +1,67 @@
+//! The mTLS tunnel between node proxies, HBONE-style: TLS 1.3 with workload certificates
+//! on both sides, then one HTTP/2 `CONNECT <endpoint ip:port>` stream per task connection,
+//! many streams per TLS connection.
+mod inbound;
+mod pool;
+
+pub use inbound::Inbound;
+pub use pool::TunnelPool;
+
+use std::io;
+
+/// Limit on the HTTP/2 header block a peer may send (`SETTINGS_MAX_HEADER_LIST_SIZE`): a
+/// CONNECT needs a few hundred bytes; anything much larger is abuse.
+pub const MAX_HEADER_LIST: u32 = 16 * 1024;
+/// A TLS handshake that has not finished by then is dropped (slow or garbage clients).
+pub const HANDSHAKE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+
+#[derive(Debug, thiserror::Error)]
+pub enum TunnelError {
+    #[error("connecting to {addr}: {source}")]
+    Connect {
+        addr: std::net::SocketAddr,
+        source: io::Error,
+    },
+    #[error("TLS handshake with {addr} ({reason}): {source}")]
+    Handshake {
+        addr: std::net::SocketAddr,
+        reason: &'static str,
+        source: io::Error,
+    },
+    #[error("HTTP/2 with {addr}: {source}")]
+    Http {
+        addr: std::net::SocketAddr,
+        source: hyper::Error,
+    },
+    #[error("peer refused CONNECT {target}: {status}")]
+    Refused {
+        target: std::net::SocketAddr,
+        status: http::StatusCode,
+    },
+    #[error("no certificate for {0}")]
+    NoIdentity(String),
+    #[error("invalid SNI for {0}")]
+    Sni(String),
+}
+
+/// The metric label for a failed handshake: our verifier's reason when it was ours.
+pub fn handshake_reason(e: &io::Error) -> &'static str {
+    let Some(tls) = e
+        .get_ref()
+        .and_then(|inner| inner.downcast_ref::<rustls::Error>())
+    else {
+        return if e.kind() == io::ErrorKind::TimedOut {
+            "timeout"
+        } else {
+            "tls_handshake"
+        };
+    };
+    if let Some(rejection) = crate::identity::rejection_of(tls) {
+        return rejection.reason();
+    }
+    match tls {
+        rustls::Error::NoCertificatesPresented => "no_certificate",
+        rustls::Error::InvalidCertificate(_) => "bad_certificate",
+        _ => "tls_handshake",
+    }
+}
