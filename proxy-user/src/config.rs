@@ -89,6 +89,19 @@ pub struct IdentitySettings {
     pub allowed_trust_domains: Vec<TrustDomain>,
 }
 
+/// Where local tasks come from when they are not listed in the config: the ECS agent.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct EcsSettings {
+    pub agent_url: String,
+    /// Docker Engine API socket for container health; no health gating without it.
+    pub docker_socket: Option<PathBuf>,
+    /// Root of the host's cgroup filesystem as mounted in the proxy's container.
+    pub cgroup_root: PathBuf,
+    /// `auto`, `v2` (AL2023) or `v1` (AL2).
+    pub layout: String,
+    pub poll_interval: Duration,
+}
+
 pub const DEFAULT_INBOUND_PORT: u16 = 15008;
 pub const DEFAULT_STREAM_CAP: usize = 100;
 
@@ -120,6 +133,8 @@ pub struct Config {
     /// mTLS identity; without it the proxy forwards plain TCP only.
     pub identity: Option<IdentitySettings>,
     pub authorization: Policy,
+    /// Discover local tasks from the ECS agent (in addition to `tasks`).
+    pub ecs: Option<EcsSettings>,
 }
 
 impl Config {
@@ -177,8 +192,16 @@ impl Config {
     /// Addresses the outbound listener must bind: one per redirect target in use.
     pub fn outbound_listen_addrs(&self) -> Vec<SocketAddr> {
         let mut ips: Vec<IpAddr> = Vec::new();
-        for task in &self.tasks {
-            let wanted: Vec<IpAddr> = match task.network_mode {
+        // Tasks discovered from ECS may use either mode: listen where both reach us.
+        let ecs_modes = self
+            .ecs
+            .as_ref()
+            .map(|_| [NetworkMode::Host, NetworkMode::Bridge])
+            .into_iter()
+            .flatten();
+        let modes = self.tasks.iter().map(|t| t.network_mode).chain(ecs_modes);
+        for mode in modes {
+            let wanted: Vec<IpAddr> = match mode {
                 NetworkMode::Host => vec![Ipv4Addr::LOCALHOST.into(), Ipv6Addr::LOCALHOST.into()],
                 NetworkMode::Bridge => self
                     .bridge_ipv4

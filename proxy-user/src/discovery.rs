@@ -9,6 +9,8 @@ use std::{
 
 use serde::Deserialize;
 
+use crate::types::TaskId;
+
 #[derive(Debug, thiserror::Error)]
 pub enum DiscoveryError {
     #[error("{path}: {source}")]
@@ -37,6 +39,9 @@ pub struct Endpoint {
     pub weight: u32,
     /// The destination instance's proxy inbound (tunnel) address.
     pub tunnel: SocketAddr,
+    /// The ECS task behind the endpoint, when the source knows it (Cloud Map instance ids
+    /// of ECS services are task ids): lets the destination gate on that task's health.
+    pub task: Option<TaskId>,
 }
 
 #[derive(Debug, Default, Clone)]
@@ -70,6 +75,9 @@ struct RawEndpoint {
     /// Tunnel address; defaults to the endpoint IP on the inbound port.
     #[serde(default)]
     tunnel: Option<SocketAddr>,
+    /// ECS task id behind the endpoint (optional).
+    #[serde(default)]
+    task: Option<String>,
 }
 
 impl Discovery {
@@ -114,7 +122,14 @@ impl Discovery {
                         "must be at least 1".into(),
                     ));
                 }
+                let task = ep
+                    .task
+                    .as_deref()
+                    .map(TaskId::new)
+                    .transpose()
+                    .map_err(|e| invalid(format!("{field}.task"), e))?;
                 endpoints.push(Endpoint {
+                    task,
                     service: svc.name.clone(),
                     addr: ep.address,
                     family: ep.family,

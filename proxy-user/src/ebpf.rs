@@ -27,7 +27,7 @@ pub use pins::{PinError, uninstall};
 
 use crate::{
     cgroup,
-    config::{Config, NetworkMode},
+    config::{Config, NetworkMode, TaskConfig},
     types::{self, OrigDst},
 };
 
@@ -136,7 +136,10 @@ pub struct Redirect {
 impl Redirect {
     /// Load, configure and attach. Stale pins from a previous run of the same instance
     /// (after `kill -9`) are removed first, with a warning.
-    pub fn install(config: &Config) -> Result<(Self, OrigDstMap), EbpfError> {
+    pub fn install(
+        config: &Config,
+        initial: &[(u32, &TaskConfig)],
+    ) -> Result<(Self, OrigDstMap, Enroller), EbpfError> {
         pins::ensure_bpffs()?;
         if pins::has_pins(&config.pin_dir) {
             tracing::warn!(pin_dir = %config.pin_dir.display(), "removing pins left by a previous run");
@@ -150,7 +153,26 @@ impl Redirect {
         let proxy_cgroup_id = cgroup::cgroup_id(&cgroup::own_cgroup()?)?;
         write_settings(&mut ebpf, proxy_cgroup_id, config.socket_mark)?;
         write_excludes(&mut ebpf, &config.exclude_cidrs)?;
-        write_enrolled(&mut ebpf, config)?;
+        for name in maps::ALL {
+            let map = ebpf.map(name).ok_or(EbpfError::MissingMap(name))?;
+            map.pin(pins::map_path(&config.pin_dir, name))
+                .map_err(pins::PinError::from)?;
+        }
+        // Tasks known up front are enrolled before anything is attached, so none of their
+        // connections slips past the proxy at start.
+        let enrolled = ebpf
+            .take_map(maps::ENROLLED)
+            .ok_or(EbpfError::MissingMap(maps::ENROLLED))?;
+        let enroller = Enroller {
+            map: Mutex::new(HashMap::try_from(enrolled).map_err(map_err(maps::ENROLLED))?),
+            outbound_port: config.outbound_port,
+            bridge_ipv4: config.bridge_ipv4,
+            bridge_ipv6: config.bridge_ipv6,
+        };
+        for (index, task) in initial {
+            enroller.enrol(*index, task.network_mode, &task.cgroups)?;
+            tracing::info!(task = %task.id, family = %task.family, "task enrolled");
+        }
 
         let cgroup_dir =
             std::fs::File::open(&config.cgroup_root).map_err(|source| cgroup::CgroupError::Io {
@@ -189,11 +211,6 @@ impl Redirect {
         prog.pin(pins::prog_path(&config.pin_dir, progs::SOCKOPS))
             .map_err(pins::PinError::from)?;
 
-        for name in maps::ALL {
-            let map = ebpf.map(name).ok_or(EbpfError::MissingMap(name))?;
-            map.pin(pins::map_path(&config.pin_dir, name))
-                .map_err(pins::PinError::from)?;
-        }
         let orig = ebpf
             .take_map(maps::ORIG_DST)
             .ok_or(EbpfError::MissingMap(maps::ORIG_DST))?;
@@ -217,6 +234,7 @@ impl Redirect {
                 stats,
             },
             orig,
+            enroller,
         ))
     }
 
@@ -326,31 +344,60 @@ fn write_excludes(ebpf: &mut Ebpf, extra: &[IpNet]) -> Result<(), EbpfError> {
     Ok(())
 }
 
-fn write_enrolled(ebpf: &mut Ebpf, config: &Config) -> Result<(), EbpfError> {
-    let map = ebpf
-        .map_mut(maps::ENROLLED)
-        .ok_or(EbpfError::MissingMap(maps::ENROLLED))?;
-    let mut enrolled: HashMap<_, u64, TaskEntry> =
-        HashMap::try_from(map).map_err(map_err(maps::ENROLLED))?;
-    for (index, task) in config.tasks.iter().enumerate() {
-        let (v4, v6) = match task.network_mode {
+/// Writes the `ENROLLED` map: which cgroups belong to which task, and where that task
+/// reaches the proxy. Shared by the static config and ECS discovery.
+pub struct Enroller {
+    map: Mutex<HashMap<MapData, u64, TaskEntry>>,
+    outbound_port: u16,
+    bridge_ipv4: Option<Ipv4Addr>,
+    bridge_ipv6: Option<Ipv6Addr>,
+}
+
+impl Enroller {
+    /// Enrol every container cgroup of one task; returns their cgroup ids.
+    pub fn enrol(
+        &self,
+        task_index: u32,
+        mode: NetworkMode,
+        cgroups: &[PathBuf],
+    ) -> Result<Vec<u64>, EbpfError> {
+        let (v4, v6) = match mode {
             NetworkMode::Host => (Some(Ipv4Addr::LOCALHOST), Some(Ipv6Addr::LOCALHOST)),
-            NetworkMode::Bridge => (config.bridge_ipv4, config.bridge_ipv6),
+            NetworkMode::Bridge => (self.bridge_ipv4, self.bridge_ipv6),
         };
         let entry = TaskEntry {
-            task_index: index as u32,
-            proxy_port: config.outbound_port,
+            task_index,
+            proxy_port: self.outbound_port,
             _pad: 0,
             proxy_v4: v4.map_or(0, types::ipv4_word),
             proxy_v6: v6.map_or([0; 4], types::ipv6_words),
         };
-        for dir in &task.cgroups {
+        let mut map = self.map.lock().unwrap_or_else(|p| p.into_inner());
+        let mut ids = Vec::with_capacity(cgroups.len());
+        for dir in cgroups {
             let id = cgroup::cgroup_id(dir)?;
-            enrolled
-                .insert(id, entry, 0)
-                .map_err(map_err(maps::ENROLLED))?;
-            tracing::info!(task = %task.id, family = %task.family, cgroup = %dir.display(), cgroup_id = id, "task enrolled");
+            map.insert(id, entry, 0).map_err(map_err(maps::ENROLLED))?;
+            tracing::debug!(cgroup = %dir.display(), cgroup_id = id, task_index, "cgroup enrolled");
+            ids.push(id);
+        }
+        Ok(ids)
+    }
+
+    /// Stop redirecting these cgroups (the task stopped).
+    pub fn unenrol(&self, cgroup_ids: &[u64]) {
+        let mut map = self.map.lock().unwrap_or_else(|p| p.into_inner());
+        for id in cgroup_ids {
+            let _ = map.remove(id);
         }
     }
-    Ok(())
+
+    /// Number of enrolled cgroups (tests, metrics).
+    pub fn len(&self) -> usize {
+        let map = self.map.lock().unwrap_or_else(|p| p.into_inner());
+        map.keys().count()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
 }

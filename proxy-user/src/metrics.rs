@@ -2,7 +2,7 @@
 //! existing dashboards translate; every series is labelled by the source ECS task.
 use prometheus_client::{
     encoding::{EncodeLabelSet, text::encode},
-    metrics::{counter::Counter, family::Family},
+    metrics::{counter::Counter, family::Family, gauge::Gauge},
     registry::Registry,
 };
 
@@ -36,8 +36,22 @@ pub struct StreamLabels {
     pub destination_family: String,
 }
 
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct StateLabels {
+    pub state: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ResultLabels {
+    pub result: &'static str,
+}
+
 pub struct Metrics {
     registry: Registry,
+    /// Local ECS tasks by state: `enrolled`, `serving`, `pending`, `not_meshed_awsvpc`.
+    pub ecs_tasks: Family<StateLabels, Gauge>,
+    /// ECS agent polls by result.
+    pub ecs_syncs: Family<ResultLabels, Counter>,
     /// mTLS handshakes completed, per identity pair.
     pub handshakes: Family<HandshakeLabels, Counter>,
     /// Tunnel handshakes and streams refused, by side and reason.
@@ -68,12 +82,20 @@ impl Default for Metrics {
             received: Family::default(),
             failed: Family::default(),
             handshakes: Family::default(),
+            ecs_tasks: Family::default(),
+            ecs_syncs: Family::default(),
             rejected: Family::default(),
             inbound_streams: Family::default(),
             inbound_to_task: Family::default(),
             inbound_from_task: Family::default(),
             registry: Registry::default(),
         };
+        registry.register(
+            "ecs_tasks",
+            "Local ECS tasks by state (enrolled, serving, pending, not_meshed_awsvpc)",
+            m.ecs_tasks.clone(),
+        );
+        registry.register("ecs_sync", "ECS agent polls by result", m.ecs_syncs.clone());
         registry.register(
             "tls_handshakes",
             "mTLS tunnel handshakes completed, per identity pair",

@@ -14,18 +14,12 @@ use crate::{
     ebpf::OrigDstSource,
     identity::{IdentityTemplate, SpiffeId, TemplateVars, TrustDomain},
     metrics::{Metrics, TaskLabels},
+    tasks::{TaskRef, TaskTable},
     tunnel::{TunnelError, TunnelPool},
-    types::{OrigDst, TaskId, normalise},
+    types::{OrigDst, normalise},
 };
 
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
-
-/// What the proxy knows about an enrolled task, indexed by the kernel's `task_index`.
-#[derive(Debug, Clone)]
-pub struct TaskRef {
-    pub id: TaskId,
-    pub identity: Option<SpiffeId>,
-}
 
 /// The identity a meshed endpoint must prove, derived the same way its own node derives it.
 pub struct ExpectedIdentity {
@@ -35,6 +29,19 @@ pub struct ExpectedIdentity {
 }
 
 impl ExpectedIdentity {
+    /// A local task's own identity (no service or role known from the ECS agent).
+    pub fn for_family(&self, family: &str) -> Option<SpiffeId> {
+        self.template
+            .render(&TemplateVars {
+                trust_domain: self.trust_domain.clone(),
+                cluster: self.cluster.clone(),
+                family: family.to_owned(),
+                service: None,
+                task_role: None,
+            })
+            .ok()
+    }
+
     pub fn for_endpoint(&self, ep: &Endpoint) -> Option<SpiffeId> {
         self.template
             .render(&TemplateVars {
@@ -50,14 +57,14 @@ impl ExpectedIdentity {
 
 /// Everything the outbound side needs to send a flow through the mesh.
 pub struct Mesh {
-    pub discovery: Arc<Discovery>,
+    pub discovery: Arc<arc_swap::ArcSwap<Discovery>>,
     pub pool: TunnelPool,
     pub expected: ExpectedIdentity,
 }
 
 pub struct Outbound {
     pub orig_dst: Arc<dyn OrigDstSource>,
-    pub tasks: Arc<Vec<TaskRef>>,
+    pub tasks: Arc<TaskTable>,
     pub metrics: Arc<Metrics>,
     /// SO_MARK for upstream sockets, so the redirect never loops them back to us.
     pub socket_mark: u32,
@@ -94,15 +101,18 @@ impl Outbound {
             tracing::warn!(%peer, "no original destination recorded; closing");
             return;
         };
-        let Some(task) = self.tasks.get(task_index as usize) else {
+        let Some(task) = self.tasks.get(task_index) else {
             self.metrics.fail("unknown_task");
             tracing::warn!(%peer, task_index, "connection from an unknown task index; closing");
             return;
         };
-        let meshed = self
-            .mesh
-            .as_ref()
-            .and_then(|m| m.discovery.endpoint(dst.0).cloned().map(|ep| (m, ep)));
+        let meshed = self.mesh.as_ref().and_then(|m| {
+            m.discovery
+                .load()
+                .endpoint(dst.0)
+                .cloned()
+                .map(|ep| (m, ep))
+        });
         if meshed.is_none() && self.mode == Mode::Strict {
             self.metrics.fail("unknown_destination");
             tracing::warn!(task = %task.id, %dst, "strict mode: destination is not a meshed endpoint; closing");
@@ -112,8 +122,8 @@ impl Outbound {
         self.metrics.opened.get_or_create(&labels).inc();
         let _ = client.set_nodelay(true);
         let result = match meshed {
-            Some((mesh, ep)) => self.tunnel(client, mesh, task, &ep, dst, &labels).await,
-            None => self.forward(client, dst, &labels).await,
+            Some((mesh, ep)) => self.tunnel(client, mesh, &task, &ep, dst, &labels).await,
+            None => self.forward(client, &task, dst, &labels).await,
         };
         self.metrics.closed.get_or_create(&labels).inc();
         match result {
@@ -127,6 +137,7 @@ impl Outbound {
     async fn forward(
         &self,
         client: TcpStream,
+        task: &TaskRef,
         dst: OrigDst,
         labels: &TaskLabels,
     ) -> io::Result<()> {
@@ -146,7 +157,7 @@ impl Outbound {
                 return Err(io::ErrorKind::TimedOut.into());
             }
         };
-        self.copy(client, upstream, labels).await
+        self.copy(client, upstream, task, labels).await
     }
 
     async fn tunnel(
@@ -187,18 +198,28 @@ impl Outbound {
                 return Err(io::ErrorKind::TimedOut.into());
             }
         };
-        let result = self.copy(client, stream, labels).await;
+        let result = self.copy(client, stream, task, labels).await;
         drop(lease);
         result
     }
 
-    async fn copy<U>(&self, client: TcpStream, upstream: U, labels: &TaskLabels) -> io::Result<()>
+    /// Copy until both directions end, or until the task is unenrolled (drained).
+    async fn copy<U>(
+        &self,
+        client: TcpStream,
+        upstream: U,
+        task: &TaskRef,
+        labels: &TaskLabels,
+    ) -> io::Result<()>
     where
         U: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
     {
         let sent = self.metrics.sent.get_or_create(labels).clone();
         let received = self.metrics.received.get_or_create(labels).clone();
-        copy::bidirectional(client, upstream, &sent, &received).await
+        tokio::select! {
+            r = copy::bidirectional(client, upstream, &sent, &received) => r,
+            () = task.drain.cancelled() => Err(io::Error::other("task stopped: connection drained")),
+        }
     }
 }
 

@@ -9,14 +9,17 @@ use std::{
 use tokio::net::{TcpListener, TcpSocket};
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
 
+mod ecs;
+mod mesh;
+
 use crate::{
     admin::{self, AdminState},
     config::Config,
     ebpf::{self, EbpfError, PinError, Redirect},
-    identity::{IdentityConfig, IdentityError, IdentityManager, IdentityTemplate},
+    identity::{IdentityError, IdentityTemplate},
     metrics::Metrics,
-    proxy::{ExpectedIdentity, Mesh, Outbound, TaskRef},
-    tunnel::{Inbound, TunnelPool},
+    proxy::{ExpectedIdentity, Outbound},
+    tasks::{TaskRef, TaskTable},
 };
 
 /// How long open connections may finish after the redirect is detached.
@@ -57,70 +60,17 @@ pub enum RunError {
     Signal(std::io::Error),
     #[error("identity: {0}")]
     Identity(#[from] IdentityError),
+    #[error("ecs: {0}")]
+    Ecs(crate::ecs::EcsError),
 }
 
-/// The mTLS side of the proxy, present when the config has an `[identity]` section.
-struct MeshParts {
-    identities: Arc<IdentityManager>,
-    mesh: Arc<Mesh>,
-    inbound: Arc<Inbound>,
-    listener: TcpListener,
+/// SIGTERM before the proxy became ready: detach and unpin, nothing to drain.
+fn shutdown_now(redirect: Redirect) -> Result<(), RunError> {
+    tracing::info!("SIGTERM before ready: detaching");
+    Ok(redirect.uninstall()?)
 }
 
-/// Load the identity material, issue every local task its certificate, bind the tunnel
-/// listener: all before anything is attached, so a bad CA directory fails the start.
-fn mesh_parts(config: &Config, metrics: &Arc<Metrics>) -> Result<Option<MeshParts>, RunError> {
-    let Some(idn) = &config.identity else {
-        return Ok(None);
-    };
-    let identities = IdentityManager::new(IdentityConfig {
-        bundle: idn.bundle.clone(),
-        issuer_dir: idn.issuer_dir.clone(),
-        svid_lifetime: idn.svid_lifetime,
-        allowed_trust_domains: idn.allowed_trust_domains.clone(),
-    })?;
-    let mut local = std::collections::HashMap::new();
-    for task in &config.tasks {
-        if let Some(id) = &task.identity {
-            let svid = identities.ensure(id)?;
-            tracing::info!(task = %task.id, identity = %id, serial = %svid.serial, "certificate issued");
-            local.insert(id.sni(), (id.clone(), task.family.clone()));
-        }
-    }
-    let discovery = Arc::new(config.discovery.clone());
-    let listener = bind("inbound_addr", config.inbound_addr)?;
-    let mesh = Arc::new(Mesh {
-        discovery: discovery.clone(),
-        pool: TunnelPool::new(
-            identities.clone(),
-            metrics.clone(),
-            config.tunnel_stream_cap,
-            config.socket_mark,
-        ),
-        expected: ExpectedIdentity {
-            template: IdentityTemplate::new(&idn.template)?,
-            trust_domain: idn.trust_domain.clone(),
-            cluster: config.cluster.clone(),
-        },
-    });
-    let inbound = Arc::new(Inbound {
-        identities: identities.clone(),
-        local,
-        discovery,
-        policy: config.authorization.clone(),
-        metrics: metrics.clone(),
-        socket_mark: config.socket_mark,
-        stream_cap: config.tunnel_stream_cap,
-    });
-    Ok(Some(MeshParts {
-        identities,
-        mesh,
-        inbound,
-        listener,
-    }))
-}
-
-fn bind(field: &'static str, addr: SocketAddr) -> Result<TcpListener, RunError> {
+pub(crate) fn bind(field: &'static str, addr: SocketAddr) -> Result<TcpListener, RunError> {
     let err = |source| RunError::Bind {
         field,
         addr,
@@ -157,7 +107,17 @@ pub async fn run(config: Arc<Config>) -> Result<(), RunError> {
     let mut sigterm = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
         .map_err(RunError::Signal)?;
     let metrics = Arc::new(Metrics::default());
-    let mesh = mesh_parts(&config, &metrics)?;
+    // Static tasks get the first indexes; their certificates are issued before ready.
+    let tasks = Arc::new(TaskTable::default());
+    let initial: Vec<(u32, &crate::config::TaskConfig)> = config
+        .tasks
+        .iter()
+        .map(|t| {
+            let task = TaskRef::new(t.id.clone(), t.family.clone(), t.identity.clone(), true);
+            (tasks.insert(task), t)
+        })
+        .collect();
+    let mesh = mesh::parts(&config, &metrics, &tasks)?;
     let shutdown = CancellationToken::new();
     let tracker = TaskTracker::new();
     let state = Arc::new(AdminState {
@@ -171,7 +131,7 @@ pub async fn run(config: Arc<Config>) -> Result<(), RunError> {
         shutdown.clone(),
     ));
 
-    let (redirect, orig_dst) = match Redirect::install(&config) {
+    let (redirect, orig_dst, enroller) = match Redirect::install(&config, &initial) {
         Ok(x) => x,
         Err(e) => {
             // Never leave half an installation behind.
@@ -183,14 +143,21 @@ pub async fn run(config: Arc<Config>) -> Result<(), RunError> {
     };
     let orig_dst = Arc::new(orig_dst);
     tokio::spawn(sweep(orig_dst.clone(), metrics.clone(), shutdown.clone()));
-    let tasks = config.tasks.iter().map(|t| TaskRef {
-        id: t.id.clone(),
-        identity: t.identity.clone(),
-    });
+    let mesh_handles = match (&mesh, &config.identity) {
+        (Some(parts), Some(idn)) => Some((
+            parts.identities.clone(),
+            Arc::new(ExpectedIdentity {
+                template: IdentityTemplate::new(&idn.template)?,
+                trust_domain: idn.trust_domain.clone(),
+                cluster: config.cluster.clone(),
+            }),
+        )),
+        _ => None,
+    };
     let proxy = Arc::new(Outbound {
         orig_dst,
-        tasks: Arc::new(tasks.collect()),
-        metrics,
+        tasks: tasks.clone(),
+        metrics: metrics.clone(),
         socket_mark: config.socket_mark,
         mode: config.mode,
         mesh: mesh.as_ref().map(|m| m.mesh.clone()),
@@ -211,6 +178,36 @@ pub async fn run(config: Arc<Config>) -> Result<(), RunError> {
                 .clone()
                 .serve(listener, shutdown.clone(), tracker.clone()),
         );
+    }
+    if let Some(settings) = &config.ecs {
+        let default_mode = if config.bridge_ipv4.is_some() || config.bridge_ipv6.is_some() {
+            crate::config::NetworkMode::Bridge
+        } else {
+            crate::config::NetworkMode::Host
+        };
+        let identities = mesh_handles.clone();
+        let mut reconciler = ecs::Reconciler::new(
+            settings,
+            default_mode,
+            tasks.clone(),
+            Arc::new(enroller),
+            identities,
+            metrics.clone(),
+        )
+        .map_err(RunError::Ecs)?;
+        // Ready means discovery synced once: wait (bounded by shutdown) for a first
+        // successful poll of the agent.
+        loop {
+            match reconciler.sync().await {
+                Ok(()) => break,
+                Err(e) => tracing::warn!(error = %e, "waiting for the ECS agent"),
+            }
+            tokio::select! {
+                () = tokio::time::sleep(settings.poll_interval) => {}
+                _ = sigterm.recv() => return shutdown_now(redirect),
+            }
+        }
+        tokio::spawn(reconciler.run(settings.poll_interval, shutdown.clone()));
     }
     state.ready.store(true, Ordering::Release);
     tracing::info!(instance = %config.instance, "ready");

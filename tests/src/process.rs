@@ -13,6 +13,9 @@ use std::{
 pub struct Placement {
     pub netns: std::path::PathBuf,
     pub cgroup: std::path::PathBuf,
+    /// Pin the process (and every thread it starts) to this CPU (benchmarks: one CPU per
+    /// simulated host). None: the inherited affinity.
+    pub cpu: Option<usize>,
 }
 
 /// Prepare `cmd` to join the cgroup first, then the netns, between fork and exec. The
@@ -24,10 +27,20 @@ pub fn place(cmd: &mut Command, at: &Placement) {
         .write(true)
         .open(at.cgroup.join("cgroup.procs"))
         .unwrap_or_else(|e| panic!("{}: {e}", at.cgroup.display()));
-    // SAFETY: only async-signal-safe syscalls (write, setns) on fds opened before fork.
+    let cpus = at.cpu.map(|cpu| {
+        let mut set = nix::sched::CpuSet::new();
+        set.set(cpu).unwrap_or_else(|e| panic!("cpu {cpu}: {e}"));
+        set
+    });
+    // SAFETY: only async-signal-safe syscalls (write, setns, sched_setaffinity) on fds and
+    // a CPU set prepared before fork.
     unsafe {
         cmd.pre_exec(move || {
             procs.write_all(b"0")?;
+            if let Some(set) = &cpus {
+                nix::sched::sched_setaffinity(nix::unistd::Pid::from_raw(0), set)
+                    .map_err(std::io::Error::from)?;
+            }
             nix::sched::setns(ns.as_fd(), nix::sched::CloneFlags::CLONE_NEWNET)
                 .map_err(std::io::Error::from)?;
             Ok(())

@@ -41,7 +41,12 @@ pub struct Task {
     /// The task's own address (bridge mode) or the instance address (host mode).
     pub ipv4: Ipv4Addr,
     pub ipv6: Ipv6Addr,
+    /// CPU every process of this task is pinned to (see `World::pin`).
+    pub cpu: Option<usize>,
     netns_path: PathBuf,
+    // Dropped before the netns (field order): servers, then the sidecar.
+    servers: Vec<Proc>,
+    pub sidecar: Option<Sidecar>,
     own_netns: Option<Netns>,
     tools: Tools,
 }
@@ -51,7 +56,57 @@ impl Task {
         Placement {
             netns: self.netns_path.clone(),
             cgroup: self.cgroups[container].clone(),
+            cpu: self.cpu,
         }
+    }
+
+    /// The task's cgroup directory: the parent of its container cgroups.
+    pub fn dir(&self) -> PathBuf {
+        self.cgroups[0]
+            .parent()
+            .expect("container cgroups sit in a task directory")
+            .to_path_buf()
+    }
+
+    /// A place for a helper process beside the containers (a sidecar-like "container"):
+    /// the task's netns, a new cgroup `<task dir>/<name>` that no proxy enrols, the task's CPU.
+    pub fn side_placement(&self, name: &str) -> Placement {
+        let cgroup = self.dir().join(name);
+        std::fs::create_dir_all(&cgroup).expect("mkdir cgroup");
+        Placement {
+            netns: self.netns_path.clone(),
+            cgroup,
+            cpu: self.cpu,
+        }
+    }
+
+    /// A meshtool server (prints READY when listening) in container `container`, kept
+    /// until the task is dropped.
+    pub fn server(&mut self, container: usize, args: &[String]) {
+        let mut cmd = Command::new(&self.tools.meshtool);
+        cmd.args(args);
+        process::place(&mut cmd, &self.placement(container));
+        self.servers.push(process::spawn_ready(cmd, &args[0]));
+    }
+
+    /// The sidecar's /metrics, read inside the task netns.
+    pub fn sidecar_metrics(&self) -> prometheus_parse::Scrape {
+        let ns = self
+            .own_netns
+            .as_ref()
+            .expect("sidecars serve bridge tasks");
+        let (status, body) = ns
+            .http_get(SIDECAR_ADMIN.parse().unwrap(), "/metrics")
+            .expect("GET sidecar /metrics");
+        assert_eq!(status, 200);
+        crate::metrics::parse(&body)
+    }
+
+    pub fn sidecar_log(&self) -> String {
+        self.sidecar
+            .as_ref()
+            .map(|s| std::fs::read_to_string(&s.log).unwrap_or_default())
+            .unwrap_or_default()
     }
 
     pub fn netns(&self) -> Option<&Netns> {
@@ -77,6 +132,21 @@ pub fn client_args(targets: &[SocketAddr], repeat: usize, bytes: usize) -> Vec<S
     args.extend(["--bytes".into(), bytes.to_string()]);
     args.extend(targets.iter().map(|t| t.to_string()));
     args
+}
+
+/// One `[[tasks]]` entry of a proxy config.
+fn task_text(task: &Task, network_mode: &str) -> String {
+    let cgroups: Vec<String> = task
+        .cgroups
+        .iter()
+        .map(|c| format!("\"{}\"", c.display()))
+        .collect();
+    format!(
+        "\n[[tasks]]\nid = \"{}\"\nfamily = \"{}\"\nnetwork_mode = \"{network_mode}\"\ncgroups = [{}]\n",
+        task.id,
+        task.family,
+        cgroups.join(", ")
+    )
 }
 
 pub fn run_client(cmd: Command) -> Vec<ConnReport> {
@@ -108,6 +178,38 @@ pub struct ProxyOptions {
     pub tunnel_stream_cap: Option<usize>,
     /// Authorization allow rules: (source pattern, destination family, port).
     pub allow: Vec<(String, Option<String>, Option<u16>)>,
+    /// Raw TOML appended to the generated config (e.g. an `[ecs]` table).
+    pub extra_toml: String,
+    /// `--workers` (tokio worker threads); the proxy's default when None.
+    pub workers: Option<usize>,
+}
+
+/// Admin and inbound addresses of a sidecar, inside its task's netns.
+pub const SIDECAR_ADMIN: &str = "127.0.0.1:15000";
+pub const SIDECAR_INBOUND: &str = "0.0.0.0:15008";
+pub const TUNNEL_PORT: u16 = 15008;
+
+/// `ecsmesh sidecar` of one bridge-mode task. Drop: SIGTERM, wait, uninstall its pins.
+pub struct Sidecar {
+    pub proc: Proc,
+    pub config: PathBuf,
+    pub log: PathBuf,
+    pub pin_dir: PathBuf,
+    /// `<task dir>/sidecar`: a sibling of the task's container cgroups, not enrolled.
+    pub cgroup: PathBuf,
+    ecsmesh: PathBuf,
+}
+
+impl Drop for Sidecar {
+    fn drop(&mut self) {
+        self.proc.signal(nix::sys::signal::Signal::SIGTERM);
+        let _ = self.proc.wait_timeout(Duration::from_secs(10));
+        let _ = Command::new(&self.ecsmesh)
+            .arg("uninstall")
+            .arg("--pin-dir")
+            .arg(&self.pin_dir)
+            .output();
+    }
 }
 
 /// Identity material of one instance, made by `World::enable_mesh`.
@@ -142,6 +244,8 @@ pub struct Instance {
     pub tasks: Vec<Task>,
     pub proxy: Option<Proxy>,
     pub mesh: Option<InstanceMesh>,
+    /// CPU every process of this instance is pinned to (see `World::pin`).
+    pub cpu: Option<usize>,
     servers: Vec<Proc>,
     workdir: PathBuf,
     tools: Tools,
@@ -156,6 +260,7 @@ impl Instance {
         Placement {
             netns: self.netns.path(),
             cgroup: cg,
+            cpu: self.cpu,
         }
     }
 
@@ -199,6 +304,26 @@ impl Instance {
             .map(|c| format!("\"{c}\""))
             .collect();
         t += &format!("exclude_cidrs = [{}]\n", cidrs.join(", "));
+        t += &self.mesh_text(opts);
+        for (i, task) in self.tasks.iter().enumerate() {
+            if opts.enrol.as_ref().is_some_and(|e| !e.contains(&i)) {
+                continue;
+            }
+            t += &task_text(
+                task,
+                if task.mode == NetworkMode::Host {
+                    "host"
+                } else {
+                    "bridge"
+                },
+            );
+        }
+        t
+    }
+
+    /// The mTLS part of a proxy config (empty without `World::enable_mesh`).
+    fn mesh_text(&self, opts: &ProxyOptions) -> String {
+        let mut t = String::new();
         if let Some(mesh) = &self.mesh {
             t += &format!(
                 "cluster = \"{CLUSTER}\"\ndiscovery_file = \"{}\"\nmode = \"{}\"\n",
@@ -225,28 +350,135 @@ impl Instance {
                 }
             }
         }
-        for (i, task) in self.tasks.iter().enumerate() {
-            if opts.enrol.as_ref().is_some_and(|e| !e.contains(&i)) {
-                continue;
-            }
-            let cgroups: Vec<String> = task
-                .cgroups
-                .iter()
-                .map(|c| format!("\"{}\"", c.display()))
-                .collect();
-            t += &format!(
-                "\n[[tasks]]\nid = \"{}\"\nfamily = \"{}\"\nnetwork_mode = \"{}\"\ncgroups = [{}]\n",
-                task.id,
-                task.family,
-                if task.mode == NetworkMode::Host {
-                    "host"
-                } else {
-                    "bridge"
-                },
-                cgroups.join(", ")
-            );
-        }
+        t += &opts.extra_toml;
         t
+    }
+
+    /// Config of the sidecar of bridge-mode task `task`: exactly that task, in `host` mode
+    /// (the sidecar shares its netns), attached to the task's cgroup directory, with its own
+    /// pin directory and this instance's identity material.
+    pub fn sidecar_config_text(&self, task: usize, opts: &ProxyOptions) -> String {
+        let tk = &self.tasks[task];
+        let mut t = format!(
+            "instance = \"{}-{}\"\npin_dir = \"{}\"\ncgroup_root = \"{}\"\nadmin_addr = \"{SIDECAR_ADMIN}\"\n\
+             outbound_port = {OUTBOUND_PORT}\ninbound_addr = \"{SIDECAR_INBOUND}\"\n",
+            self.name,
+            tk.id,
+            self.sidecar_pin_dir(task).display(),
+            tk.dir().display(),
+        );
+        let cidrs: Vec<String> = opts
+            .exclude_cidrs
+            .iter()
+            .map(|c| format!("\"{c}\""))
+            .collect();
+        t += &format!("exclude_cidrs = [{}]\n", cidrs.join(", "));
+        t += &self.mesh_text(opts);
+        t += &task_text(tk, "host");
+        t
+    }
+
+    fn sidecar_pin_dir(&self, task: usize) -> PathBuf {
+        PathBuf::from(format!("{}-sc{task}", self.pin_dir.display()))
+    }
+
+    /// Start `ecsmesh sidecar` for bridge-mode task `task` and wait until it is ready.
+    pub fn start_sidecar(&mut self, task: usize, opts: &ProxyOptions) {
+        self.spawn_sidecar(task, opts);
+        self.wait_sidecar_ready(task);
+    }
+
+    /// Start the sidecar without waiting (start many, then `wait_sidecar_ready` each).
+    pub fn spawn_sidecar(&mut self, task: usize, opts: &ProxyOptions) {
+        assert!(
+            self.tasks[task].own_netns.is_some(),
+            "sidecars serve bridge-mode tasks (own netns)"
+        );
+        assert!(
+            self.tasks[task].sidecar.is_none(),
+            "sidecar already running"
+        );
+        let text = self.sidecar_config_text(task, opts);
+        let tk = &self.tasks[task];
+        let config = self
+            .workdir
+            .join(format!("{}-{}-sidecar.toml", self.name, tk.id));
+        std::fs::write(&config, text).expect("write sidecar config");
+        let log = self
+            .workdir
+            .join(format!("{}-{}-sidecar.log", self.name, tk.id));
+        let mut cmd = Command::new(&self.tools.ecsmesh);
+        cmd.arg("sidecar")
+            .arg("--config")
+            .arg(&config)
+            .env("RUST_LOG", "info");
+        if let Some(n) = opts.workers {
+            cmd.arg("--workers").arg(n.to_string());
+        }
+        let at = tk.side_placement("sidecar");
+        process::place(&mut cmd, &at);
+        let proc = process::spawn_logged(cmd, "ecsmesh-sidecar", &log);
+        let sidecar = Sidecar {
+            proc,
+            config,
+            log,
+            pin_dir: self.sidecar_pin_dir(task),
+            cgroup: at.cgroup,
+            ecsmesh: self.tools.ecsmesh.clone(),
+        };
+        self.tasks[task].sidecar = Some(sidecar);
+    }
+
+    pub fn wait_sidecar_ready(&mut self, task: usize) {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        let admin: SocketAddr = SIDECAR_ADMIN.parse().unwrap();
+        let tk = &mut self.tasks[task];
+        loop {
+            let ns = tk.own_netns.as_ref().unwrap();
+            if let Ok((200, _)) = ns.http_get(admin, "/ready") {
+                return;
+            }
+            let sc = tk.sidecar.as_mut().expect("sidecar spawned");
+            if let Ok(Some(st)) = sc.proc.child.try_wait() {
+                panic!(
+                    "ecsmesh sidecar exited ({st}) before ready:\n{}",
+                    tk.sidecar_log()
+                );
+            }
+            assert!(
+                Instant::now() < deadline,
+                "ecsmesh sidecar not ready in 30 s:\n{}",
+                tk.sidecar_log()
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// SIGTERM the sidecar of `task`, wait for it and remove its pins.
+    pub fn stop_sidecar(&mut self, task: usize) {
+        drop(self.tasks[task].sidecar.take());
+    }
+
+    /// Pid of the node proxy, if running.
+    pub fn proxy_pid(&self) -> Option<i32> {
+        self.proxy.as_ref().map(|p| p.proc.pid())
+    }
+
+    /// Pids of this instance's mesh processes: the node proxy and every task's sidecar.
+    pub fn mesh_pids(&self) -> Vec<i32> {
+        self.proxy_pid()
+            .into_iter()
+            .chain(
+                self.tasks
+                    .iter()
+                    .filter_map(|t| t.sidecar.as_ref().map(|s| s.proc.pid())),
+            )
+            .collect()
+    }
+
+    /// The node proxy's cgroup when it runs in the default place.
+    pub fn proxy_cgroup(&self) -> PathBuf {
+        self.cgroup_root.join("proxy")
     }
 
     /// Write a config file and return the `ecsmesh run` command, placed in the proxy cgroup.
@@ -268,7 +500,10 @@ impl Instance {
 
     pub fn start_proxy(&mut self, opts: &ProxyOptions) {
         let text = self.config_text(opts);
-        let (cmd, config) = self.proxy_command(&text, opts.cgroup.as_deref());
+        let (mut cmd, config) = self.proxy_command(&text, opts.cgroup.as_deref());
+        if let Some(n) = opts.workers {
+            cmd.arg("--workers").arg(n.to_string());
+        }
         let log = self.workdir.join(format!("{}-proxy.log", self.name));
         let proc = process::spawn_logged(cmd, "ecsmesh", &log);
         self.proxy = Some(Proxy { proc, config, log });
@@ -343,6 +578,27 @@ impl Instance {
 
     pub fn addr6(&self, port: u16) -> SocketAddr {
         SocketAddr::new(IpAddr::V6(self.ipv6), port)
+    }
+
+    /// The node proxy's tunnel (inbound) address.
+    pub fn tunnel_addr(&self) -> SocketAddr {
+        self.addr(TUNNEL_PORT)
+    }
+}
+
+impl Task {
+    /// `port` on the task's own address (bridge mode) or the instance address (host mode).
+    pub fn addr(&self, port: u16) -> SocketAddr {
+        SocketAddr::new(IpAddr::V4(self.ipv4), port)
+    }
+
+    /// The tunnel address of this task's sidecar.
+    pub fn sidecar_tunnel_addr(&self) -> SocketAddr {
+        self.addr(TUNNEL_PORT)
+    }
+
+    pub fn sidecar_pid(&self) -> Option<i32> {
+        self.sidecar.as_ref().map(|s| s.proc.pid())
     }
 }
 
@@ -455,6 +711,7 @@ impl World {
                 tasks: Vec::new(),
                 proxy: None,
                 mesh: None,
+                cpu: None,
                 servers: Vec::new(),
                 workdir: workdir.clone(),
                 tools: tools.clone(),
@@ -522,7 +779,10 @@ impl World {
             cgroups,
             ipv4,
             ipv6,
+            cpu: instance.cpu,
             netns_path,
+            servers: Vec::new(),
+            sidecar: None,
             own_netns,
             tools: self.tools.clone(),
         });
@@ -587,13 +847,42 @@ impl World {
 
     /// Meshed endpoints: (service, address, task family). Tunnel address = endpoint IP.
     pub fn write_discovery(&self, endpoints: &[(&str, SocketAddr, &str)]) {
+        let with: Vec<_> = endpoints
+            .iter()
+            .map(|(s, a, f)| (*s, *a, *f, None))
+            .collect();
+        self.write_discovery_with_tunnels(&with);
+    }
+
+    /// Meshed endpoints with an explicit tunnel address where given: (service, address,
+    /// task family, tunnel). Bridge-mode tasks behind a node proxy are reached through the
+    /// instance address (`Instance::tunnel_addr`), behind a sidecar through the task
+    /// address (`Task::sidecar_tunnel_addr`).
+    pub fn write_discovery_with_tunnels(
+        &self,
+        endpoints: &[(&str, SocketAddr, &str, Option<SocketAddr>)],
+    ) {
         let mut t = String::new();
-        for (service, addr, family) in endpoints {
+        for (service, addr, family, tunnel) in endpoints {
             t += &format!(
-                "[[services]]\nname = \"{service}\"\n[[services.endpoints]]\naddress = \"{addr}\"\nfamily = \"{family}\"\n\n"
+                "[[services]]\nname = \"{service}\"\n[[services.endpoints]]\naddress = \"{addr}\"\nfamily = \"{family}\"\n"
             );
+            if let Some(tunnel) = tunnel {
+                t += &format!("tunnel = \"{tunnel}\"\n");
+            }
+            t += "\n";
         }
         std::fs::write(self.workdir.join("discovery.toml"), t).unwrap();
+    }
+
+    /// Pin every process of instance `inst` (node proxy, servers, tasks and their sidecars,
+    /// started from now on) to `cpu`: one CPU per simulated host.
+    pub fn pin(&mut self, inst: usize, cpu: usize) {
+        let instance = &mut self.instances[inst];
+        instance.cpu = Some(cpu);
+        for t in &mut instance.tasks {
+            t.cpu = Some(cpu);
+        }
     }
 
     /// The identity the harness's template gives a family.

@@ -1,5 +1,6 @@
 //! `cargo xtask setup | build | test | demo`: the project's own automation. Everything the
 //! build and the tests need is installed here, idempotently, from Debian and crates.io.
+mod bench;
 mod build;
 mod demo;
 mod deploy_check;
@@ -33,6 +34,13 @@ enum Cmd {
     Test,
     /// Two simulated container instances, traffic between their tasks, what the proxies saw.
     Demo,
+    /// Node mode vs sidecar mode vs a Debian mTLS sidecar pair vs no mesh: latency, CPU,
+    /// memory, throughput, tasks-per-host sweep; report in target/bench/.
+    Bench {
+        /// Short cells, one round, one rate, a small sweep (the CI smoke run, < 5 min).
+        #[arg(long)]
+        quick: bool,
+    },
     /// Validate deploy/ offline: JSON/YAML, cfn-lint, task definitions against the ECS API
     /// model, IAM policy, systemd unit (installs the Python tools into target/pyenv).
     DeployCheck {
@@ -47,6 +55,7 @@ fn main() -> Result<()> {
         Cmd::Build { release } => build::all(release).map(|_| ()),
         Cmd::Test => test(),
         Cmd::Demo => demo::run(),
+        Cmd::Bench { quick } => bench::run(quick),
         Cmd::DeployCheck { dir } => deploy_check::run(dir),
     }
 }
@@ -91,6 +100,10 @@ fn test() -> Result<()> {
         .args(["test", "--", "--test-threads", "4"])
         .env("ECSMESH_BIN", &built.ecsmesh)
         .env("ECSMESH_EBPF_OBJECT", &built.ebpf_object))?;
+    // The benchmark's smoke run: it completes, its JSON is well formed and every mode
+    // carried traffic without errors.
+    bench::run(true)?;
+    bench::smoke()?;
     println!("xtask test: all checks passed in {:.0?}", started.elapsed());
     Ok(())
 }

@@ -11,6 +11,8 @@ use crate::run as exec;
 
 pub const BPF_RUSTC: &str = "/usr/bin/rustc";
 const RUST_SRC_CORE: &str = "/usr/lib/rustlib/src/rust/library/core";
+pub const STUNNEL: &str = "/usr/bin/stunnel4";
+pub const PLOT_FONT: &str = "/usr/share/fonts/truetype/dejavu/DejaVuSans.ttf";
 
 pub fn on_path(tool: &str) -> bool {
     which(tool).is_some()
@@ -41,6 +43,14 @@ pub fn missing_apt_packages() -> Vec<&'static str> {
     }
     if !on_path("ip") && !Path::new("/usr/sbin/ip").exists() && !Path::new("/sbin/ip").exists() {
         need.push("iproute2");
+    }
+    // `cargo xtask bench`: the outside reference (a pair of mTLS sidecars from Debian) and
+    // the font the plot's text is drawn with.
+    if !Path::new(STUNNEL).exists() {
+        need.push("stunnel4");
+    }
+    if !Path::new(PLOT_FONT).exists() {
+        need.push("fonts-dejavu-core");
     }
     need
 }

@@ -9,7 +9,8 @@ use serde::Deserialize;
 
 use super::{
     Config, DEFAULT_ADMIN_ADDR, DEFAULT_INBOUND_PORT, DEFAULT_OUTBOUND_PORT, DEFAULT_PIN_DIR,
-    DEFAULT_SOCKET_MARK, DEFAULT_STREAM_CAP, IdentitySettings, Mode, NetworkMode, TaskConfig,
+    DEFAULT_SOCKET_MARK, DEFAULT_STREAM_CAP, EcsSettings, IdentitySettings, Mode, NetworkMode,
+    TaskConfig,
 };
 use crate::{
     authz::{AllowRule, Policy},
@@ -55,6 +56,57 @@ pub(super) struct RawConfig {
     identity: Option<RawIdentity>,
     #[serde(default)]
     authorization: RawAuthorization,
+    #[serde(default)]
+    ecs: Option<RawEcs>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawEcs {
+    #[serde(default)]
+    agent_url: Option<String>,
+    #[serde(default)]
+    docker_socket: Option<PathBuf>,
+    cgroup_root: PathBuf,
+    #[serde(default)]
+    layout: Option<String>,
+    #[serde(default)]
+    poll_interval_ms: Option<u64>,
+}
+
+impl RawEcs {
+    fn validate(self) -> Result<EcsSettings, Invalid> {
+        let agent_url = self
+            .agent_url
+            .unwrap_or_else(|| crate::ecs::DEFAULT_AGENT_URL.to_owned());
+        agent_url
+            .parse::<http::Uri>()
+            .map_err(|e| invalid("ecs.agent_url", format!("{agent_url:?}: {e}")))?;
+        if !self.cgroup_root.is_dir() {
+            return Err(invalid(
+                "ecs.cgroup_root",
+                format!("{}: not a directory", self.cgroup_root.display()),
+            ));
+        }
+        let layout = self.layout.unwrap_or_else(|| "auto".to_owned());
+        if !["auto", "v1", "v2"].contains(&layout.as_str()) {
+            return Err(invalid(
+                "ecs.layout",
+                format!("{layout:?}: expected auto, v1 or v2"),
+            ));
+        }
+        let poll = self.poll_interval_ms.unwrap_or(2000);
+        if poll < 100 {
+            return Err(invalid("ecs.poll_interval_ms", "must be at least 100"));
+        }
+        Ok(EcsSettings {
+            agent_url,
+            docker_socket: self.docker_socket,
+            cgroup_root: self.cgroup_root,
+            layout,
+            poll_interval: std::time::Duration::from_millis(poll),
+        })
+    }
 }
 
 #[derive(Debug, Deserialize)]
@@ -124,6 +176,7 @@ impl RawConfig {
         if socket_mark == 0 {
             return Err(invalid("socket_mark", "must not be 0"));
         }
+        let ecs = self.ecs.map(RawEcs::validate).transpose()?;
         let cluster = self.cluster.unwrap_or_else(|| "default".to_owned());
         if cluster.is_empty() {
             return Err(invalid("cluster", "must not be empty"));
@@ -241,6 +294,7 @@ impl RawConfig {
             authorization: Policy {
                 allow: self.authorization.allow,
             },
+            ecs,
         })
     }
 }

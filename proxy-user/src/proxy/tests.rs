@@ -8,6 +8,7 @@ use tokio::{
 };
 
 use super::*;
+use crate::types::TaskId;
 
 #[derive(Default)]
 struct FakeTable(Mutex<HashMap<SocketAddr, (OrigDst, u32)>>);
@@ -37,15 +38,26 @@ async fn reverse_server() -> SocketAddr {
 }
 
 async fn start(table: Arc<FakeTable>) -> (SocketAddr, Arc<Metrics>, CancellationToken) {
+    let (addr, metrics, stop, _) = start_with_tasks(table).await;
+    (addr, metrics, stop)
+}
+
+async fn start_with_tasks(
+    table: Arc<FakeTable>,
+) -> (SocketAddr, Arc<Metrics>, CancellationToken, Arc<TaskTable>) {
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     let metrics = Arc::new(Metrics::default());
+    let tasks = Arc::new(TaskTable::default());
+    tasks.insert(TaskRef::new(
+        TaskId::new("task-a").unwrap(),
+        "web".into(),
+        None,
+        true,
+    ));
     let proxy = Arc::new(Outbound {
         orig_dst: table,
-        tasks: Arc::new(vec![TaskRef {
-            id: TaskId::new("task-a").unwrap(),
-            identity: None,
-        }]),
+        tasks: tasks.clone(),
         metrics: metrics.clone(),
         socket_mark: 0,
         mode: Mode::Permissive,
@@ -53,7 +65,7 @@ async fn start(table: Arc<FakeTable>) -> (SocketAddr, Arc<Metrics>, Cancellation
     });
     let stop = CancellationToken::new();
     tokio::spawn(proxy.serve(listener, stop.clone(), TaskTracker::new()));
-    (addr, metrics, stop)
+    (addr, metrics, stop, tasks)
 }
 
 #[tokio::test]
@@ -138,4 +150,39 @@ async fn refused_upstream_closes_the_client_and_counts() {
         .unwrap();
     assert!(matches!(n, Ok(0) | Err(_)));
     assert!(metrics.encode().contains("reason=\"upstream_connect\"} 1"));
+}
+
+#[tokio::test]
+async fn unenrolling_a_task_drains_its_open_connections() {
+    // An upstream that never answers: the connection stays open until someone closes it.
+    let upstream = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let upstream_addr = upstream.local_addr().unwrap();
+    let held = tokio::spawn(async move { upstream.accept().await.map(|(s, _)| s) });
+    let table = Arc::new(FakeTable::default());
+    let (proxy, metrics, _stop, tasks) = start_with_tasks(table.clone()).await;
+    let client = tokio::net::TcpSocket::new_v4().unwrap();
+    client.bind("127.0.0.1:0".parse().unwrap()).unwrap();
+    table
+        .0
+        .lock()
+        .unwrap()
+        .insert(client.local_addr().unwrap(), (OrigDst(upstream_addr), 0));
+    let mut s = client.connect(proxy).await.unwrap();
+    s.write_all(b"x").await.unwrap();
+    let _upstream_side = held.await.unwrap().unwrap();
+    tasks.remove(0).expect("task enrolled");
+    let mut buf = [0u8; 1];
+    let n = tokio::time::timeout(Duration::from_secs(5), s.read(&mut buf))
+        .await
+        .expect("closed promptly");
+    assert!(
+        matches!(n, Ok(0) | Err(_)),
+        "connection closed by the drain"
+    );
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    assert!(
+        metrics
+            .encode()
+            .contains("ecsmesh_tcp_connections_closed_total{source_task=\"task-a\"} 1")
+    );
 }

@@ -1,8 +1,9 @@
 //! Inbound side (port 15008): verifies the caller's workload certificate, then serves
 //! HTTP/2 CONNECT streams — only to endpoints of tasks enrolled on this instance (never an
 //! open relay) and only where the authorization policy allows.
-use std::{collections::HashMap, convert::Infallible, net::SocketAddr, sync::Arc};
+use std::{convert::Infallible, net::SocketAddr, sync::Arc};
 
+use arc_swap::ArcSwap;
 use bytes::Bytes;
 use http_body_util::Empty;
 use hyper::{Method, Request, Response, StatusCode, body::Incoming, service::service_fn};
@@ -18,15 +19,16 @@ use crate::{
     discovery::Discovery,
     identity::{IdentityManager, SpiffeId, peer_identity},
     metrics::{HandshakeLabels, Metrics, StreamLabels},
+    tasks::TaskTable,
     types::normalise,
 };
 
 pub struct Inbound {
     pub identities: Arc<IdentityManager>,
-    /// Identities of the tasks enrolled here, by the SNI a client uses to ask for them,
-    /// with their family.
-    pub local: HashMap<String, (SpiffeId, String)>,
-    pub discovery: Arc<Discovery>,
+    /// Tasks enrolled here: which identities this instance may present, and whether the
+    /// task behind an endpoint takes new connections.
+    pub tasks: Arc<TaskTable>,
+    pub discovery: Arc<ArcSwap<Discovery>>,
     pub policy: Policy,
     pub metrics: Arc<Metrics>,
     pub socket_mark: u32,
@@ -92,8 +94,7 @@ impl Inbound {
         let source = session.peer_certificates().and_then(peer_identity);
         let served = session
             .server_name()
-            .and_then(|sni| self.local.get(sni))
-            .cloned();
+            .and_then(|sni| self.tasks.family_for_sni(sni));
         let (Some(source), Some((served_id, served_family))) = (source, served) else {
             // Unreachable with our verifier and resolver, but never serve an anonymous peer.
             self.metrics.reject("server", "no_certificate");
@@ -163,8 +164,8 @@ impl Inbound {
         };
         let target = normalise(target);
         let local_ip = normalise(local).ip();
-        let Some(ep) = self
-            .discovery
+        let discovery = self.discovery.load();
+        let Some(ep) = discovery
             .endpoint(target)
             .filter(|ep| normalise(ep.tunnel).ip() == local_ip)
         else {
@@ -176,6 +177,18 @@ impl Inbound {
         if !self.policy.allows(&source, &ep.family, target.port()) {
             return self.deny("authorization_denied", &source, &authority, &ep.family);
         }
+        // Health gate: a task that is starting, unhealthy or stopping takes no new streams.
+        if !self.tasks.serving(&ep.family, ep.task.as_ref()) {
+            self.metrics.reject("server", "not_serving");
+            tracing::info!(source_identity = %source, %target, family = %ep.family, "endpoint not serving (health gate)");
+            return status(StatusCode::SERVICE_UNAVAILABLE);
+        }
+        let drain = ep
+            .task
+            .as_ref()
+            .and_then(|id| self.tasks.find(id))
+            .map(|(_, t)| t.drain.clone())
+            .unwrap_or_default();
         let upstream = match copy::connect_marked(target, self.socket_mark).await {
             Ok(s) => s,
             Err(e) => {
@@ -198,10 +211,12 @@ impl Inbound {
         tokio::spawn(async move {
             match hyper::upgrade::on(req).await {
                 Ok(up) => {
-                    if let Err(e) =
-                        copy::bidirectional(TokioIo::new(up), upstream, &sent, &received).await
-                    {
-                        tracing::debug!(%target, error = %e, "tunnel stream ended with error");
+                    let copy = copy::bidirectional(TokioIo::new(up), upstream, &sent, &received);
+                    tokio::select! {
+                        r = copy => if let Err(e) = r {
+                            tracing::debug!(%target, error = %e, "tunnel stream ended with error");
+                        },
+                        () = drain.cancelled() => tracing::debug!(%target, "task stopped: stream drained"),
                     }
                 }
                 Err(e) => tracing::debug!(%target, error = %e, "CONNECT upgrade failed"),

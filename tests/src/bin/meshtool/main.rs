@@ -5,6 +5,7 @@
 //!
 //! The mTLS probes (`tunnel`, `tls-server`, `raw`) use rustls/h2 directly, independent of
 //! the proxy's own TLS code.
+mod load;
 mod raw;
 mod tls;
 mod tls_server;
@@ -139,6 +140,52 @@ enum Cmd {
         text: Option<String>,
         #[arg(long)]
         hello_then_garbage: bool,
+    },
+    /// HTTP/1.1 server for the benchmark: reads each request, answers `--body-bytes`;
+    /// keep-alive. A connection starting with `BULK` is a byte sink that answers its count.
+    /// Prints READY; exits after `--max-secs`.
+    HttpServer {
+        #[arg(long = "listen", required = true)]
+        listen: Vec<SocketAddr>,
+        #[arg(long, default_value_t = 1024)]
+        body_bytes: usize,
+        #[arg(long, default_value_t = 3600)]
+        max_secs: u64,
+    },
+    /// Open-loop HTTP/1.1 load at a constant rate, latency from each request's due time
+    /// (coordinated-omission corrected). One JSON object on stdout.
+    Load {
+        target: SocketAddr,
+        /// Requests per second (all connections together).
+        #[arg(long)]
+        rate: f64,
+        #[arg(long, default_value_t = 16)]
+        connections: usize,
+        /// Measured window (after the warm-up), at most 10 minutes.
+        #[arg(long, default_value_t = 10_000, value_parser = clap::value_parser!(u64).range(1..=600_000))]
+        duration_ms: u64,
+        #[arg(long, default_value_t = 2_000, value_parser = clap::value_parser!(u64).range(0..=60_000))]
+        warmup_ms: u64,
+        #[arg(long, default_value_t = 1024)]
+        body_bytes: usize,
+        /// A new connection per request (`Connection: close`) instead of keep-alive.
+        #[arg(long)]
+        new_connection: bool,
+        /// Spin (yielding) this long before each due time instead of sleeping.
+        #[arg(long, default_value_t = 100)]
+        spin_us: u64,
+        /// Include every measured latency in the report.
+        #[arg(long)]
+        dump: bool,
+    },
+    /// Single-connection throughput: write for `--seconds` to an `http-server`, report the
+    /// bytes it counted per second.
+    Bulk {
+        target: SocketAddr,
+        #[arg(long, default_value_t = 5.0)]
+        seconds: f64,
+        #[arg(long, default_value_t = 65_536)]
+        chunk: usize,
     },
 }
 
@@ -295,6 +342,46 @@ fn main() {
                 }
             }
         }
+        Cmd::HttpServer {
+            listen,
+            body_bytes,
+            max_secs,
+        } => load::http_server(listen, body_bytes, max_secs),
+        Cmd::Load {
+            target,
+            rate,
+            connections,
+            duration_ms,
+            warmup_ms,
+            body_bytes,
+            new_connection,
+            spin_us,
+            dump,
+        } => {
+            if !(rate > 0.0 && rate <= 1_000_000.0) || !(1..=4096).contains(&connections) {
+                usage_error("--rate must be in (0, 1e6] and --connections in 1..=4096");
+            }
+            let report = load::load(load::LoadArgs {
+                target,
+                rate,
+                connections,
+                duration: Duration::from_millis(duration_ms),
+                warmup: Duration::from_millis(warmup_ms),
+                body_bytes: body_bytes.min(1 << 20),
+                new_connection,
+                spin: Duration::from_micros(spin_us.min(10_000)),
+                dump,
+            });
+            println!("{}", serde_json::to_string(&report).unwrap());
+        }
+        Cmd::Bulk {
+            target,
+            seconds,
+            chunk,
+        } => println!(
+            "{}",
+            serde_json::to_string(&load::bulk(target, seconds, chunk)).unwrap()
+        ),
     }
 }
 

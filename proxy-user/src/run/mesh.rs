@@ -1,0 +1,77 @@
+//! The mTLS side of the proxy, present when the config has an `[identity]` section.
+use std::sync::Arc;
+
+use arc_swap::ArcSwap;
+use tokio::net::TcpListener;
+
+use super::{RunError, bind};
+use crate::{
+    config::Config,
+    identity::{IdentityConfig, IdentityManager, IdentityTemplate},
+    metrics::Metrics,
+    proxy::{ExpectedIdentity, Mesh},
+    tasks::TaskTable,
+    tunnel::{Inbound, TunnelPool},
+};
+
+pub(super) struct MeshParts {
+    pub identities: Arc<IdentityManager>,
+    pub mesh: Arc<Mesh>,
+    pub inbound: Arc<Inbound>,
+    pub listener: TcpListener,
+}
+
+/// Load the identity material, issue every local task its certificate, bind the tunnel
+/// listener: all before anything is attached, so a bad CA directory fails the start.
+pub(super) fn parts(
+    config: &Config,
+    metrics: &Arc<Metrics>,
+    tasks: &Arc<TaskTable>,
+) -> Result<Option<MeshParts>, RunError> {
+    let Some(idn) = &config.identity else {
+        return Ok(None);
+    };
+    let identities = IdentityManager::new(IdentityConfig {
+        bundle: idn.bundle.clone(),
+        issuer_dir: idn.issuer_dir.clone(),
+        svid_lifetime: idn.svid_lifetime,
+        allowed_trust_domains: idn.allowed_trust_domains.clone(),
+    })?;
+    for (_, task) in tasks.all() {
+        if let Some(id) = &task.identity {
+            let svid = identities.ensure(id)?;
+            tracing::info!(task = %task.id, identity = %id, serial = %svid.serial, "certificate issued");
+        }
+    }
+    let discovery = Arc::new(ArcSwap::from_pointee(config.discovery.clone()));
+    let listener = bind("inbound_addr", config.inbound_addr)?;
+    let mesh = Arc::new(Mesh {
+        discovery: discovery.clone(),
+        pool: TunnelPool::new(
+            identities.clone(),
+            metrics.clone(),
+            config.tunnel_stream_cap,
+            config.socket_mark,
+        ),
+        expected: ExpectedIdentity {
+            template: IdentityTemplate::new(&idn.template)?,
+            trust_domain: idn.trust_domain.clone(),
+            cluster: config.cluster.clone(),
+        },
+    });
+    let inbound = Arc::new(Inbound {
+        identities: identities.clone(),
+        tasks: tasks.clone(),
+        discovery,
+        policy: config.authorization.clone(),
+        metrics: metrics.clone(),
+        socket_mark: config.socket_mark,
+        stream_cap: config.tunnel_stream_cap,
+    });
+    Ok(Some(MeshParts {
+        identities,
+        mesh,
+        inbound,
+        listener,
+    }))
+}

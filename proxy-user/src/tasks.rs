@@ -1,0 +1,143 @@
+//! The proxy's table of enrolled tasks. The kernel labels each redirected connection with a
+//! `task_index`; this table turns it back into a task, its identity and its state. Slots
+//! are reused after a task leaves, so indexes stay small and the table bounded.
+use std::sync::{
+    Arc, RwLock,
+    atomic::{AtomicBool, Ordering},
+};
+
+use tokio_util::sync::CancellationToken;
+
+use crate::{identity::SpiffeId, types::TaskId};
+
+#[derive(Debug)]
+pub struct TaskRef {
+    pub id: TaskId,
+    pub family: String,
+    pub identity: Option<SpiffeId>,
+    /// Cancelled when the task stops: its open connections are closed.
+    pub drain: CancellationToken,
+    /// Health gate: whether the task takes new mesh connections.
+    serving: AtomicBool,
+}
+
+impl TaskRef {
+    pub fn new(id: TaskId, family: String, identity: Option<SpiffeId>, serving: bool) -> Self {
+        Self {
+            id,
+            family,
+            identity,
+            drain: CancellationToken::new(),
+            serving: AtomicBool::new(serving),
+        }
+    }
+
+    pub fn serving(&self) -> bool {
+        self.serving.load(Ordering::Acquire)
+    }
+
+    pub fn set_serving(&self, serving: bool) {
+        self.serving.store(serving, Ordering::Release);
+    }
+}
+
+#[derive(Debug, Default)]
+pub struct TaskTable {
+    slots: RwLock<Vec<Option<Arc<TaskRef>>>>,
+}
+
+impl TaskTable {
+    /// Add a task; returns its index (the kernel's `task_index`).
+    pub fn insert(&self, task: TaskRef) -> u32 {
+        let mut slots = self.slots.write().unwrap_or_else(|p| p.into_inner());
+        let task = Some(Arc::new(task));
+        match slots.iter().position(Option::is_none) {
+            Some(i) => {
+                slots[i] = task;
+                i as u32
+            }
+            None => {
+                slots.push(task);
+                (slots.len() - 1) as u32
+            }
+        }
+    }
+
+    pub fn get(&self, index: u32) -> Option<Arc<TaskRef>> {
+        let slots = self.slots.read().unwrap_or_else(|p| p.into_inner());
+        slots.get(index as usize).cloned().flatten()
+    }
+
+    /// Remove a task and close its open connections.
+    pub fn remove(&self, index: u32) -> Option<Arc<TaskRef>> {
+        let mut slots = self.slots.write().unwrap_or_else(|p| p.into_inner());
+        let task = slots.get_mut(index as usize)?.take()?;
+        task.drain.cancel();
+        Some(task)
+    }
+
+    pub fn all(&self) -> Vec<(u32, Arc<TaskRef>)> {
+        let slots = self.slots.read().unwrap_or_else(|p| p.into_inner());
+        slots
+            .iter()
+            .enumerate()
+            .filter_map(|(i, t)| Some((i as u32, t.clone()?)))
+            .collect()
+    }
+
+    pub fn find(&self, id: &TaskId) -> Option<(u32, Arc<TaskRef>)> {
+        self.all().into_iter().find(|(_, t)| &t.id == id)
+    }
+
+    /// The family whose identity hashes to this SNI, if a task of it is enrolled here.
+    pub fn family_for_sni(&self, sni: &str) -> Option<(SpiffeId, String)> {
+        self.all().into_iter().find_map(|(_, t)| {
+            let id = t.identity.as_ref()?;
+            (id.sni() == sni).then(|| (id.clone(), t.family.clone()))
+        })
+    }
+
+    /// Whether some enrolled task of `family` (or exactly `task`, when known) takes new
+    /// connections.
+    pub fn serving(&self, family: &str, task: Option<&TaskId>) -> bool {
+        self.all()
+            .iter()
+            .any(|(_, t)| t.family == family && task.is_none_or(|id| &t.id == id) && t.serving())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn task(id: &str, family: &str) -> TaskRef {
+        TaskRef::new(TaskId::new(id).unwrap(), family.into(), None, true)
+    }
+
+    #[test]
+    fn slots_are_reused_and_removal_drains() {
+        let t = TaskTable::default();
+        assert_eq!(t.insert(task("a", "web")), 0);
+        assert_eq!(t.insert(task("b", "web")), 1);
+        let a = t.remove(0).unwrap();
+        assert!(a.drain.is_cancelled());
+        assert!(t.get(0).is_none());
+        assert_eq!(t.insert(task("c", "api")), 0);
+        assert_eq!(t.get(1).unwrap().id.as_str(), "b");
+    }
+
+    #[test]
+    fn serving_follows_the_gate_of_the_named_task() {
+        let t = TaskTable::default();
+        t.insert(task("a", "web"));
+        t.insert(task("b", "web"));
+        t.get(0).unwrap().set_serving(false);
+        assert!(
+            t.serving("web", None),
+            "a healthy sibling serves the family"
+        );
+        assert!(!t.serving("web", Some(&TaskId::new("a").unwrap())));
+        assert!(t.serving("web", Some(&TaskId::new("b").unwrap())));
+        assert!(!t.serving("api", None));
+    }
+}

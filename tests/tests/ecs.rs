@@ -1,0 +1,356 @@
+//! ECS integration on the harness: a fixture ECS agent (real HTTP inside the instance's
+//! netns) and a fixture Docker Engine API (real HTTP on a Unix socket), serving documents
+//! shaped like the real APIs (built from the fixture files in
+//! proxy-user/tests/fixtures/ecs), drive enrolment, health gating and draining.
+mod common;
+
+use std::{
+    net::SocketAddr,
+    time::{Duration, Instant},
+};
+
+use common::{mesh::TRUST_DOMAIN, *};
+use harness::{
+    NetworkMode::Host,
+    ProxyOptions, World,
+    fixture::HttpFixture,
+    metrics::counter,
+    process,
+    world::{client_args, run_client},
+};
+use serde_json::{Value, json};
+
+fn fixture(name: &str) -> Value {
+    let path = format!(
+        "{}/../proxy-user/tests/fixtures/ecs/{name}",
+        env!("CARGO_MANIFEST_DIR")
+    );
+    serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap()
+}
+
+struct FakeTask {
+    id: &'static str,
+    family: &'static str,
+    desired: &'static str,
+    container: &'static str,
+    /// Docker health status; None = no health check.
+    health: Option<&'static str>,
+    awsvpc: bool,
+}
+
+fn agent_tasks(tasks: &[&FakeTask]) -> String {
+    let template = fixture("agent-tasks.json")["Tasks"][0].clone();
+    let ctemplate = template["Containers"][0].clone();
+    let list: Vec<Value> = tasks
+        .iter()
+        .map(|t| {
+            let mut v = template.clone();
+            v["Arn"] = json!(format!(
+                "arn:aws:ecs:us-east-1:123456789012:task/test/{}",
+                t.id
+            ));
+            v["Family"] = json!(t.family);
+            v["DesiredStatus"] = json!(t.desired);
+            v["KnownStatus"] = json!("RUNNING");
+            let mut c = ctemplate.clone();
+            c["DockerId"] = json!(t.container);
+            c["Name"] = json!("app");
+            c["DockerName"] = json!(format!("ecs-{}-1-app-{}", t.family, &t.container[..8]));
+            if t.awsvpc {
+                c["Networks"] = json!([{ "NetworkMode": "awsvpc", "IPv4Addresses": ["10.0.9.5"] }]);
+            }
+            v["Containers"] = json!([c]);
+            v
+        })
+        .collect();
+    json!({ "Tasks": list }).to_string()
+}
+
+fn docker_inspect(t: &FakeTask) -> String {
+    let mut d = fixture("docker-inspect-host-mode.json");
+    d["Id"] = json!(t.container);
+    match t.health {
+        Some(h) => d["State"]["Health"] = json!({ "Status": h, "FailingStreak": 0, "Log": [] }),
+        None => {
+            d["State"].as_object_mut().unwrap().remove("Health");
+        }
+    }
+    d.to_string()
+}
+
+struct Cluster {
+    w: World,
+    agent: HttpFixture,
+    docker: HttpFixture,
+    eps: [SocketAddr; 3],
+}
+
+const T1: FakeTask = FakeTask {
+    id: "a1a1a1a1a1a1a1a1a1a1a1a1a1a1a1a1",
+    family: "orders",
+    desired: "RUNNING",
+    container: "c1c1c1c1c1c1c1c1c1c1c1c1c1c1c1c1c1c1c1c1c1c1c1c1c1c1c1c1c1c1c1c1",
+    health: Some("healthy"),
+    awsvpc: false,
+};
+const T2: FakeTask = FakeTask {
+    id: "b2b2b2b2b2b2b2b2b2b2b2b2b2b2b2b2",
+    family: "orders",
+    desired: "RUNNING",
+    container: "c2c2c2c2c2c2c2c2c2c2c2c2c2c2c2c2c2c2c2c2c2c2c2c2c2c2c2c2c2c2c2c2",
+    health: Some("unhealthy"),
+    awsvpc: false,
+};
+const T3: FakeTask = FakeTask {
+    id: "c3c3c3c3c3c3c3c3c3c3c3c3c3c3c3c3",
+    family: "billing",
+    desired: "RUNNING",
+    container: "c3c3c3c3c3c3c3c3c3c3c3c3c3c3c3c3c3c3c3c3c3c3c3c3c3c3c3c3c3c3c3c3",
+    health: None,
+    awsvpc: false,
+};
+const T5: FakeTask = FakeTask {
+    id: "e5e5e5e5e5e5e5e5e5e5e5e5e5e5e5e5",
+    family: "vpcapp",
+    desired: "RUNNING",
+    container: "c5c5c5c5c5c5c5c5c5c5c5c5c5c5c5c5c5c5c5c5c5c5c5c5c5c5c5c5c5c5c5c5",
+    health: None,
+    awsvpc: true,
+};
+
+/// Instance 1's tasks come from the fixture agent; instance 0 runs a static client task.
+/// Without `wait_ready` the agent answers 500 until the test changes it.
+fn cluster(initial: &[&FakeTask], wait_ready: bool) -> Cluster {
+    let mut w = World::new(tools(), 2);
+    w.enable_mesh(TRUST_DOMAIN);
+    w.add_task(0, Host, 1);
+    let b = &w.instances[1];
+    let eps = [b.addr(9000), b.addr(9001), b.addr(9002)];
+    let agent = HttpFixture::tcp_in(&b.netns, "127.0.0.1:51678".parse().unwrap());
+    let sock = w.workdir.join("docker-inst1.sock");
+    let docker = HttpFixture::unix(&sock);
+    agent.set(
+        "/v1/metadata",
+        200,
+        fixture("agent-metadata.json").to_string(),
+    );
+    for t in [&T1, &T2, &T3, &T5] {
+        // The agent's cgroup v2 layout on AL2023, below the instance's cgroup root.
+        w.cgroups.dir(&format!(
+            "inst1/ecstasks.slice/ecstasks-{}.slice/docker-{}.scope",
+            t.id, t.container
+        ));
+        docker.set(
+            &format!("/containers/{}/json", t.container),
+            200,
+            docker_inspect(t),
+        );
+    }
+    if wait_ready {
+        agent.set("/v1/tasks", 200, agent_tasks(initial));
+    } else {
+        // The agent is still starting: the proxy must not report ready yet.
+        agent.set("/v1/tasks", 500, "{\"error\":\"agent starting\"}");
+    }
+    // Endpoints name their task (as Cloud Map instance ids of ECS services do).
+    let discovery = w.instances[1].mesh.as_ref().unwrap().discovery.clone();
+    let mut text = String::new();
+    for (ep, t) in eps.iter().zip([&T1, &T2, &T3]) {
+        text += &format!(
+            "[[services]]\nname = \"{}\"\n[[services.endpoints]]\naddress = \"{ep}\"\nfamily = \"{}\"\ntask = \"{}\"\n\n",
+            t.family, t.family, t.id
+        );
+    }
+    std::fs::write(&discovery, text).unwrap();
+    w.instances[1].echo_server(&eps);
+    let extra = format!(
+        "\n[ecs]\ndocker_socket = \"{}\"\ncgroup_root = \"{}\"\nlayout = \"v2\"\npoll_interval_ms = 200\n",
+        sock.display(),
+        w.instances[1].cgroup_root.display()
+    );
+    let opts = ProxyOptions {
+        enrol: Some(vec![]),
+        extra_toml: extra,
+        ..Default::default()
+    };
+    if wait_ready {
+        w.instances[1].start_proxy(&opts);
+    } else {
+        let text = w.instances[1].config_text(&opts);
+        let (cmd, config) = w.instances[1].proxy_command(&text, None);
+        let log = w.workdir.join("inst1-proxy.log");
+        let proc = process::spawn_logged(cmd, "ecsmesh", &log);
+        w.instances[1].proxy = Some(harness::world::Proxy { proc, config, log });
+    }
+    w.instances[0].start_proxy(&ProxyOptions::default());
+    Cluster {
+        w,
+        agent,
+        docker,
+        eps,
+    }
+}
+
+fn identities(c: &Cluster) -> String {
+    let b = &c.w.instances[1];
+    b.netns
+        .http_get(b.admin, "/identities")
+        .map(|r| r.1)
+        .unwrap_or_default()
+}
+
+fn wait_until(what: &str, mut f: impl FnMut() -> bool) {
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while !f() {
+        assert!(Instant::now() < deadline, "timed out waiting for: {what}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+fn connect_ok(c: &Cluster, ep: SocketAddr) -> bool {
+    c.w.instances[0].tasks[0].client(&[ep], 1, 256)[0].ok
+}
+
+#[test]
+fn agent_tasks_are_enrolled_gated_by_health_and_unenrolled_when_gone() {
+    let c = cluster(&[&T1, &T2, &T5], true);
+    let b = &c.w.instances[1];
+    // Healthy task serves; its unhealthy sibling of the same family gets no new connections.
+    assert!(connect_ok(&c, c.eps[0]), "healthy task reachable");
+    assert!(!connect_ok(&c, c.eps[1]), "unhealthy task refused");
+    let mb = b.metrics();
+    assert!(
+        counter(
+            &mb,
+            "ecsmesh_tunnel_rejected_total",
+            &[("reason", "not_serving")]
+        ) >= 1.0
+    );
+    assert_eq!(
+        counter(&mb, "ecsmesh_ecs_tasks", &[("state", "enrolled")]),
+        2.0
+    );
+    assert_eq!(
+        counter(&mb, "ecsmesh_ecs_tasks", &[("state", "serving")]),
+        1.0
+    );
+    assert_eq!(
+        counter(&mb, "ecsmesh_ecs_tasks", &[("state", "not_meshed_awsvpc")]),
+        1.0
+    );
+    assert!(b.proxy_log().contains("awsvpc task: not meshed yet"));
+
+    // Enrolled means redirected: a process in T1's container cgroup goes through the proxy.
+    let t1_cgroup = b.cgroup_root.join(format!(
+        "ecstasks.slice/ecstasks-{}.slice/docker-{}.scope",
+        T1.id, T1.container
+    ));
+    let mut cmd = std::process::Command::new(&tools().meshtool);
+    cmd.args(client_args(&[c.eps[0]], 1, 64));
+    process::place(
+        &mut cmd,
+        &process::Placement {
+            netns: b.netns.path(),
+            cgroup: t1_cgroup,
+            cpu: None,
+        },
+    );
+    let r = run_client(cmd);
+    assert!(r[0].ok, "{r:?}");
+    assert_eq!(
+        r[0].peer,
+        Some("127.0.0.1:15001".parse().unwrap()),
+        "T1's connection redirected: {r:?}"
+    );
+
+    // A task started later: enrolled (certificate issued) and reachable.
+    assert!(!identities(&c).contains("/billing"));
+    c.agent
+        .set("/v1/tasks", 200, agent_tasks(&[&T1, &T2, &T3, &T5]));
+    wait_until("billing certificate issued", || {
+        identities(&c).contains("/billing")
+    });
+    assert!(connect_ok(&c, c.eps[2]), "new task reachable");
+
+    // Unhealthy → healthy: the sibling starts taking connections.
+    let healed = FakeTask {
+        health: Some("healthy"),
+        ..T2
+    };
+    c.docker.set(
+        &format!("/containers/{}/json", T2.container),
+        200,
+        docker_inspect(&healed),
+    );
+    wait_until("healed task serving", || connect_ok(&c, c.eps[1]));
+
+    // The task stops: unenrolled, certificate gone, endpoint refused.
+    c.agent.set("/v1/tasks", 200, agent_tasks(&[&T1, &T2, &T5]));
+    wait_until("billing certificate dropped", || {
+        !identities(&c).contains("/billing")
+    });
+    assert!(!connect_ok(&c, c.eps[2]), "stopped task not reachable");
+    assert!(b.proxy_log().contains("task unenrolled"));
+}
+
+#[test]
+fn a_task_with_desired_status_stopped_drains_its_connections() {
+    let c = cluster(&[&T1], true);
+    // A long-lived connection to T1's endpoint: one ping every 200 ms for up to 12 s.
+    let args: Vec<String> = [
+        "pingpong",
+        &c.eps[0].to_string(),
+        "--count",
+        "60",
+        "--size",
+        "16",
+        "--interval-ms",
+        "200",
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect();
+    let cmd = c.w.instances[0].tasks[0].meshtool(0, &args);
+    let long = std::thread::spawn(move || process::run(cmd));
+    std::thread::sleep(Duration::from_secs(1));
+    let stopping = FakeTask {
+        desired: "STOPPED",
+        ..T1
+    };
+    c.agent.set("/v1/tasks", 200, agent_tasks(&[&stopping]));
+    let started = Instant::now();
+    let out = long.join().unwrap();
+    assert!(
+        !out.status.success(),
+        "the open connection was closed by the drain"
+    );
+    assert!(
+        started.elapsed() < Duration::from_secs(8),
+        "drained promptly, not at the end of the pings"
+    );
+    assert!(
+        !connect_ok(&c, c.eps[0]),
+        "no new connections to a stopping task"
+    );
+    assert!(c.w.instances[1].proxy_log().contains("task unenrolled"));
+}
+
+#[test]
+fn ready_waits_for_the_first_successful_agent_poll() {
+    let c = cluster(&[&T1], false);
+    let b = &c.w.instances[1];
+    std::thread::sleep(Duration::from_secs(2));
+    let (status, _) = b
+        .netns
+        .http_get(b.admin, "/ready")
+        .expect("admin answers while not ready");
+    assert_eq!(status, 503, "not ready while the agent fails");
+    assert_eq!(b.netns.http_get(b.admin, "/live").unwrap().0, 200);
+    c.agent.set("/v1/tasks", 200, agent_tasks(&[&T1]));
+    wait_until("ready after the agent answers", || {
+        b.netns
+            .http_get(b.admin, "/ready")
+            .is_ok_and(|r| r.0 == 200)
+    });
+    assert!(b.proxy_log().contains("waiting for the ECS agent"));
+}
