@@ -17,7 +17,7 @@
 //!   to `data-<endpoint host>` (the data-plane endpoint). Against moto on
 //!   `http://127.0.0.1:PORT` that becomes `data-127.0.0.1`, which does not resolve. This SDK
 //!   version has no `disable_host_prefix` setting (other SDKs' `inject_host_prefix` /
-//!   `disableHostPrefixInjection`), so [`NoHostPrefix`], a client interceptor, removes the
+//!   `disableHostPrefixInjection`), so `NoHostPrefix`, a client interceptor, removes the
 //!   operation's `EndpointPrefix` from the request's config bag before the endpoint is
 //!   applied — only on clients whose config has an endpoint override.
 use std::{
@@ -326,6 +326,7 @@ impl CloudMapSource {
     {
         tokio::spawn(async move {
             let mut last_good: Option<Vec<Endpoint>> = None;
+            let mut failures: u64 = 0;
             let mut ticks = tokio::time::interval(self.config.refresh);
             // After a slow (retrying) refresh, wait a full interval instead of bursting.
             ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -341,6 +342,10 @@ impl CloudMapSource {
                 match result {
                     Ok(snapshot) => {
                         metrics.record_ok(&snapshot);
+                        if failures > 0 {
+                            tracing::info!(failures, "Cloud Map refresh recovered");
+                            failures = 0;
+                        }
                         if last_good.as_ref() != Some(&snapshot.endpoints) {
                             tracing::info!(
                                 namespace = %self.config.namespace,
@@ -355,11 +360,19 @@ impl CloudMapSource {
                     }
                     Err(e) => {
                         metrics.record_error();
-                        tracing::warn!(
-                            error = %e,
-                            kept = last_good.as_ref().map(Vec::len),
-                            "Cloud Map refresh failed; keeping the last good endpoint set"
-                        );
+                        failures += 1;
+                        // An outage fails every interval: warn at its start and then
+                        // every tenth time; the metrics carry the rest.
+                        if failures % 10 == 1 {
+                            tracing::warn!(
+                                error = %e,
+                                failures,
+                                kept = last_good.as_ref().map(Vec::len),
+                                "Cloud Map refresh failed; keeping the last good endpoint set"
+                            );
+                        } else {
+                            tracing::debug!(error = %e, failures, "Cloud Map refresh failed");
+                        }
                     }
                 }
             }

@@ -100,6 +100,10 @@ pub struct EcsSettings {
     /// `auto`, `v2` (AL2023) or `v1` (AL2).
     pub layout: String,
     pub poll_interval: Duration,
+    /// Publish the `ecsmesh.ready` container-instance attribute once ready.
+    pub publish_ready_attribute: bool,
+    pub aws_endpoint: Option<String>,
+    pub region: Option<String>,
 }
 
 pub const DEFAULT_INBOUND_PORT: u16 = 15008;
@@ -135,6 +139,18 @@ pub struct Config {
     pub authorization: Policy,
     /// Discover local tasks from the ECS agent (in addition to `tasks`).
     pub ecs: Option<EcsSettings>,
+    /// Meshed endpoints from AWS Cloud Map (in addition to `discovery_file`).
+    pub cloudmap: Option<CloudMapSettings>,
+}
+
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct CloudMapSettings {
+    pub namespace: String,
+    pub services: Vec<String>,
+    pub refresh: Duration,
+    /// Endpoint override (tests: moto on loopback).
+    pub endpoint: Option<String>,
+    pub region: Option<String>,
 }
 
 impl Config {

@@ -168,6 +168,10 @@ impl Discovery {
         self.by_addr.get(&addr)
     }
 
+    pub fn endpoints(&self) -> impl Iterator<Item = &Endpoint> {
+        self.by_addr.values()
+    }
+
     pub fn service(&self, name: &str) -> &[Endpoint] {
         self.services.get(name).map_or(&[], Vec::as_slice)
     }

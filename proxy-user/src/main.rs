@@ -66,6 +66,9 @@ fn init_logging(format: &str) {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     init_logging(&cli.log_format);
+    // One TLS crypto provider for the whole process (ring), before anything builds a
+    // rustls config: the AWS SDK would otherwise be free to pick another.
+    ecsmesh::aws::install_crypto_provider();
     match dispatch(cli.command) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {

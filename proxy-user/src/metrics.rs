@@ -74,7 +74,16 @@ pub struct Metrics {
 
 impl Default for Metrics {
     fn default() -> Self {
+        Self::with_extra(|_| {})
+    }
+}
+
+impl Metrics {
+    /// The proxy's metrics plus whatever `extra` registers (optional subsystems such as
+    /// Cloud Map bring their own series).
+    pub fn with_extra(extra: impl FnOnce(&mut Registry)) -> Self {
         let mut registry = Registry::with_prefix("ecsmesh");
+        extra(&mut registry);
         let m = Self {
             opened: Family::default(),
             closed: Family::default(),
@@ -148,9 +157,7 @@ impl Default for Metrics {
         );
         Self { registry, ..m }
     }
-}
 
-impl Metrics {
     pub fn task(task: &str) -> TaskLabels {
         TaskLabels {
             source_task: task.to_owned(),

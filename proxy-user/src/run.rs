@@ -9,6 +9,7 @@ use std::{
 use tokio::net::{TcpListener, TcpSocket};
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
 
+mod cloud;
 mod ecs;
 mod mesh;
 
@@ -62,6 +63,8 @@ pub enum RunError {
     Identity(#[from] IdentityError),
     #[error("ecs: {0}")]
     Ecs(crate::ecs::EcsError),
+    #[error("cloudmap: {0}")]
+    CloudMap(crate::cloudmap::CloudMapError),
 }
 
 /// SIGTERM before the proxy became ready: detach and unpin, nothing to drain.
@@ -106,7 +109,12 @@ pub async fn run(config: Arc<Config>) -> Result<(), RunError> {
         .collect::<Result<_, _>>()?;
     let mut sigterm = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
         .map_err(RunError::Signal)?;
-    let metrics = Arc::new(Metrics::default());
+    let cloudmap_metrics = crate::cloudmap::CloudMapMetrics::default();
+    let metrics = Arc::new(Metrics::with_extra(|registry| {
+        if config.cloudmap.is_some() {
+            cloudmap_metrics.register(registry);
+        }
+    }));
     // Static tasks get the first indexes; their certificates are issued before ready.
     let tasks = Arc::new(TaskTable::default());
     let initial: Vec<(u32, &crate::config::TaskConfig)> = config
@@ -154,6 +162,7 @@ pub async fn run(config: Arc<Config>) -> Result<(), RunError> {
         )),
         _ => None,
     };
+    let mesh_discovery = mesh.as_ref().map(|m| m.mesh.discovery.clone());
     let proxy = Arc::new(Outbound {
         orig_dst,
         tasks: tasks.clone(),
@@ -209,7 +218,34 @@ pub async fn run(config: Arc<Config>) -> Result<(), RunError> {
         }
         tokio::spawn(reconciler.run(settings.poll_interval, shutdown.clone()));
     }
+    if let (Some(settings), Some(discovery)) = (&config.cloudmap, mesh_discovery.as_ref()) {
+        let mut synced = cloud::start_cloudmap(
+            settings,
+            config.discovery.clone(),
+            discovery.clone(),
+            config.inbound_addr.port(),
+            cloudmap_metrics.clone(),
+            shutdown.clone(),
+        )
+        .await
+        .map_err(RunError::CloudMap)?;
+        // Ready means discovery synced once.
+        tokio::select! {
+            r = synced.wait_for(|s| *s) => { let _ = r; }
+            _ = sigterm.recv() => return shutdown_now(redirect),
+        }
+    }
     state.ready.store(true, Ordering::Release);
+    let ready_attribute = match config.ecs.as_ref().filter(|e| e.publish_ready_attribute) {
+        Some(settings) => match cloud::ReadyAttribute::publish(settings).await {
+            Ok(a) => Some(a),
+            Err(e) => {
+                tracing::warn!(error = %e, "could not publish ecsmesh.ready; placement constraints will not see this instance");
+                None
+            }
+        },
+        None => None,
+    };
     tracing::info!(instance = %config.instance, "ready");
 
     tokio::select! {
@@ -217,6 +253,9 @@ pub async fn run(config: Arc<Config>) -> Result<(), RunError> {
         _ = tokio::signal::ctrl_c() => tracing::info!("SIGINT: detaching and draining"),
     }
     state.ready.store(false, Ordering::Release);
+    if let Some(attribute) = &ready_attribute {
+        attribute.withdraw().await;
+    }
     let kernel = redirect.kernel_stats();
     let uninstalled = redirect.uninstall();
     tracing::info!(?kernel, "redirect detached");

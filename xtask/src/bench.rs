@@ -59,6 +59,8 @@ pub struct Settings {
     pub cpu_layout: String,
     pub neighbour_limit_cores: f64,
     pub max_retries: usize,
+    /// No cell is measured again after this many seconds (bounds the run time).
+    pub retry_budget_s: u64,
     pub peer: String,
 }
 
@@ -94,6 +96,7 @@ impl Settings {
                 .into(),
             neighbour_limit_cores: NEIGHBOUR_LIMIT,
             max_retries: if full { 2 } else { 1 },
+            retry_budget_s: if full { 16 * 60 } else { 150 },
             peer: format!(
                 "stunnel {} (TLS 1.3, mutual, verifyChain, TCP_NODELAY both sides), one per task",
                 stunnel_version()
@@ -327,7 +330,7 @@ pub fn smoke() -> Result<()> {
         }
         let t = &v["throughput"][mode];
         if t["bytes_per_sec"].as_f64().unwrap_or(0.0) <= 0.0
-            || !t["errors"].as_u64().is_some_and(|e| e == 0)
+            || t["errors"].as_u64().is_none_or(|e| e != 0)
         {
             bail!("report.json: {mode} single-connection throughput failed: {t}");
         }
@@ -367,6 +370,7 @@ struct Bench {
     bulk: Vec<BulkCell>,
     sweep_cells: Vec<SweepCell>,
     marker: String,
+    started: Instant,
 }
 
 impl Drop for Bench {
@@ -404,6 +408,7 @@ impl Bench {
             bulk: Vec::new(),
             sweep_cells: Vec::new(),
             marker,
+            started: Instant::now(),
         };
         b.write_discovery(false);
         b.restart_node_proxies()?;
@@ -421,6 +426,21 @@ impl Bench {
             }
         }
         Ok(b)
+    }
+
+    /// Whether a cell whose neighbours were busy is measured again.
+    fn retry(&self, neighbours: f64, attempts: usize, busiest: Option<String>) -> bool {
+        let again = neighbours > NEIGHBOUR_LIMIT
+            && attempts <= self.s.max_retries
+            && self.started.elapsed() < Duration::from_secs(self.s.retry_budget_s);
+        if again {
+            println!(
+                "    neighbours used {neighbours:.2} cores (busiest: {}): measuring again",
+                busiest.unwrap_or_default()
+            );
+            std::thread::sleep(Duration::from_secs(1));
+        }
+        again
     }
 
     fn proxy_opts(&self) -> ProxyOptions {
@@ -710,12 +730,7 @@ impl Bench {
                 memory.rss_bytes as f64 / 1048576.0,
                 nb
             );
-            if nb > NEIGHBOUR_LIMIT && attempts <= self.s.max_retries {
-                println!(
-                    "    neighbours used {nb:.2} cores (busiest: {}): measuring again",
-                    busiest.unwrap_or_default()
-                );
-                std::thread::sleep(Duration::from_secs(1));
+            if self.retry(nb, attempts, busiest.clone()) {
                 continue;
             }
             self.cells.push(Cell {
@@ -787,11 +802,7 @@ impl Bench {
                         "  bulk {mode:<8} r{round}: {:.0} MB/s, mesh cpu {cpu:.2} cores, neighbours {nb:.2}",
                         bps / 1e6
                     );
-                    if nb > NEIGHBOUR_LIMIT && attempts <= self.s.max_retries {
-                        println!(
-                            "    neighbours used {nb:.2} cores (busiest: {}): measuring again",
-                            busiest.unwrap_or_default()
-                        );
+                    if self.retry(nb, attempts, busiest.clone()) {
                         continue;
                     }
                     self.bulk.push(BulkCell {
@@ -947,11 +958,7 @@ impl Bench {
                 memory.rss_bytes as f64 / 1048576.0,
                 pids.len()
             );
-            if nb > NEIGHBOUR_LIMIT && attempts <= self.s.max_retries {
-                println!(
-                    "    neighbours used {nb:.2} cores (busiest: {}): measuring again",
-                    busiest.unwrap_or_default()
-                );
+            if self.retry(nb, attempts, busiest.clone()) {
                 continue;
             }
             self.sweep_cells.push(SweepCell {

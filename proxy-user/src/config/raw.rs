@@ -8,9 +8,9 @@ use ipnet::IpNet;
 use serde::Deserialize;
 
 use super::{
-    Config, DEFAULT_ADMIN_ADDR, DEFAULT_INBOUND_PORT, DEFAULT_OUTBOUND_PORT, DEFAULT_PIN_DIR,
-    DEFAULT_SOCKET_MARK, DEFAULT_STREAM_CAP, EcsSettings, IdentitySettings, Mode, NetworkMode,
-    TaskConfig,
+    CloudMapSettings, Config, DEFAULT_ADMIN_ADDR, DEFAULT_INBOUND_PORT, DEFAULT_OUTBOUND_PORT,
+    DEFAULT_PIN_DIR, DEFAULT_SOCKET_MARK, DEFAULT_STREAM_CAP, EcsSettings, IdentitySettings, Mode,
+    NetworkMode, TaskConfig,
 };
 use crate::{
     authz::{AllowRule, Policy},
@@ -58,6 +58,8 @@ pub(super) struct RawConfig {
     authorization: RawAuthorization,
     #[serde(default)]
     ecs: Option<RawEcs>,
+    #[serde(default)]
+    cloudmap: Option<RawCloudMap>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -72,6 +74,50 @@ struct RawEcs {
     layout: Option<String>,
     #[serde(default)]
     poll_interval_ms: Option<u64>,
+    #[serde(default)]
+    publish_ready_attribute: bool,
+    #[serde(default)]
+    aws_endpoint: Option<String>,
+    #[serde(default)]
+    region: Option<String>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawCloudMap {
+    namespace: String,
+    services: Vec<String>,
+    #[serde(default)]
+    refresh_ms: Option<u64>,
+    #[serde(default)]
+    endpoint: Option<String>,
+    #[serde(default)]
+    region: Option<String>,
+}
+
+impl RawCloudMap {
+    fn validate(self) -> Result<CloudMapSettings, Invalid> {
+        if self.namespace.is_empty() {
+            return Err(invalid("cloudmap.namespace", "must not be empty"));
+        }
+        if self.services.is_empty() || self.services.iter().any(String::is_empty) {
+            return Err(invalid(
+                "cloudmap.services",
+                "list at least one non-empty service name",
+            ));
+        }
+        let refresh = self.refresh_ms.unwrap_or(10_000);
+        if refresh < 100 {
+            return Err(invalid("cloudmap.refresh_ms", "must be at least 100"));
+        }
+        Ok(CloudMapSettings {
+            namespace: self.namespace,
+            services: self.services,
+            refresh: std::time::Duration::from_millis(refresh),
+            endpoint: self.endpoint,
+            region: self.region,
+        })
+    }
 }
 
 impl RawEcs {
@@ -105,6 +151,9 @@ impl RawEcs {
             cgroup_root: self.cgroup_root,
             layout,
             poll_interval: std::time::Duration::from_millis(poll),
+            publish_ready_attribute: self.publish_ready_attribute,
+            aws_endpoint: self.aws_endpoint,
+            region: self.region,
         })
     }
 }
@@ -177,6 +226,7 @@ impl RawConfig {
             return Err(invalid("socket_mark", "must not be 0"));
         }
         let ecs = self.ecs.map(RawEcs::validate).transpose()?;
+        let cloudmap = self.cloudmap.map(RawCloudMap::validate).transpose()?;
         let cluster = self.cluster.unwrap_or_else(|| "default".to_owned());
         if cluster.is_empty() {
             return Err(invalid("cluster", "must not be empty"));
@@ -205,6 +255,12 @@ impl RawConfig {
         if !discovery.is_empty() && identity.is_none() {
             return Err(invalid(
                 "discovery_file",
+                "meshed endpoints need an [identity] section",
+            ));
+        }
+        if cloudmap.is_some() && identity.is_none() {
+            return Err(invalid(
+                "cloudmap",
                 "meshed endpoints need an [identity] section",
             ));
         }
@@ -295,6 +351,7 @@ impl RawConfig {
                 allow: self.authorization.allow,
             },
             ecs,
+            cloudmap,
         })
     }
 }

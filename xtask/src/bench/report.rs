@@ -445,7 +445,7 @@ fn markdown(
         ("peer reference", s.peer.clone()),
         ("CPU measurement", "cgroup cpu.stat usage_usec of the mesh processes' cgroups over the cell (warm-up included)".into()),
         ("memory", "sum over mesh processes: VmRSS sampled at 80 % of the cell (steady), VmHWM reset at cell start (peak), Pss from smaps_rollup".into()),
-        ("neighbour watch", format!("cell measured again (≤ {} times) when other processes used > {} cores (per-process /proc/<pid>/stat deltas)", s.max_retries, s.neighbour_limit_cores)),
+        ("neighbour watch", format!("cell measured again (≤ {} times, only in the run's first {} s) when other processes used > {} cores (per-process /proc/<pid>/stat deltas)", s.max_retries, s.retry_budget_s, s.neighbour_limit_cores)),
         ("single-connection throughput", format!("one connection writes for {} s, throughput = bytes the server counted / time until its count arrived", s.bulk_secs)),
         ("tasks-per-host sweep", format!("{:?} tasks per host; each client task sends {} req/s over 1 keep-alive connection to its own server task, {} ms measured", s.sweep_tasks, s.sweep_rate_per_task, s.sweep_duration_ms)),
     ];

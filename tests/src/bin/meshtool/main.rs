@@ -358,7 +358,7 @@ fn main() {
             spin_us,
             dump,
         } => {
-            if !(rate > 0.0 && rate <= 1_000_000.0) || !(1..=4096).contains(&connections) {
+            if !(rate > 0.0 && rate <= 1_000_000.0 && (1..=4096).contains(&connections)) {
                 usage_error("--rate must be in (0, 1e6] and --connections in 1..=4096");
             }
             let report = load::load(load::LoadArgs {
