@@ -23,8 +23,8 @@
 use std::{
     collections::HashSet,
     net::{IpAddr, SocketAddr},
-    sync::{Mutex, atomic::AtomicU64},
-    time::{Duration, SystemTime, UNIX_EPOCH},
+    sync::Mutex,
+    time::Duration,
 };
 
 use aws_sdk_servicediscovery::{
@@ -37,15 +37,13 @@ use aws_sdk_servicediscovery::{
     types::{HealthStatus, HealthStatusFilter, HttpInstanceSummary},
 };
 use aws_smithy_runtime_api::{box_error::BoxError, client::endpoint::EndpointPrefix};
-use prometheus_client::{
-    encoding::EncodeLabelSet,
-    metrics::{counter::Counter, family::Family, gauge::Gauge},
-    registry::Registry,
-};
 use tokio::task::{JoinHandle, JoinSet};
 use tokio_util::sync::CancellationToken;
 
 use crate::{discovery::Endpoint, types::TaskId};
+
+mod metrics;
+pub use metrics::{CloudMapMetrics, ReasonLabels, ResultLabels};
 
 /// Instance attribute ECS sets to the task's IPv4 address (host/bridge: the instance's).
 pub const ATTR_IPV4: &str = "AWS_INSTANCE_IPV4";
@@ -98,103 +96,6 @@ pub struct CloudMapConfig {
     pub endpoint: Option<String>,
     /// `None`: the default region chain.
     pub region: Option<String>,
-}
-
-/// Cloud Map refresh metrics; [`CloudMapMetrics::register`] adds them to the proxy registry.
-/// Clones share the same series.
-#[derive(Debug, Clone)]
-pub struct CloudMapMetrics {
-    /// `ecsmesh_cloudmap_refresh_total{result="ok|error"}`.
-    pub refreshes: Family<ResultLabels, Counter>,
-    /// `ecsmesh_cloudmap_endpoints`: endpoints in the set in use (the last good one).
-    pub endpoints: Gauge,
-    /// `ecsmesh_cloudmap_excluded_instances{reason}`: instances of the last good refresh
-    /// that are not endpoints (`unhealthy`, `invalid` attributes).
-    pub excluded: Family<ReasonLabels, Gauge>,
-    /// `ecsmesh_cloudmap_last_success_timestamp_seconds`: alert on `time() - this`.
-    pub last_success: Gauge<f64, AtomicU64>,
-}
-
-#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-pub struct ResultLabels {
-    pub result: &'static str,
-}
-
-#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-pub struct ReasonLabels {
-    pub reason: &'static str,
-}
-
-impl Default for CloudMapMetrics {
-    fn default() -> Self {
-        let m = Self {
-            refreshes: Family::default(),
-            endpoints: Gauge::default(),
-            excluded: Family::default(),
-            last_success: Gauge::default(),
-        };
-        // Both series exist from the start, so `rate(...{result="error"})` is 0, not absent.
-        for result in ["ok", "error"] {
-            let _ = m.refreshes.get_or_create(&ResultLabels { result });
-        }
-        for reason in ["unhealthy", "invalid"] {
-            let _ = m.excluded.get_or_create(&ReasonLabels { reason });
-        }
-        m
-    }
-}
-
-impl CloudMapMetrics {
-    /// Register under `cloudmap_*` in `registry`; with the proxy's registry (prefix
-    /// `ecsmesh`) the names become `ecsmesh_cloudmap_refresh_total` and so on.
-    pub fn register(&self, registry: &mut Registry) {
-        let registry = registry.sub_registry_with_prefix("cloudmap");
-        registry.register(
-            "refresh",
-            "Cloud Map refreshes by result; on error the last good endpoint set stays in use",
-            self.refreshes.clone(),
-        );
-        registry.register(
-            "endpoints",
-            "Endpoints from Cloud Map in the set in use",
-            self.endpoints.clone(),
-        );
-        registry.register(
-            "excluded_instances",
-            "Cloud Map instances of the last good refresh left out, by reason",
-            self.excluded.clone(),
-        );
-        registry.register(
-            "last_success_timestamp_seconds",
-            "Unix time of the last successful Cloud Map refresh",
-            self.last_success.clone(),
-        );
-    }
-
-    fn record_ok(&self, snapshot: &Snapshot) {
-        self.refreshes
-            .get_or_create(&ResultLabels { result: "ok" })
-            .inc();
-        self.endpoints.set(snapshot.endpoints.len() as i64);
-        self.excluded
-            .get_or_create(&ReasonLabels {
-                reason: "unhealthy",
-            })
-            .set(snapshot.unhealthy as i64);
-        self.excluded
-            .get_or_create(&ReasonLabels { reason: "invalid" })
-            .set(snapshot.invalid as i64);
-        let now = SystemTime::now()
-            .duration_since(UNIX_EPOCH)
-            .unwrap_or_default();
-        self.last_success.set(now.as_secs_f64());
-    }
-
-    fn record_error(&self) {
-        self.refreshes
-            .get_or_create(&ResultLabels { result: "error" })
-            .inc();
-    }
 }
 
 /// One successful refresh: the endpoints and what was left out.
@@ -535,176 +436,4 @@ impl Intercept for NoHostPrefix {
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-
-    /// ECS registers tasks under their task id.
-    const TASK: &str = "0123456789abcdef0123456789abcdef";
-
-    fn instance(health: Option<HealthStatus>, attrs: &[(&str, &str)]) -> HttpInstanceSummary {
-        let mut b = HttpInstanceSummary::builder()
-            .instance_id(TASK)
-            .namespace_name("mesh.local")
-            .service_name("orders");
-        if let Some(h) = health {
-            b = b.health_status(h);
-        }
-        for (k, v) in attrs {
-            b = b.attributes(*k, *v);
-        }
-        b.build()
-    }
-
-    const FULL: &[(&str, &str)] = &[
-        (ATTR_IPV4, "10.0.0.2"),
-        (ATTR_PORT, "8080"),
-        (ATTR_FAMILY, "orders-v2"),
-        ("ECS_CLUSTER_NAME", "prod"),
-    ];
-
-    #[test]
-    fn ecs_attributes_map_to_an_endpoint() {
-        for health in [
-            Some(HealthStatus::Healthy),
-            Some(HealthStatus::UnknownValue),
-            None,
-        ] {
-            let m = endpoint_of("orders", &instance(health, FULL), 15008).unwrap();
-            assert_eq!(
-                m.endpoint,
-                Endpoint {
-                    service: "orders".into(),
-                    addr: "10.0.0.2:8080".parse().unwrap(),
-                    family: "orders-v2".into(),
-                    weight: 1,
-                    tunnel: "10.0.0.2:15008".parse().unwrap(),
-                    task: Some(TaskId::new(TASK).unwrap()),
-                }
-            );
-            assert!(m.defaulted.is_empty());
-        }
-    }
-
-    #[test]
-    fn unhealthy_instances_are_excluded() {
-        let e = endpoint_of(
-            "orders",
-            &instance(Some(HealthStatus::Unhealthy), FULL),
-            15008,
-        );
-        assert_eq!(e.err(), Some(Excluded::Unhealthy));
-    }
-
-    #[test]
-    fn family_and_weight_fall_back_with_a_warning() {
-        let m = endpoint_of(
-            "orders",
-            &instance(
-                None,
-                &[
-                    (ATTR_IPV4, "10.0.0.2"),
-                    (ATTR_PORT, "8080"),
-                    (ATTR_WEIGHT, "0"),
-                ],
-            ),
-            15008,
-        )
-        .unwrap();
-        assert_eq!(
-            (m.endpoint.family.as_str(), m.endpoint.weight),
-            ("orders", 1)
-        );
-        assert_eq!(m.endpoint.task, None, "not registered by ECS");
-        assert_eq!(m.defaulted.len(), 2, "{:?}", m.defaulted);
-        let m = endpoint_of(
-            "orders",
-            &instance(
-                None,
-                &[
-                    (ATTR_IPV6, "fd00::2"),
-                    (ATTR_PORT, "80"),
-                    (ATTR_WEIGHT, "5"),
-                ],
-            ),
-            15008,
-        )
-        .unwrap();
-        assert_eq!(m.endpoint.addr, "[fd00::2]:80".parse().unwrap());
-        assert_eq!(m.endpoint.tunnel, "[fd00::2]:15008".parse().unwrap());
-        assert_eq!(m.endpoint.weight, 5);
-    }
-
-    #[test]
-    fn instances_without_address_or_port_are_skipped() {
-        for attrs in [
-            &[(ATTR_PORT, "8080")][..],
-            &[(ATTR_IPV4, "10.0.0.2")],
-            &[(ATTR_IPV4, "10.0.0.300"), (ATTR_PORT, "8080")],
-            &[(ATTR_IPV4, "10.0.0.2"), (ATTR_PORT, "0")],
-            &[(ATTR_IPV4, "10.0.0.2"), (ATTR_PORT, "http")],
-        ] {
-            match endpoint_of("orders", &instance(None, attrs), 15008) {
-                Err(Excluded::Invalid(why)) => {
-                    assert!(why.contains(&format!("orders/{TASK}")), "{why}")
-                }
-                other => panic!("{attrs:?}: {:?}", other.map(|m| m.endpoint)),
-            }
-        }
-    }
-
-    #[test]
-    fn config_is_checked() {
-        let good = CloudMapConfig {
-            namespace: "mesh.local".into(),
-            services: vec!["orders".into()],
-            refresh: Duration::from_secs(5),
-            endpoint: None,
-            region: None,
-        };
-        assert!(check_config(&good).is_ok());
-        for bad in [
-            CloudMapConfig {
-                namespace: String::new(),
-                ..good.clone()
-            },
-            CloudMapConfig {
-                services: vec![],
-                ..good.clone()
-            },
-            CloudMapConfig {
-                services: vec![String::new()],
-                ..good.clone()
-            },
-            CloudMapConfig {
-                refresh: Duration::ZERO,
-                ..good.clone()
-            },
-        ] {
-            assert!(check_config(&bad).is_err(), "{bad:?}");
-        }
-    }
-
-    #[test]
-    fn metrics_have_the_documented_names() {
-        let metrics = CloudMapMetrics::default();
-        let mut registry = Registry::with_prefix("ecsmesh");
-        metrics.register(&mut registry);
-        metrics.record_ok(&Snapshot {
-            endpoints: vec![],
-            unhealthy: 2,
-            invalid: 0,
-        });
-        metrics.record_error();
-        let mut text = String::new();
-        prometheus_client::encoding::text::encode(&mut text, &registry).unwrap();
-        for line in [
-            "ecsmesh_cloudmap_refresh_total{result=\"ok\"} 1",
-            "ecsmesh_cloudmap_refresh_total{result=\"error\"} 1",
-            "ecsmesh_cloudmap_endpoints 0",
-            "ecsmesh_cloudmap_excluded_instances{reason=\"unhealthy\"} 2",
-            "ecsmesh_cloudmap_last_success_timestamp_seconds ",
-        ] {
-            assert!(text.contains(line), "{line} missing in\n{text}");
-        }
-    }
-}
+mod tests;
