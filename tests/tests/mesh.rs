@@ -82,18 +82,7 @@ fn tunnel_carries_bytes_intact_and_the_wire_never_shows_plaintext() {
 #[test]
 fn a_valid_probe_is_accepted_so_the_rejection_tests_mean_something() {
     let m = mesh(ProxyOptions::default(), ProxyOptions::default());
-    let good = issue(
-        &m.w,
-        "good",
-        &[
-            "--ca",
-            &m.w.ca_dir().display().to_string(),
-            "--issuer",
-            &issuer_a(&m),
-            "--uri",
-            &m.w.identity(&m.fam_a),
-        ],
-    );
+    let good = valid_client_cert(&m);
     let p = probe(&m, Some(&good), m.ep);
     assert_eq!(p["echo_ok"], true, "{p}");
 }
@@ -210,18 +199,7 @@ fn no_client_cert_is_rejected() {
 #[test]
 fn connect_target_not_on_that_instance_is_refused() {
     let m = mesh(ProxyOptions::default(), ProxyOptions::default());
-    let good = issue(
-        &m.w,
-        "good",
-        &[
-            "--ca",
-            &m.w.ca_dir().display().to_string(),
-            "--issuer",
-            &issuer_a(&m),
-            "--uri",
-            &m.w.identity(&m.fam_a),
-        ],
-    );
+    let good = valid_client_cert(&m);
     // A meshed endpoint, but on instance 0: instance 1 is not an open relay.
     let p = probe(&m, Some(&good), m.w.instances[0].addr(9000));
     assert_eq!(p["statuses"][0], 403, "{p}");

@@ -103,18 +103,7 @@ fn hostile_input_on_the_tunnel_port_leaves_the_proxy_serving() {
     );
 
     // A verified client that floods CONNECT streams or sends oversized headers.
-    let good = issue(
-        &m.w,
-        "good",
-        &[
-            "--ca",
-            &m.w.ca_dir().display().to_string(),
-            "--issuer",
-            &issuer_a(&m),
-            "--uri",
-            &m.w.identity(&m.fam_a),
-        ],
-    );
+    let good = valid_client_cert(&m);
     let (c, k) = (good.0.display().to_string(), good.1.display().to_string());
     let sni = sni_for(&m.w.identity(&m.fam_b));
     let target = m.ep.to_string();

@@ -123,6 +123,24 @@ pub fn assert_rejected(m: &Mesh, probe: &serde_json::Value, reason: &str) {
     );
 }
 
+/// A client certificate instance 0's node proxy could have issued to its task: the
+/// control that makes each rejection test mean something.
+pub fn valid_client_cert(m: &Mesh) -> (PathBuf, PathBuf) {
+    let (ca, issuer) = (m.w.ca_dir().display().to_string(), issuer_a(m));
+    issue(
+        &m.w,
+        "good",
+        &[
+            "--ca",
+            &ca,
+            "--issuer",
+            &issuer,
+            "--uri",
+            &m.w.identity(&m.fam_a),
+        ],
+    )
+}
+
 pub fn issuer_a(m: &Mesh) -> String {
     m.w.instances[0]
         .mesh
