@@ -361,7 +361,7 @@ struct Bench {
     w: World,
     s: Settings,
     pairs: Vec<Pair>,
-    /// (mode, host, process) of the stunnel pair, killed on drop.
+    /// The stunnel pair (server side, client side), killed on drop.
     peers: Vec<process::Proc>,
     peer_cgroups: Vec<PathBuf>,
     /// Sweep tasks by index on each instance (same index on both).
@@ -490,7 +490,8 @@ impl Bench {
         self.w.write_discovery_with_tunnels(&refs);
     }
 
-    /// (Re)start both node proxies, enrolling the node pair and `extra` sweep tasks.
+    /// (Re)start both node proxies, enrolling the node pair and, with `sweep`, the
+    /// current sweep tasks.
     fn restart_node_proxies_with(&mut self, sweep: bool) -> Result<()> {
         for i in 0..2 {
             if self.w.instances[i].proxy.is_some() {

@@ -75,6 +75,10 @@ impl Inbound {
         peer: SocketAddr,
         shutdown: CancellationToken,
     ) {
+        // Without TCP_NODELAY, Nagle holds a small TLS record until the previous one is
+        // acknowledged — and the peer delays that ACK until it has something to send, so
+        // each response waited for the next request on the connection.
+        let _ = tcp.set_nodelay(true);
         let Ok(local) = tcp.local_addr() else { return };
         let tls = match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
             Ok(Ok(tls)) => tls,

@@ -305,7 +305,8 @@ fn targets(
 
 fn miss_by(excess: f64, unit: &str) -> String {
     if excess > 0.0 {
-        format!("missed by {excess:.2} {unit}")
+        let digits = if excess >= 10.0 { 0 } else { 2 };
+        format!("missed by {excess:.digits$} {unit}")
     } else {
         String::new()
     }
