@@ -31,24 +31,20 @@ pub struct ExpectedIdentity {
 impl ExpectedIdentity {
     /// A local task's own identity (no service or role known from the ECS agent).
     pub fn for_family(&self, family: &str) -> Option<SpiffeId> {
+        self.render(family, None)
+    }
+
+    pub fn for_endpoint(&self, ep: &Endpoint) -> Option<SpiffeId> {
+        self.render(&ep.family, Some(&ep.service))
+    }
+
+    fn render(&self, family: &str, service: Option<&str>) -> Option<SpiffeId> {
         self.template
             .render(&TemplateVars {
                 trust_domain: self.trust_domain.clone(),
                 cluster: self.cluster.clone(),
                 family: family.to_owned(),
-                service: None,
-                task_role: None,
-            })
-            .ok()
-    }
-
-    pub fn for_endpoint(&self, ep: &Endpoint) -> Option<SpiffeId> {
-        self.template
-            .render(&TemplateVars {
-                trust_domain: self.trust_domain.clone(),
-                cluster: self.cluster.clone(),
-                family: ep.family.clone(),
-                service: Some(ep.service.clone()),
+                service: service.map(str::to_owned),
                 task_role: None,
             })
             .ok()
@@ -59,7 +55,7 @@ impl ExpectedIdentity {
 pub struct Mesh {
     pub discovery: Arc<arc_swap::ArcSwap<Discovery>>,
     pub pool: TunnelPool,
-    pub expected: ExpectedIdentity,
+    pub expected: Arc<ExpectedIdentity>,
 }
 
 pub struct Outbound {

@@ -17,9 +17,9 @@ use crate::{
     admin::{self, AdminState},
     config::Config,
     ebpf::{self, EbpfError, PinError, Redirect},
-    identity::{IdentityError, IdentityTemplate},
+    identity::IdentityError,
     metrics::Metrics,
-    proxy::{ExpectedIdentity, Outbound},
+    proxy::Outbound,
     tasks::{TaskRef, TaskTable},
 };
 
@@ -151,17 +151,9 @@ pub async fn run(config: Arc<Config>) -> Result<(), RunError> {
     };
     let orig_dst = Arc::new(orig_dst);
     tokio::spawn(sweep(orig_dst.clone(), metrics.clone(), shutdown.clone()));
-    let mesh_handles = match (&mesh, &config.identity) {
-        (Some(parts), Some(idn)) => Some((
-            parts.identities.clone(),
-            Arc::new(ExpectedIdentity {
-                template: IdentityTemplate::new(&idn.template)?,
-                trust_domain: idn.trust_domain.clone(),
-                cluster: config.cluster.clone(),
-            }),
-        )),
-        _ => None,
-    };
+    let mesh_handles = mesh
+        .as_ref()
+        .map(|parts| (parts.identities.clone(), parts.mesh.expected.clone()));
     let mesh_discovery = mesh.as_ref().map(|m| m.mesh.discovery.clone());
     let proxy = Arc::new(Outbound {
         orig_dst,

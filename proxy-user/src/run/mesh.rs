@@ -53,11 +53,11 @@ pub(super) fn parts(
             config.tunnel_stream_cap,
             config.socket_mark,
         ),
-        expected: ExpectedIdentity {
+        expected: Arc::new(ExpectedIdentity {
             template: IdentityTemplate::new(&idn.template)?,
             trust_domain: idn.trust_domain.clone(),
             cluster: config.cluster.clone(),
-        },
+        }),
     });
     let inbound = Arc::new(Inbound {
         identities: identities.clone(),
