@@ -1,0 +1,98 @@
+//! Identity material and discovery for meshed worlds.
+use super::*;
+
+impl World {
+    /// `ecsmesh ca ...`; panics with its output when it fails.
+    pub fn ca(&self, args: &[&str]) -> String {
+        let out = Command::new(&self.tools.ecsmesh)
+            .arg("ca")
+            .args(args)
+            .output()
+            .expect("ecsmesh ca");
+        assert!(
+            out.status.success(),
+            "ecsmesh ca {}: {}{}",
+            args.join(" "),
+            String::from_utf8_lossy(&out.stderr),
+            String::from_utf8_lossy(&out.stdout)
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
+    pub fn ca_dir(&self) -> PathBuf {
+        self.workdir.join("ca")
+    }
+
+    /// A CA for `trust_domain` and one issuer per instance; every proxy started afterwards
+    /// runs with mTLS. Discovery starts empty: see `write_discovery`.
+    pub fn enable_mesh(&mut self, trust_domain: &str) {
+        let ca = self.ca_dir();
+        self.ca(&[
+            "init",
+            "--trust-domain",
+            trust_domain,
+            "--out",
+            &ca.display().to_string(),
+        ]);
+        let discovery = self.workdir.join("discovery.toml");
+        std::fs::write(&discovery, "").unwrap();
+        for i in 0..self.instances.len() {
+            let name = self.instances[i].name.clone();
+            let issuer_dir = self.workdir.join(format!("issuer-{name}"));
+            self.ca(&[
+                "issue-intermediate",
+                "--ca",
+                &ca.display().to_string(),
+                "--instance",
+                &name,
+                "--out",
+                &issuer_dir.display().to_string(),
+            ]);
+            self.instances[i].mesh = Some(InstanceMesh {
+                trust_domain: trust_domain.to_owned(),
+                issuer_dir,
+                discovery: discovery.clone(),
+            });
+        }
+    }
+
+    /// Meshed endpoints: (service, address, task family). Tunnel address = endpoint IP.
+    pub fn write_discovery(&self, endpoints: &[(&str, SocketAddr, &str)]) {
+        let with: Vec<_> = endpoints
+            .iter()
+            .map(|(s, a, f)| (*s, *a, *f, None))
+            .collect();
+        self.write_discovery_with_tunnels(&with);
+    }
+
+    /// Meshed endpoints with an explicit tunnel address where given: (service, address,
+    /// task family, tunnel). Bridge-mode tasks behind a node proxy are reached through the
+    /// instance address (`Instance::tunnel_addr`), behind a sidecar through the task
+    /// address (`Task::sidecar_tunnel_addr`).
+    pub fn write_discovery_with_tunnels(
+        &self,
+        endpoints: &[(&str, SocketAddr, &str, Option<SocketAddr>)],
+    ) {
+        let mut t = String::new();
+        for (service, addr, family, tunnel) in endpoints {
+            t += &format!(
+                "[[services]]\nname = \"{service}\"\n[[services.endpoints]]\naddress = \"{addr}\"\nfamily = \"{family}\"\n"
+            );
+            if let Some(tunnel) = tunnel {
+                t += &format!("tunnel = \"{tunnel}\"\n");
+            }
+            t += "\n";
+        }
+        std::fs::write(self.workdir.join("discovery.toml"), t).unwrap();
+    }
+
+    /// The identity the harness's template gives a family.
+    pub fn identity(&self, family: &str) -> String {
+        let td = &self.instances[0]
+            .mesh
+            .as_ref()
+            .expect("enable_mesh first")
+            .trust_domain;
+        format!("spiffe://{td}/ecs/{CLUSTER}/{family}")
+    }
+}
