@@ -24,6 +24,27 @@ fn attempts(w: &World, inst: usize, task: usize, target: std::net::SocketAddr, n
     v["connected"].as_u64().unwrap()
 }
 
+/// `ecsmesh uninstall --pin-dir`, which must succeed.
+fn uninstall(pin_dir: &std::path::Path) {
+    let out = Command::new(&tools().ecsmesh)
+        .arg("uninstall")
+        .arg("--pin-dir")
+        .arg(pin_dir)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// Crash the instance's proxy: pins and links stay behind.
+fn kill_9(instance: &mut harness::Instance) {
+    let proxy = instance.proxy.take().expect("proxy running");
+    proxy.proc.signal(nix::sys::signal::Signal::SIGKILL);
+}
+
 #[test]
 fn two_instances_on_one_kernel_are_isolated_and_uninstall_one_leaves_the_other() {
     let mut w = World::new(tools(), 2);
@@ -60,23 +81,8 @@ fn two_instances_on_one_kernel_are_isolated_and_uninstall_one_leaves_the_other()
 
     // Crash instance 0's proxy and uninstall it; instance 1 keeps working.
     let a = &mut w.instances[0];
-    a.proxy
-        .as_ref()
-        .unwrap()
-        .proc
-        .signal(nix::sys::signal::Signal::SIGKILL);
-    a.proxy.take();
-    let out = Command::new(&tools().ecsmesh)
-        .arg("uninstall")
-        .arg("--pin-dir")
-        .arg(&a.pin_dir)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    kill_9(a);
+    uninstall(&a.pin_dir);
     assert!(!a.pin_dir.exists());
     assert!(
         w.instances[1]
@@ -131,12 +137,7 @@ fn kill_9_fails_closed_until_uninstall_removes_everything() {
     w.instances[0].start_proxy(&ProxyOptions::default());
     let ours = cgroup_prog_ids(&w.instances[0].cgroup_root);
     let a = &mut w.instances[0];
-    a.proxy
-        .as_ref()
-        .unwrap()
-        .proc
-        .signal(nix::sys::signal::Signal::SIGKILL);
-    a.proxy.take();
+    kill_9(a);
 
     // Pinned redirect to a dead listener: enrolled tasks cannot connect (fail-closed).
     assert!(a.pin_dir.join("link_ecsmesh_connect4").exists());
@@ -144,17 +145,7 @@ fn kill_9_fails_closed_until_uninstall_removes_everything() {
     assert_eq!(attempts(&w, 0, task, target, 5), 0);
 
     let a = &w.instances[0];
-    let out = Command::new(&tools().ecsmesh)
-        .arg("uninstall")
-        .arg("--pin-dir")
-        .arg(&a.pin_dir)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    uninstall(&a.pin_dir);
     assert!(!a.pin_dir.exists());
     assert!(cgroup_prog_ids(&a.cgroup_root).is_empty());
     let loaded = loaded_prog_ids();
@@ -164,13 +155,7 @@ fn kill_9_fails_closed_until_uninstall_removes_everything() {
     );
     assert_direct(&a.tasks[task].client(&[target], 1, 100));
     // Idempotent.
-    let again = Command::new(&tools().ecsmesh)
-        .arg("uninstall")
-        .arg("--pin-dir")
-        .arg(&a.pin_dir)
-        .output()
-        .unwrap();
-    assert!(again.status.success());
+    uninstall(&a.pin_dir);
 }
 
 #[test]
