@@ -50,6 +50,19 @@ fn route(state: &AdminState, method: &hyper::Method, path: &str) -> Response<Ful
                 "no identity configured\n".into(),
             ),
         },
+        (_, "/trust") => match &state.identities {
+            Some(ids) => respond(
+                StatusCode::OK,
+                "application/json",
+                serde_json::to_string(&*ids.trust_status())
+                    .expect("the trust status serialises"),
+            ),
+            None => respond(
+                StatusCode::NOT_FOUND,
+                "text/plain",
+                "no identity configured\n".into(),
+            ),
+        },
         (_, "/identities") => {
             let list: Vec<serde_json::Value> = state
                 .identities

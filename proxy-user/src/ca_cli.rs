@@ -1,11 +1,36 @@
 //! `ecsmesh ca ...`: the operator's side of the identity hierarchy (create the CA, issue
 //! instance issuers, rotate and retire anchors) plus arbitrary leaves for tests and
 //! debugging. One summary line per action on stdout, so scripts can log it.
-use std::{path::PathBuf, time::Duration};
+//!
+//! Anchor rotation is three commands — `rotate` (stage), `activate`, `retire` — and the
+//! last two check the nodes first (see [`rollout`]).
+mod rollout;
+
+use std::{
+    path::PathBuf,
+    time::{Duration, SystemTime},
+};
 
 use crate::identity::{
-    Ca, IdentityError, LeafSpec, TrustDomain, ca::ISSUER_CERT_FILE, ca::instance_id,
+    Ca, IdentityError, LeafSpec, TrustDomain,
+    ca::{AnchorRole, ISSUER_CERT_FILE, RotationError, instance_id},
 };
+pub use rollout::NodeUrl;
+
+/// Without `--node`, `activate` waits this long after `rotate`: far longer than a node's
+/// file-watch reload (200 ms), and time for an out-of-band copy of the bundle to land.
+pub const DEFAULT_MIN_STAGED: Duration = Duration::from_secs(300);
+
+/// Everything `ecsmesh ca` can fail with.
+#[derive(Debug, thiserror::Error)]
+pub enum CaCliError {
+    #[error(transparent)]
+    Identity(#[from] IdentityError),
+    #[error(transparent)]
+    Rotation(#[from] RotationError),
+    #[error("refusing to {step}: {problems} (--force skips this check)")]
+    NodesNotReady { step: &'static str, problems: String },
+}
 
 #[derive(Debug, Clone, clap::Subcommand)]
 pub enum CaCommand {
@@ -28,15 +53,47 @@ pub enum CaCommand {
         #[arg(long)]
         out: PathBuf,
     },
-    /// Add a new trust anchor and re-issue every instance issuer under it.
+    /// Rotation step 1: stage a new trust anchor. It joins every bundle; nothing signs
+    /// with it until `activate`.
     Rotate {
         #[arg(long)]
         ca: PathBuf,
     },
-    /// Drop every anchor but the active one from all bundles.
+    /// Rotation step 2: re-issue every instance issuer under the staged anchor. Refused
+    /// unless every `--node` trusts the staged anchor (or, without `--node`, unless it was
+    /// staged at least `--min-staged-secs` ago).
+    Activate {
+        #[arg(long)]
+        ca: PathBuf,
+        /// A node proxy's admin base URL (http://host:port); repeat for every node.
+        #[arg(long = "node")]
+        nodes: Vec<NodeUrl>,
+        /// Minimum time since `rotate` [default: 300 without --node, 0 with it].
+        #[arg(long)]
+        min_staged_secs: Option<u64>,
+        /// Skip the node and time checks.
+        #[arg(long)]
+        force: bool,
+    },
+    /// Rotation step 3: drop every anchor but the active one from all bundles. Refused
+    /// unless every `--node` signs under the active anchor.
     Retire {
         #[arg(long)]
         ca: PathBuf,
+        /// A node proxy's admin base URL (http://host:port); repeat for every node.
+        #[arg(long = "node")]
+        nodes: Vec<NodeUrl>,
+        /// Skip the node check.
+        #[arg(long)]
+        force: bool,
+    },
+    /// Show the anchors (active, staged, old) with their SHA-256 fingerprints and, with
+    /// `--node`, what each node trusts and signs with.
+    Status {
+        #[arg(long)]
+        ca: PathBuf,
+        #[arg(long = "node")]
+        nodes: Vec<NodeUrl>,
     },
     /// Issue an arbitrary leaf certificate (tests, debugging).
     Issue {
@@ -61,7 +118,7 @@ pub enum CaCommand {
     },
 }
 
-pub fn run(cmd: CaCommand) -> Result<(), IdentityError> {
+pub fn run(cmd: CaCommand) -> Result<(), CaCliError> {
     match cmd {
         CaCommand::Init { trust_domain, out } => {
             let ca = Ca::init(&out, TrustDomain::new(&trust_domain)?)?;
@@ -83,21 +140,89 @@ pub fn run(cmd: CaCommand) -> Result<(), IdentityError> {
         }
         CaCommand::Rotate { ca } => {
             let mut ca = Ca::open(&ca)?;
-            ca.rotate()?;
+            let staged = ca.rotate()?;
             println!(
-                "rotated: {} anchors in the bundle, {} instance issuers re-issued",
+                "staged anchor {staged}: {} anchors in the bundle, {} instance bundles updated, \
+                 no issuer changed; next: `ecsmesh ca activate` once every node trusts it",
                 ca.anchor_count(),
                 ca.instances().len()
             );
         }
-        CaCommand::Retire { ca } => {
+        CaCommand::Activate {
+            ca,
+            nodes,
+            min_staged_secs,
+            force,
+        } => {
             let mut ca = Ca::open(&ca)?;
+            let staged = ca.staged()?.ok_or(RotationError::NothingStaged)?;
+            let min_staged = if force {
+                Duration::ZERO
+            } else {
+                if !nodes.is_empty() {
+                    rollout::check(&nodes, "activate", |n| {
+                        (!n.trusts(&staged)).then(|| format!("does not trust anchor {staged} yet"))
+                    })?;
+                }
+                match (min_staged_secs, nodes.is_empty()) {
+                    (Some(s), _) => Duration::from_secs(s),
+                    (None, true) => DEFAULT_MIN_STAGED,
+                    (None, false) => Duration::ZERO,
+                }
+            };
+            let active = ca.activate(min_staged)?;
+            println!(
+                "activated anchor {active}: {} instance issuers re-issued under it; next: \
+                 `ecsmesh ca retire` once every node signs under it",
+                ca.instances().len()
+            );
+        }
+        CaCommand::Retire { ca, nodes, force } => {
+            let mut ca = Ca::open(&ca)?;
+            let active = ca.active_fingerprint()?;
+            if !force {
+                rollout::check(&nodes, "retire", |n| {
+                    (n.issuer.anchor != active).then(|| {
+                        format!(
+                            "still signs under anchor {} (not the active {active})",
+                            n.issuer.anchor
+                        )
+                    })
+                })?;
+            }
             let dropped = ca.retire()?;
             println!(
-                "retired {dropped} anchors; {} left, {} instance bundles updated",
+                "retired {} anchors; {} left, {} instance bundles updated",
+                dropped.len(),
                 ca.anchor_count(),
                 ca.instances().len()
             );
+        }
+        CaCommand::Status { ca, nodes } => {
+            let ca = Ca::open(&ca)?;
+            for a in ca.anchors(SystemTime::now())? {
+                let role = match a.role {
+                    AnchorRole::Active => "active".to_owned(),
+                    AnchorRole::Staged(d) => format!("staged {} s ago", d.as_secs()),
+                    AnchorRole::Old => "old (retire)".to_owned(),
+                };
+                println!("anchor {} {} {role}", a.number, a.fingerprint);
+            }
+            for node in &nodes {
+                match rollout::fetch(node) {
+                    Ok(t) => println!(
+                        "node {node}: trusts [{}], issuer {} under {}",
+                        t.anchors
+                            .iter()
+                            .map(|f| f.short())
+                            .collect::<Vec<_>>()
+                            .join(", "),
+                        t.issuer.identity,
+                        t.issuer.anchor.short()
+                    ),
+                    Err(e) => println!("node {node}: {e}"),
+                }
+            }
         }
         CaCommand::Issue {
             ca,

@@ -8,7 +8,7 @@
 //! `127.0.0.1:51678`, the cgroup filesystem and the mounted `docker.sock`.
 mod agent;
 mod cgroups;
-mod client;
+pub(crate) mod client;
 mod docker;
 #[cfg(test)]
 mod fixture_server;

@@ -7,6 +7,7 @@
 pub mod ca;
 pub mod manager;
 pub mod spiffe;
+pub mod trust;
 pub mod verify;
 
 #[cfg(test)]
@@ -24,6 +25,7 @@ use rustls::crypto::CryptoProvider;
 pub use ca::{Ca, Issuer, LeafSpec, Svid, TrustBundle};
 pub use manager::{IdentityConfig, IdentityManager};
 pub use spiffe::{DEFAULT_TEMPLATE, IdentityTemplate, SpiffeId, TemplateVars, TrustDomain};
+pub use trust::{Fingerprint, TrustStatus};
 pub use verify::{
     Rejection, SpiffeClientVerifier, SpiffeServerVerifier, Usage, peer_identity, rejection_of,
     rejection_of_io, verify_peer,

@@ -46,8 +46,24 @@ pub struct ResultLabels {
     pub result: &'static str,
 }
 
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct AnchorLabels {
+    pub fingerprint: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct IssuerLabels {
+    pub issuer: String,
+    pub fingerprint: String,
+    pub anchor_fingerprint: String,
+}
+
 pub struct Metrics {
     registry: Registry,
+    /// 1 per anchor in the node's trust bundle (label: SHA-256 fingerprint).
+    pub trust_anchors: Family<AnchorLabels, Gauge>,
+    /// 1 for the issuer the node signs SVIDs with, and the anchor it chains to.
+    pub issuer: Family<IssuerLabels, Gauge>,
     /// Local ECS tasks by state: `enrolled`, `serving`, `pending`, `not_meshed_awsvpc`.
     pub ecs_tasks: Family<StateLabels, Gauge>,
     /// ECS agent polls by result.
@@ -97,8 +113,20 @@ impl Metrics {
             inbound_streams: Family::default(),
             inbound_to_task: Family::default(),
             inbound_from_task: Family::default(),
+            trust_anchors: Family::default(),
+            issuer: Family::default(),
             registry: Registry::default(),
         };
+        registry.register(
+            "trust_anchor",
+            "Anchors in this node's trust bundle, by SHA-256 fingerprint (value 1)",
+            m.trust_anchors.clone(),
+        );
+        registry.register(
+            "issuer",
+            "The issuer this node signs SVIDs with and the anchor it chains to (value 1)",
+            m.issuer.clone(),
+        );
         registry.register(
             "ecs_tasks",
             "Local ECS tasks by state (enrolled, serving, pending, not_meshed_awsvpc)",
@@ -172,6 +200,26 @@ impl Metrics {
 
     pub fn fail(&self, reason: &'static str) {
         self.failed.get_or_create(&ReasonLabels { reason }).inc();
+    }
+
+    /// Replaces the trust series with `status` (old anchors disappear from the scrape).
+    pub fn set_trust(&self, status: &crate::identity::TrustStatus) {
+        self.trust_anchors.clear();
+        for anchor in &status.anchors {
+            self.trust_anchors
+                .get_or_create(&AnchorLabels {
+                    fingerprint: anchor.to_string(),
+                })
+                .set(1);
+        }
+        self.issuer.clear();
+        self.issuer
+            .get_or_create(&IssuerLabels {
+                issuer: status.issuer.identity.to_string(),
+                fingerprint: status.issuer.fingerprint.to_string(),
+                anchor_fingerprint: status.issuer.anchor.to_string(),
+            })
+            .set(1);
     }
 
     /// Prometheus text exposition format.

@@ -14,7 +14,7 @@ use super::EcsError;
 
 /// GET `path_and_query` with `Host: host` over the stream `connect` opens, and decode the
 /// JSON body. `endpoint` names the request in every error ("ECS agent GET http://…/v1/tasks").
-pub(super) async fn get_json<T, S, C>(
+pub(crate) async fn get_json<T, S, C>(
     endpoint: &str,
     connect: C,
     host: &str,

@@ -7,6 +7,14 @@
 //! revoked alone, and several anchors can sit in the bundle at once so a rotation has an
 //! overlap window with no outage.
 //!
+//! Rotation has three steps, each one visible on every node before the next may start
+//! (the order of Linkerd's and cert-manager trust-manager's procedures):
+//! 1. [`Ca::rotate`] *stages* a new anchor: it joins every bundle, nothing signs with it.
+//! 2. [`Ca::activate`] re-issues every instance issuer under the staged anchor, once every
+//!    node trusts it; a node that picked up its new issuer earlier would otherwise present
+//!    certificates its peers refuse (`unknown_ca`).
+//! 3. [`Ca::retire`] drops the old anchors, once every node signs under the new one.
+//!
 //! CA directory layout:
 //! - `ca.toml`: trust domain, active anchor, anchors in the bundle, issued instances
 //! - `anchors/<n>.pem`, `anchors/<n>.key` (0600)
@@ -28,6 +36,7 @@ use super::{
 };
 
 use super::certgen::{Signer, ca_params, first_cert, leaf_params, now_secs, to_time};
+use super::trust::Fingerprint;
 use super::verify::CertInfo;
 pub use super::verify::TrustBundle;
 
@@ -77,10 +86,63 @@ struct CaState {
     next_anchor: u32,
     /// Anchors in the trust bundle, oldest first.
     bundle: Vec<u32>,
+    /// An anchor in the bundle that does not sign yet (step 1 of a rotation).
+    #[serde(default)]
+    staged: Option<StagedAnchor>,
     #[serde(default)]
     instances: Vec<InstanceRecord>,
 }
 
+#[derive(Debug, Clone, Copy, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct StagedAnchor {
+    anchor: u32,
+    /// When it joined the bundles (seconds since the Unix epoch).
+    since_unix: u64,
+}
+
+/// An anchor of the bundle, as `ca status` shows it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AnchorInfo {
+    pub number: u32,
+    pub fingerprint: Fingerprint,
+    pub role: AnchorRole,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AnchorRole {
+    /// Signs the instance issuers.
+    Active,
+    /// In the bundles, not signing yet; staged this long ago.
+    Staged(Duration),
+    /// Still trusted, no longer signing: goes with `ca retire`.
+    Old,
+}
+
+/// Why a rotation step refused to run.
+#[derive(Debug, thiserror::Error)]
+pub enum RotationError {
+    #[error(
+        "anchor {anchor} is already staged; run `ecsmesh ca activate` (or finish the rotation) before staging another"
+    )]
+    AlreadyStaged { anchor: u32 },
+    #[error("no anchor is staged; run `ecsmesh ca rotate` first")]
+    NothingStaged,
+    #[error(
+        "anchor {anchor} was staged {staged_secs} s ago, less than the minimum of {min_secs} s: nodes may not have the new bundle yet (check them with --node, or wait)"
+    )]
+    TooSoon {
+        anchor: u32,
+        staged_secs: u64,
+        min_secs: u64,
+    },
+    #[error(
+        "anchor {anchor} is staged but not active; run `ecsmesh ca activate` before retiring, or the staged anchor would be dropped"
+    )]
+    StagedPending { anchor: u32 },
+    #[error(transparent)]
+    Identity(#[from] IdentityError),
+}
 /// An issued instance issuer, remembered so that rotation can re-issue it in place.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -119,6 +181,7 @@ impl Ca {
             active_anchor: 1,
             next_anchor: 2,
             bundle: vec![1],
+            staged: None,
             instances: Vec::new(),
         };
         let active = new_anchor(dir, &state.trust_domain, 1)?;
@@ -140,6 +203,14 @@ impl Ca {
             return Err(IdentityError::invalid(
                 path.display(),
                 "active anchor is not in the bundle",
+            ));
+        }
+        if let Some(st) = &state.staged
+            && (!state.bundle.contains(&st.anchor) || st.anchor == state.active_anchor)
+        {
+            return Err(IdentityError::invalid(
+                path.display(),
+                "the staged anchor must be in the bundle and not active",
             ));
         }
         let active = load_anchor(dir, state.active_anchor)?;
@@ -192,35 +263,129 @@ impl Ca {
         self.save_state()
     }
 
-    /// Adds a new anchor, makes it the signer, and re-issues every instance issuer under it.
-    /// The old anchors stay in the bundle so SVIDs already out keep verifying until
-    /// [`Ca::retire`].
-    pub fn rotate(&mut self) -> Result<(), IdentityError> {
+    /// Step 1 of a rotation: makes a new anchor and adds it to the CA's and every
+    /// instance's bundle. Nothing is signed with it yet; instance issuers are untouched.
+    /// Returns the new anchor's fingerprint.
+    pub fn rotate(&mut self) -> Result<Fingerprint, RotationError> {
+        self.rotate_at(SystemTime::now())
+    }
+
+    pub(crate) fn rotate_at(&mut self, now: SystemTime) -> Result<Fingerprint, RotationError> {
+        if let Some(st) = self.state.staged {
+            return Err(RotationError::AlreadyStaged { anchor: st.anchor });
+        }
         let n = self.state.next_anchor;
-        let signer = new_anchor(&self.dir, &self.state.trust_domain, n)?;
+        new_anchor(&self.dir, &self.state.trust_domain, n)?;
         self.state.next_anchor = n + 1;
         self.state.bundle.push(n);
-        self.state.active_anchor = n;
-        self.active = signer;
+        self.state.staged = Some(StagedAnchor {
+            anchor: n,
+            since_unix: unix_secs(now),
+        });
         self.save_state()?;
-        self.write_ca_bundle()?;
+        self.write_bundles()?;
+        Ok(self.fingerprint(n)?)
+    }
+
+    /// The staged anchor's fingerprint, if a rotation is under way.
+    pub fn staged(&self) -> Result<Option<Fingerprint>, IdentityError> {
+        self.state
+            .staged
+            .map(|st| self.fingerprint(st.anchor))
+            .transpose()
+    }
+
+    /// The fingerprint of the anchor that signs instance issuers.
+    pub fn active_fingerprint(&self) -> Result<Fingerprint, IdentityError> {
+        self.fingerprint(self.state.active_anchor)
+    }
+
+    /// Step 2: makes the staged anchor the signer and re-issues every instance issuer
+    /// under it. Refused while the anchor has been staged for less than `min_staged`
+    /// (nodes reload bundles on file change, but bundles reach remote nodes out of band).
+    pub fn activate(&mut self, min_staged: Duration) -> Result<Fingerprint, RotationError> {
+        self.activate_at(min_staged, SystemTime::now())
+    }
+
+    pub(crate) fn activate_at(
+        &mut self,
+        min_staged: Duration,
+        now: SystemTime,
+    ) -> Result<Fingerprint, RotationError> {
+        let st = self.state.staged.ok_or(RotationError::NothingStaged)?;
+        let staged_secs = unix_secs(now).saturating_sub(st.since_unix);
+        if staged_secs < min_staged.as_secs() {
+            return Err(RotationError::TooSoon {
+                anchor: st.anchor,
+                staged_secs,
+                min_secs: min_staged.as_secs(),
+            });
+        }
+        self.active = load_anchor(&self.dir, st.anchor)?;
+        self.state.active_anchor = st.anchor;
+        self.state.staged = None;
+        self.save_state()?;
         for rec in self.state.instances.clone() {
             self.write_instance(&rec.name, &rec.out)?;
         }
-        Ok(())
+        Ok(self.fingerprint(st.anchor)?)
     }
 
-    /// Drops every anchor but the active one from the bundles; returns how many went.
-    pub fn retire(&mut self) -> Result<usize, IdentityError> {
-        let dropped = self.state.bundle.len() - 1;
+    /// Step 3: drops every anchor but the active one from all bundles; returns the
+    /// fingerprints that went. Refused while an anchor is staged (it would be dropped).
+    pub fn retire(&mut self) -> Result<Vec<Fingerprint>, RotationError> {
+        if let Some(st) = self.state.staged {
+            return Err(RotationError::StagedPending { anchor: st.anchor });
+        }
+        let dropped = self
+            .state
+            .bundle
+            .iter()
+            .filter(|n| **n != self.state.active_anchor)
+            .map(|n| self.fingerprint(*n))
+            .collect::<Result<Vec<_>, _>>()?;
         self.state.bundle = vec![self.state.active_anchor];
         self.save_state()?;
+        self.write_bundles()?;
+        Ok(dropped)
+    }
+
+    /// Every anchor of the bundle with its role.
+    pub fn anchors(&self, now: SystemTime) -> Result<Vec<AnchorInfo>, IdentityError> {
+        self.state
+            .bundle
+            .iter()
+            .map(|&n| {
+                let role = match self.state.staged {
+                    Some(st) if st.anchor == n => AnchorRole::Staged(Duration::from_secs(
+                        unix_secs(now).saturating_sub(st.since_unix),
+                    )),
+                    _ if n == self.state.active_anchor => AnchorRole::Active,
+                    _ => AnchorRole::Old,
+                };
+                Ok(AnchorInfo {
+                    number: n,
+                    fingerprint: self.fingerprint(n)?,
+                    role,
+                })
+            })
+            .collect()
+    }
+
+    fn fingerprint(&self, n: u32) -> Result<Fingerprint, IdentityError> {
+        let path = anchor_path(&self.dir, n, "pem");
+        let cert = first_cert(&read_string(&path)?, &path.display().to_string())?;
+        Ok(Fingerprint::of(&cert))
+    }
+
+    /// The CA's bundle and every instance's bundle (issuers untouched).
+    fn write_bundles(&self) -> Result<(), IdentityError> {
         self.write_ca_bundle()?;
         let pem = self.bundle_pem()?;
         for rec in &self.state.instances {
             write_atomic(&rec.out.join(BUNDLE_FILE), pem.as_bytes(), PUBLIC_MODE)?;
         }
-        Ok(dropped)
+        Ok(())
     }
 
     /// Makes an arbitrary leaf certificate; returns (certificate chain PEM, key PEM).
@@ -301,6 +466,12 @@ impl Ca {
 /// The identity an instance issuer carries: `spiffe://<td>/ecsmesh/instance/<name>`.
 pub fn instance_id(td: &TrustDomain, instance: &str) -> Result<SpiffeId, IdentityError> {
     SpiffeId::parse(&format!("spiffe://{td}/ecsmesh/instance/{instance}"))
+}
+
+fn unix_secs(t: SystemTime) -> u64 {
+    t.duration_since(SystemTime::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
 }
 
 fn anchor_path(dir: &Path, n: u32, ext: &str) -> PathBuf {

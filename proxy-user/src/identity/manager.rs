@@ -23,8 +23,11 @@ use tokio_util::sync::CancellationToken;
 
 use super::{
     IdentityError, Issuer, SpiffeClientVerifier, SpiffeId, SpiffeServerVerifier, Svid, TrustBundle,
-    TrustDomain, Usage, verify_peer,
+    TrustDomain, TrustStatus, Usage, verify_peer,
 };
+
+/// Called with the new trust state after every successful load or reload.
+type TrustObserver = Box<dyn Fn(&TrustStatus) + Send + Sync>;
 
 /// Quiet time after the last file event before reloading: a CA rotation writes several
 /// files, and reloading between them would only produce transient errors.
@@ -59,6 +62,9 @@ pub struct IdentityManager {
     bundle: Arc<ArcSwap<TrustBundle>>,
     issuer: ArcSwap<Issuer>,
     svids: RwLock<Table>,
+    /// Fingerprints of the bundle's anchors and of the issuer, for `/trust` and metrics.
+    status: ArcSwap<TrustStatus>,
+    observers: std::sync::Mutex<Vec<TrustObserver>>,
     /// Wakes the refresher when the set of SVIDs changed.
     changed: tokio::sync::Notify,
 }
@@ -76,7 +82,8 @@ impl IdentityManager {
     /// Loads the bundle and issuer; fails if the issuer does not chain to the bundle, since
     /// every SVID it signed would then be refused by every peer.
     pub fn new(cfg: IdentityConfig) -> Result<Arc<Self>, IdentityError> {
-        let (bundle, issuer) = load_material(&cfg)?;
+        let (bundle, issuer, status) = load_material(&cfg)?;
+        log_trust(&status, "trust bundle and issuer loaded");
         let allowed = if cfg.allowed_trust_domains.is_empty() {
             vec![issuer.instance_id().trust_domain().clone()]
         } else {
@@ -88,8 +95,24 @@ impl IdentityManager {
             bundle: Arc::new(ArcSwap::from_pointee(bundle)),
             issuer: ArcSwap::from_pointee(issuer),
             svids: RwLock::default(),
+            status: ArcSwap::from_pointee(status),
+            observers: Default::default(),
             changed: tokio::sync::Notify::new(),
         }))
+    }
+
+    /// What this node trusts and signs with now.
+    pub fn trust_status(&self) -> Arc<TrustStatus> {
+        self.status.load_full()
+    }
+
+    /// Calls `f` with the current trust state now and after every successful reload.
+    pub fn observe_trust(&self, f: impl Fn(&TrustStatus) + Send + Sync + 'static) {
+        f(&self.status.load());
+        self.observers
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .push(Box::new(f));
     }
 
     pub fn bundle_handle(&self) -> Arc<ArcSwap<TrustBundle>> {
@@ -163,15 +186,14 @@ impl IdentityManager {
     /// Re-reads bundle and issuer and re-issues every SVID under the new issuer. On any
     /// error nothing changes: the previous good state stays in use.
     pub fn reload(&self) -> Result<(), IdentityError> {
-        let (bundle, issuer) = load_material(&self.cfg)?;
-        let anchors = bundle.len();
-        let issuer_id = issuer.instance_id().clone();
+        let (bundle, issuer, status) = load_material(&self.cfg)?;
         // Issue everything first, then swap, so a failure leaves the old state whole.
         let ids = self.identities();
         let fresh = ids
             .iter()
             .map(|id| Ok(Arc::new(issuer.issue_svid(id, self.cfg.svid_lifetime)?)))
             .collect::<Result<Vec<_>, IdentityError>>()?;
+        let issuer_cert = issuer.certificate().clone();
         self.bundle.store(Arc::new(bundle));
         self.issuer.store(Arc::new(issuer));
         {
@@ -183,8 +205,27 @@ impl IdentityManager {
                 }
             }
         }
+        // An identity `ensure`d while the fresh set was being issued got its SVID from the
+        // previous issuer: re-issue it now, or it would present the old chain until its
+        // half life — past an anchor's retirement.
+        let stale: Vec<SpiffeId> = self
+            .read()
+            .by_id
+            .values()
+            .filter(|s| s.chain.get(1) != Some(&issuer_cert))
+            .map(|s| s.id.clone())
+            .collect();
+        for id in stale {
+            if let Err(e) = self.reissue(&id) {
+                tracing::warn!(identity = %id, error = %e, "re-issue after reload failed");
+            }
+        }
         self.changed.notify_one();
-        tracing::info!(anchors, issuer = %issuer_id, "trust bundle and issuer reloaded");
+        log_trust(&status, "trust bundle and issuer reloaded");
+        for observe in self.observers.lock().unwrap_or_else(|e| e.into_inner()).iter() {
+            observe(&status);
+        }
+        self.status.store(Arc::new(status));
         Ok(())
     }
 
@@ -405,11 +446,32 @@ impl IdentityManager {
     }
 }
 
-fn load_material(cfg: &IdentityConfig) -> Result<(TrustBundle, Issuer), IdentityError> {
+fn load_material(
+    cfg: &IdentityConfig,
+) -> Result<(TrustBundle, Issuer, TrustStatus), IdentityError> {
     let bundle = TrustBundle::load(&cfg.bundle)?;
     let issuer = Issuer::load(&cfg.issuer_dir)?;
     IdentityManager::check_anchored(&bundle, &issuer)?;
-    Ok((bundle, issuer))
+    let status = TrustStatus::of(&bundle, &issuer).ok_or_else(|| {
+        IdentityError::invalid(
+            cfg.issuer_dir.display(),
+            "the issuer chains to no single anchor of the bundle",
+        )
+    })?;
+    Ok((bundle, issuer, status))
+}
+
+/// One line per load with every fingerprint, so a rotation's rollout can be followed in
+/// the logs as well as on `/trust` and in metrics.
+fn log_trust(status: &TrustStatus, message: &str) {
+    let anchors: Vec<&str> = status.anchors.iter().map(|f| f.short()).collect();
+    tracing::info!(
+        anchors = %anchors.join(","),
+        issuer = %status.issuer.identity,
+        issuer_fingerprint = %status.issuer.fingerprint.short(),
+        issuer_anchor = %status.issuer.anchor.short(),
+        "{message}"
+    );
 }
 
 #[derive(Debug)]

@@ -119,6 +119,17 @@ impl TrustBundle {
         if certs.is_empty() {
             return Err(IdentityError::invalid(what, "no CERTIFICATE in PEM"));
         }
+        Self::build(certs, what)
+    }
+
+    /// A bundle of exactly these anchors.
+    pub fn from_certificates(
+        certs: Vec<CertificateDer<'static>>,
+    ) -> Result<TrustBundle, IdentityError> {
+        Self::build(certs, "trust bundle")
+    }
+
+    fn build(certs: Vec<CertificateDer<'static>>, what: &str) -> Result<TrustBundle, IdentityError> {
         let anchors = certs
             .iter()
             .map(|c| webpki::anchor_from_trusted_cert(c).map(|a| a.to_owned()))

@@ -37,6 +37,8 @@ pub(super) fn parts(
         svid_lifetime: idn.svid_lifetime,
         allowed_trust_domains: idn.allowed_trust_domains.clone(),
     })?;
+    let trust_metrics = metrics.clone();
+    identities.observe_trust(move |status| trust_metrics.set_trust(status));
     for (_, task) in tasks.all() {
         if let Some(id) = &task.identity {
             let svid = identities.ensure(id)?;

@@ -30,6 +30,7 @@ fn key_files_are_private() {
     assert_eq!(mode(&pki.node.join("issuer.pem")), 0o644);
     let mut ca = Ca::open(&ca_dir).unwrap();
     ca.rotate().unwrap();
+    ca.activate(Duration::ZERO).unwrap();
     assert_eq!(mode(&ca_dir.join("anchors/2.key")), 0o600);
     assert_eq!(mode(&pki.node.join("issuer.key")), 0o600);
 }
@@ -127,8 +128,13 @@ fn rotate_keeps_old_svids_valid_and_retire_drops_them() {
         .unwrap();
 
     let mut ca = Ca::open(&ca_dir).unwrap();
-    ca.rotate().unwrap();
+    let staged = ca.rotate().unwrap();
     assert_eq!(ca.anchor_count(), 2);
+    // Staging changes bundles only: the issuer still chains to the old anchor.
+    assert_eq!(pki.issuer().certificate(), old_issuer.certificate());
+    assert_eq!(pki.bundle().len(), 2);
+    assert_eq!(ca.activate(Duration::ZERO).unwrap(), staged);
+    assert_eq!(ca.active_fingerprint().unwrap(), staged);
     let new_issuer = pki.issuer();
     assert_ne!(new_issuer.certificate(), old_issuer.certificate());
     assert_eq!(new_issuer.instance_id(), old_issuer.instance_id());
@@ -148,8 +154,8 @@ fn rotate_keeps_old_svids_valid_and_retire_drops_them() {
 
     // The CA state survived a reopen: retire works from a fresh handle.
     let mut ca = Ca::open(&ca_dir).unwrap();
-    assert_eq!(ca.retire().unwrap(), 1);
-    assert_eq!(ca.retire().unwrap(), 0);
+    assert_eq!(ca.retire().unwrap().len(), 1);
+    assert_eq!(ca.retire().unwrap().len(), 0);
     let bundle = pki.bundle();
     assert_eq!(bundle.len(), 1);
     assert_eq!(
@@ -168,6 +174,7 @@ fn leaves_can_be_signed_by_the_active_anchor_after_rotation() {
     let pki = Pki::new("example.org");
     let mut ca = Ca::open(&pki.tmp.path().join("ca")).unwrap();
     ca.rotate().unwrap();
+    ca.activate(Duration::ZERO).unwrap();
     ca.retire().unwrap();
     let (pem, key) = ca
         .issue_leaf(&crate::identity::LeafSpec {
@@ -181,4 +188,46 @@ fn leaves_can_be_signed_by_the_active_anchor_after_rotation() {
         pki.check(&chain).unwrap().to_string(),
         "spiffe://example.org/x"
     );
+}
+
+#[test]
+fn rotation_steps_refuse_out_of_order() {
+    use crate::identity::ca::{AnchorRole, RotationError};
+    let pki = Pki::new("example.org");
+    let mut ca = Ca::open(&pki.tmp.path().join("ca")).unwrap();
+    assert!(matches!(
+        ca.activate(Duration::ZERO),
+        Err(RotationError::NothingStaged)
+    ));
+    let t0 = std::time::SystemTime::now();
+    let staged = ca.rotate_at(t0).unwrap();
+    assert!(matches!(
+        ca.rotate_at(t0),
+        Err(RotationError::AlreadyStaged { anchor: 2 })
+    ));
+    // Retiring now would drop the staged anchor.
+    assert!(matches!(
+        ca.retire(),
+        Err(RotationError::StagedPending { anchor: 2 })
+    ));
+    let roles: Vec<_> = ca.anchors(t0).unwrap().into_iter().map(|a| a.role).collect();
+    assert_eq!(roles, [AnchorRole::Active, AnchorRole::Staged(Duration::ZERO)]);
+    // Too soon: the state survives a reopen, and nothing was re-issued.
+    let issuer_before = pki.issuer().certificate().clone();
+    let mut ca = Ca::open(&pki.tmp.path().join("ca")).unwrap();
+    let err = ca
+        .activate_at(Duration::from_secs(300), t0 + Duration::from_secs(299))
+        .unwrap_err();
+    assert!(
+        matches!(err, RotationError::TooSoon { staged_secs: 299, min_secs: 300, .. }),
+        "{err}"
+    );
+    assert_eq!(pki.issuer().certificate(), &issuer_before);
+    let active = ca
+        .activate_at(Duration::from_secs(300), t0 + Duration::from_secs(300))
+        .unwrap();
+    assert_eq!(active, staged);
+    assert_ne!(pki.issuer().certificate(), &issuer_before);
+    let roles: Vec<_> = ca.anchors(t0).unwrap().into_iter().map(|a| a.role).collect();
+    assert_eq!(roles, [AnchorRole::Old, AnchorRole::Active]);
 }

@@ -67,10 +67,25 @@ fn reload_picks_up_a_rotation_and_keeps_the_old_state_on_errors() {
     let m = pki.manager(HOUR);
     let before = m.ensure(&id).unwrap();
 
+    let seen = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let log = seen.clone();
+    m.observe_trust(move |s| log.lock().unwrap().push(s.clone()));
+    let first = m.trust_status();
+    assert_eq!(first.anchors.len(), 1);
+    assert_eq!(first.issuer.anchor, first.anchors[0]);
+
     let mut ca = Ca::open(&pki.tmp.path().join("ca")).unwrap();
-    ca.rotate().unwrap();
+    let staged = ca.rotate().unwrap();
     m.reload().unwrap();
+    // Step 1: the new anchor is trusted, the issuer has not moved.
+    let status = m.trust_status();
+    assert_eq!(status.anchors, [first.anchors[0].clone(), staged.clone()]);
+    assert_eq!(status.issuer, first.issuer);
     assert_eq!(m.bundle_handle().load().len(), 2);
+    ca.activate(Duration::ZERO).unwrap();
+    m.reload().unwrap();
+    assert_eq!(m.trust_status().issuer.anchor, staged);
+    assert_eq!(seen.lock().unwrap().len(), 3, "observer: now and after each reload");
     let after = m.current(&id).unwrap();
     assert_ne!(after.serial, before.serial);
     assert_eq!(&after.chain[1], pki.issuer().certificate());
@@ -103,6 +118,7 @@ async fn background_watcher_reloads_on_file_change() {
     tokio::time::sleep(Duration::from_millis(200)).await;
     let mut ca = Ca::open(&pki.tmp.path().join("ca")).unwrap();
     ca.rotate().unwrap();
+    ca.activate(Duration::ZERO).unwrap();
     wait_for("reload after rotation", || {
         m.bundle_handle().load().len() == 2
             && m.current(&id).unwrap().chain[1] == *pki.issuer().certificate()
