@@ -54,8 +54,7 @@ fn route(state: &AdminState, method: &hyper::Method, path: &str) -> Response<Ful
             Some(ids) => respond(
                 StatusCode::OK,
                 "application/json",
-                serde_json::to_string(&*ids.trust_status())
-                    .expect("the trust status serialises"),
+                serde_json::to_string(&*ids.trust_status()).expect("the trust status serialises"),
             ),
             None => respond(
                 StatusCode::NOT_FOUND,

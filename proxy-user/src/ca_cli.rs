@@ -29,7 +29,10 @@ pub enum CaCliError {
     #[error(transparent)]
     Rotation(#[from] RotationError),
     #[error("refusing to {step}: {problems} (--force skips this check)")]
-    NodesNotReady { step: &'static str, problems: String },
+    NodesNotReady {
+        step: &'static str,
+        problems: String,
+    },
 }
 
 #[derive(Debug, Clone, clap::Subcommand)]

@@ -187,6 +187,12 @@ pub struct ProxyOptions {
     pub extra_toml: String,
     /// `--workers` (tokio worker threads); the proxy's default when None.
     pub workers: Option<usize>,
+    /// Admin on the instance's fabric address (port 15000) instead of its loopback, so
+    /// an operator command in another instance (`ca activate --node`) can reach it.
+    pub admin_on_fabric: bool,
+    /// Trust bundle path instead of the one `ecsmesh ca` keeps in the issuer directory
+    /// (a node whose copy of the bundle is distributed separately, and may lag).
+    pub bundle: Option<PathBuf>,
 }
 
 /// Identity material of one instance, made by `World::enable_mesh`.
@@ -313,7 +319,10 @@ impl Instance {
             t += &format!(
                 "\n[identity]\ntrust_domain = \"{}\"\nbundle = \"{}\"\nissuer_dir = \"{}\"\nsvid_lifetime_secs = {}\n",
                 mesh.trust_domain,
-                mesh.issuer_dir.join("bundle.pem").display(),
+                opts.bundle
+                    .clone()
+                    .unwrap_or_else(|| mesh.issuer_dir.join("bundle.pem"))
+                    .display(),
                 mesh.issuer_dir.display(),
                 opts.svid_lifetime_secs.unwrap_or(86_400)
             );
@@ -371,6 +380,9 @@ impl Instance {
     }
 
     pub fn start_proxy(&mut self, opts: &ProxyOptions) {
+        if opts.admin_on_fabric {
+            self.admin = self.addr(15000);
+        }
         let text = self.config_text(opts);
         let (mut cmd, config) = self.proxy_command(&text, opts.cgroup.as_deref());
         if let Some(n) = opts.workers {
@@ -406,6 +418,21 @@ impl Instance {
             );
             std::thread::sleep(Duration::from_millis(50));
         }
+    }
+
+    /// The node's admin URL as an operator elsewhere on the fabric would give it.
+    pub fn admin_url(&self) -> String {
+        format!("http://{}", self.admin)
+    }
+
+    /// `/trust`: the fingerprints of the anchors the node trusts and of its issuer.
+    pub fn trust(&self) -> serde_json::Value {
+        let (status, body) = self
+            .netns
+            .http_get(self.admin, "/trust")
+            .expect("GET /trust");
+        assert_eq!(status, 200, "{body}");
+        serde_json::from_str(&body).expect("/trust is JSON")
     }
 
     pub fn metrics(&self) -> prometheus_parse::Scrape {

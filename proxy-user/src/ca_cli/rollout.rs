@@ -22,9 +22,7 @@ impl FromStr for NodeUrl {
     type Err = String;
 
     fn from_str(s: &str) -> Result<Self, String> {
-        let uri: http::Uri = s
-            .parse()
-            .map_err(|e| format!("{s:?} is not a URL: {e}"))?;
+        let uri: http::Uri = s.parse().map_err(|e| format!("{s:?} is not a URL: {e}"))?;
         if uri.scheme_str() != Some("http") {
             return Err(format!(
                 "{s:?}: a node's admin URL starts with http:// (the admin port serves plain HTTP)"
@@ -40,7 +38,10 @@ impl FromStr for NodeUrl {
             .port_u16()
             .ok_or_else(|| format!("{s:?}: no port (the admin port, e.g. :15000)"))?;
         Ok(NodeUrl {
-            host: host.trim_start_matches('[').trim_end_matches(']').to_owned(),
+            host: host
+                .trim_start_matches('[')
+                .trim_end_matches(']')
+                .to_owned(),
             port,
         })
     }

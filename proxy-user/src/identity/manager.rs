@@ -222,7 +222,12 @@ impl IdentityManager {
         }
         self.changed.notify_one();
         log_trust(&status, "trust bundle and issuer reloaded");
-        for observe in self.observers.lock().unwrap_or_else(|e| e.into_inner()).iter() {
+        for observe in self
+            .observers
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .iter()
+        {
             observe(&status);
         }
         self.status.store(Arc::new(status));

@@ -129,7 +129,10 @@ impl TrustBundle {
         Self::build(certs, "trust bundle")
     }
 
-    fn build(certs: Vec<CertificateDer<'static>>, what: &str) -> Result<TrustBundle, IdentityError> {
+    fn build(
+        certs: Vec<CertificateDer<'static>>,
+        what: &str,
+    ) -> Result<TrustBundle, IdentityError> {
         let anchors = certs
             .iter()
             .map(|c| webpki::anchor_from_trusted_cert(c).map(|a| a.to_owned()))

@@ -19,6 +19,15 @@ impl World {
         String::from_utf8_lossy(&out.stdout).into_owned()
     }
 
+    /// `ecsmesh ca ...` run as an operator on instance `i` (its netns, an unenrolled
+    /// cgroup), where it can reach node admin ports on the fabric. Returns the output.
+    pub fn ca_on(&self, i: usize, args: &[&str]) -> std::process::Output {
+        let mut cmd = Command::new(&self.tools.ecsmesh);
+        cmd.arg("ca").args(args);
+        process::place(&mut cmd, &self.instances[i].placement("unenrolled"));
+        process::run(cmd)
+    }
+
     pub fn ca_dir(&self) -> PathBuf {
         self.workdir.join("ca")
     }

@@ -30,6 +30,11 @@ pub struct Mesh {
 pub fn mesh(opts_a: ProxyOptions, opts_b: ProxyOptions) -> Mesh {
     let mut w = World::new(tools(), 2);
     w.enable_mesh(TRUST_DOMAIN);
+    mesh_in(w, opts_a, opts_b)
+}
+
+/// [`mesh`] in a two-instance world whose mesh (CA, issuers) is already enabled.
+pub fn mesh_in(mut w: World, opts_a: ProxyOptions, opts_b: ProxyOptions) -> Mesh {
     w.add_task(0, Host, 1);
     w.add_task(1, Host, 1);
     let ep = w.instances[1].addr(9000);

@@ -210,8 +210,16 @@ fn rotation_steps_refuse_out_of_order() {
         ca.retire(),
         Err(RotationError::StagedPending { anchor: 2 })
     ));
-    let roles: Vec<_> = ca.anchors(t0).unwrap().into_iter().map(|a| a.role).collect();
-    assert_eq!(roles, [AnchorRole::Active, AnchorRole::Staged(Duration::ZERO)]);
+    let roles: Vec<_> = ca
+        .anchors(t0)
+        .unwrap()
+        .into_iter()
+        .map(|a| a.role)
+        .collect();
+    assert_eq!(
+        roles,
+        [AnchorRole::Active, AnchorRole::Staged(Duration::ZERO)]
+    );
     // Too soon: the state survives a reopen, and nothing was re-issued.
     let issuer_before = pki.issuer().certificate().clone();
     let mut ca = Ca::open(&pki.tmp.path().join("ca")).unwrap();
@@ -219,7 +227,14 @@ fn rotation_steps_refuse_out_of_order() {
         .activate_at(Duration::from_secs(300), t0 + Duration::from_secs(299))
         .unwrap_err();
     assert!(
-        matches!(err, RotationError::TooSoon { staged_secs: 299, min_secs: 300, .. }),
+        matches!(
+            err,
+            RotationError::TooSoon {
+                staged_secs: 299,
+                min_secs: 300,
+                ..
+            }
+        ),
         "{err}"
     );
     assert_eq!(pki.issuer().certificate(), &issuer_before);
@@ -228,6 +243,11 @@ fn rotation_steps_refuse_out_of_order() {
         .unwrap();
     assert_eq!(active, staged);
     assert_ne!(pki.issuer().certificate(), &issuer_before);
-    let roles: Vec<_> = ca.anchors(t0).unwrap().into_iter().map(|a| a.role).collect();
+    let roles: Vec<_> = ca
+        .anchors(t0)
+        .unwrap()
+        .into_iter()
+        .map(|a| a.role)
+        .collect();
     assert_eq!(roles, [AnchorRole::Old, AnchorRole::Active]);
 }

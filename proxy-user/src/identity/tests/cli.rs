@@ -158,7 +158,15 @@ fn activate_and_retire_wait_for_every_node() {
     let tmp = TempDir::new("cli-nodes");
     let p = |s: &str| tmp.path().join(s).to_str().unwrap().to_owned();
     ca(&["init", "--trust-domain", "example.org", "--out", &p("ca")]);
-    ca(&["issue-intermediate", "--ca", &p("ca"), "--instance", "i-1", "--out", &p("node")]);
+    ca(&[
+        "issue-intermediate",
+        "--ca",
+        &p("ca"),
+        "--instance",
+        "i-1",
+        "--out",
+        &p("node"),
+    ]);
     let node = tmp.path().join("node");
     let manager = IdentityManager::new(IdentityConfig {
         bundle: node.join("bundle.pem"),

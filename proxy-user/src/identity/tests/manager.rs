@@ -85,7 +85,11 @@ fn reload_picks_up_a_rotation_and_keeps_the_old_state_on_errors() {
     ca.activate(Duration::ZERO).unwrap();
     m.reload().unwrap();
     assert_eq!(m.trust_status().issuer.anchor, staged);
-    assert_eq!(seen.lock().unwrap().len(), 3, "observer: now and after each reload");
+    assert_eq!(
+        seen.lock().unwrap().len(),
+        3,
+        "observer: now and after each reload"
+    );
     let after = m.current(&id).unwrap();
     assert_ne!(after.serial, before.serial);
     assert_eq!(&after.chain[1], pki.issuer().certificate());
