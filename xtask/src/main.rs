@@ -6,6 +6,7 @@ mod demo;
 mod deploy_check;
 mod python;
 mod setup;
+mod testrun;
 
 use std::{
     path::{Path, PathBuf},
@@ -96,10 +97,10 @@ fn test() -> Result<()> {
             "the eBPF and namespace tests need root (CI runs as root); run `sudo -E cargo xtask test`"
         );
     }
-    run(cargo()
-        .args(["test", "--", "--test-threads", "4"])
-        .env("ECSMESH_BIN", &built.ecsmesh)
-        .env("ECSMESH_EBPF_OBJECT", &built.ebpf_object))?;
+    testrun::run_all(&[
+        ("ECSMESH_BIN", &built.ecsmesh),
+        ("ECSMESH_EBPF_OBJECT", &built.ebpf_object),
+    ])?;
     // The benchmark's smoke run: it completes, its JSON is well formed and every mode
     // carried traffic without errors.
     bench::run(true)?;
