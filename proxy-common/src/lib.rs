@@ -9,8 +9,14 @@ pub const AF_INET6: u16 = 10;
 pub const IPPROTO_TCP: u32 = 6;
 pub const SOCK_STREAM: u32 = 1;
 
-/// DNS is never redirected: tasks resolve names directly, the mesh only carries TCP flows.
+/// DNS over TCP to a configured resolver (`RESOLVERS`) is never redirected; port 53 of any
+/// other address is redirected like every other port, so it is no way around the mesh.
 pub const DNS_PORT: u16 = 53;
+
+/// How deep below the cgroup root an enrolled task's processes may sit: the connect hooks
+/// look up the caller's cgroup and each of its ancestors (a process in a child cgroup of
+/// an enrolled container is that container's). Real layouts are 3-4 levels deep.
+pub const MAX_CGROUP_DEPTH: i32 = 32;
 
 /// Map names as they appear in the object file and under the pin directory.
 pub mod maps {
@@ -20,8 +26,11 @@ pub mod maps {
     pub const ORIG_DST: &str = "ORIG_DST";
     pub const SETTINGS: &str = "SETTINGS";
     pub const STATS: &str = "STATS";
+    pub const RESOLVERS: &str = "RESOLVERS";
     /// Every map of one instance; `uninstall` removes exactly these pins.
-    pub const ALL: [&str; 6] = [ENROLLED, EXCLUDED, PENDING, ORIG_DST, SETTINGS, STATS];
+    pub const ALL: [&str; 7] = [
+        ENROLLED, EXCLUDED, PENDING, ORIG_DST, SETTINGS, STATS, RESOLVERS,
+    ];
 }
 
 /// Program (function) names in the object file.
@@ -37,6 +46,7 @@ pub mod progs {
 pub const MAX_CONNECTIONS: u32 = 65_536;
 pub const MAX_TASK_CGROUPS: u32 = 16_384;
 pub const MAX_EXCLUDED_CIDRS: u32 = 1_024;
+pub const MAX_RESOLVERS: u32 = 64;
 
 /// Value of `ENROLLED`, keyed by cgroup id (u64). One task with several containers has one
 /// entry per container cgroup, all with the same `task_index`. The redirect target lives
@@ -49,12 +59,17 @@ pub struct TaskEntry {
     pub task_index: u32,
     /// Outbound listener port, host byte order.
     pub proxy_port: u16,
-    pub _pad: u16,
+    /// `TASK_HOST_NETWORK` when the task shares the host's network namespace.
+    pub flags: u16,
     /// Outbound listener IPv4 address, network byte order (as `bpf_sock_addr.user_ip4`).
     pub proxy_v4: u32,
     /// Outbound listener IPv6 address, network byte order words (as `user_ip6`).
     pub proxy_v6: [u32; 4],
 }
+
+/// `TaskEntry::flags`: the task uses the host's netns, where the unspecified address is
+/// the host's own (and the task's own) loopback.
+pub const TASK_HOST_NETWORK: u16 = 1;
 
 /// An address as the proxy computes it from an accepted socket's peer: IPv4 is kept in
 /// `addr[0]` (network byte order) with `family = AF_INET`, including v4-mapped IPv6 peers,
@@ -91,13 +106,18 @@ pub struct OrigDst {
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
 pub struct Settings {
-    /// cgroup id of the proxy itself: never redirected, wherever it sits in the tree.
+    /// cgroup id of the proxy itself: never redirected, wherever it sits in the tree. This
+    /// is the only exemption by caller: a socket mark would not do, since a task with
+    /// CAP_NET_RAW (Docker's default) can set any mark.
     pub proxy_cgroup_id: u64,
-    /// SO_MARK the proxy sets on its upstream sockets; such sockets are never redirected,
-    /// which also covers a proxy that shares a cgroup with a task (sidecar mode).
-    pub socket_mark: u32,
+    /// `SETTINGS_STRICT`, ...
+    pub flags: u32,
     pub _pad: u32,
 }
+
+/// `Settings::flags`: strict mode — a connect the mesh cannot carry (no listener of the
+/// destination's family for that task) is refused instead of going out directly.
+pub const SETTINGS_STRICT: u32 = 1;
 
 /// Indexes into the per-CPU `STATS` array.
 pub mod stats {
@@ -105,7 +125,24 @@ pub mod stats {
     pub const EXCLUDED: u32 = 1;
     pub const PENDING_FULL: u32 = 2;
     pub const PUBLISH_FAILED: u32 = 3;
-    pub const COUNT: u32 = 4;
+    /// Refused: the unspecified address (0.0.0.0, ::) from a task with its own netns,
+    /// which the proxy in the host netns would dial as the host's loopback.
+    pub const UNSPECIFIED_DENIED: u32 = 4;
+    /// Refused in strict mode: no proxy listener of the destination's family.
+    pub const NO_LISTENER_DENIED: u32 = 5;
+    /// Let through unmeshed in permissive mode: no proxy listener of that family.
+    pub const NO_LISTENER_PASSED: u32 = 6;
+    pub const COUNT: u32 = 7;
+    /// Label of each counter, by index (metrics).
+    pub const NAMES: [&str; COUNT as usize] = [
+        "redirected",
+        "excluded",
+        "pending_full",
+        "publish_failed",
+        "unspecified_denied",
+        "no_listener_denied",
+        "no_listener_passed",
+    ];
 }
 
 const _: () = assert!(core::mem::size_of::<TaskEntry>() == 28);

@@ -30,15 +30,19 @@ use aya_ebpf::{
         BPF_SOCK_OPS_TCP_CONNECT_CB, BPF_TCP_CLOSE, BPF_TCP_CLOSING, BPF_TCP_FIN_WAIT1,
         BPF_TCP_FIN_WAIT2, bpf_sock_addr,
     },
-    helpers::{bpf_get_current_cgroup_id, bpf_get_socket_cookie, bpf_ktime_get_ns},
+    helpers::{
+        bpf_get_current_ancestor_cgroup_id, bpf_get_current_cgroup_id, bpf_get_socket_cookie,
+        bpf_ktime_get_ns,
+    },
     macros::{cgroup_sock_addr, map, sock_ops},
     maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray},
     programs::{SockAddrContext, SockOpsContext},
 };
 use aya_log_ebpf::warn;
 use proxy_common::{
-    AF_INET, AF_INET6, DNS_PORT, IPPROTO_TCP, MAX_CONNECTIONS, MAX_EXCLUDED_CIDRS,
-    MAX_TASK_CGROUPS, OrigDst, SOCK_STREAM, Settings, SockKey, TaskEntry, stats,
+    AF_INET, AF_INET6, DNS_PORT, IPPROTO_TCP, MAX_CGROUP_DEPTH, MAX_CONNECTIONS,
+    MAX_EXCLUDED_CIDRS, MAX_RESOLVERS, MAX_TASK_CGROUPS, OrigDst, SETTINGS_STRICT, SOCK_STREAM,
+    Settings, SockKey, TASK_HOST_NETWORK, TaskEntry, stats,
 };
 
 /// `true`: let the syscall proceed (possibly with a rewritten address). `false`: fail it
@@ -57,6 +61,9 @@ static ENROLLED: HashMap<u64, TaskEntry> = HashMap::with_max_entries(MAX_TASK_CG
 /// Keys are 16-byte addresses (IPv4 as v4-mapped IPv6) so one trie serves both families.
 #[map]
 static EXCLUDED: LpmTrie<[u8; 16], u8> = LpmTrie::with_max_entries(MAX_EXCLUDED_CIDRS, 0);
+/// DNS resolvers tasks may reach on port 53 without the mesh (same key form as EXCLUDED).
+#[map]
+static RESOLVERS: LpmTrie<[u8; 16], u8> = LpmTrie::with_max_entries(MAX_RESOLVERS, 0);
 #[map]
 static PENDING: LruHashMap<u64, OrigDst> = LruHashMap::with_max_entries(MAX_CONNECTIONS, 0);
 #[map]
@@ -119,36 +126,46 @@ fn try_connect<const V6: bool>(ctx: &SockAddrContext) -> Allow {
         return true;
     }
     let cgroup = unsafe { bpf_get_current_cgroup_id() };
-    let Some(task) = (unsafe { ENROLLED.get(cgroup) }) else {
+    let settings = SETTINGS.get(0).copied().unwrap_or_default();
+    if cgroup == settings.proxy_cgroup_id {
+        return true;
+    }
+    let Some(task) = enrolled_task(cgroup) else {
         return true;
     };
-    if let Some(settings) = SETTINGS.get(0) {
-        if cgroup == settings.proxy_cgroup_id {
-            return true;
-        }
-        // SAFETY: `sk` is always set for connect hooks.
-        let mark = unsafe { (*sa.__bindgen_anon_1.sk).mark };
-        if settings.socket_mark != 0 && mark == settings.socket_mark {
-            return true;
-        }
-    }
     let dst = destination(sa, v6);
+    if dst.addr == [0; 4] {
+        // 0.0.0.0 / ::. In the host's netns that is the host itself, like loopback: local.
+        // From a task with its own netns, the proxy would dial it from the host netns and
+        // reach the host's loopback-only services: refused.
+        if task.flags & TASK_HOST_NETWORK != 0 {
+            bump(stats::EXCLUDED);
+            return true;
+        }
+        bump(stats::UNSPECIFIED_DENIED);
+        return false;
+    }
     let is_proxy = if dst.family == AF_INET {
         dst.addr[0] == task.proxy_v4
     } else {
         dst.addr == task.proxy_v6
     };
-    if dst.port == DNS_PORT
-        || (is_proxy && dst.port == task.proxy_port)
+    if (is_proxy && dst.port == task.proxy_port)
         || EXCLUDED.get(addr::lpm_key(&dst)).is_some()
+        || (dst.port == DNS_PORT && RESOLVERS.get(addr::lpm_key(&dst)).is_some())
     {
         bump(stats::EXCLUDED);
         return true;
     }
-    // No listener of that family configured for this task: leave the flow alone.
+    // No listener of that family for this task: the mesh cannot carry the flow.
     if (dst.family == AF_INET && task.proxy_v4 == 0)
         || (dst.family == AF_INET6 && task.proxy_v6 == [0; 4])
     {
+        if settings.flags & SETTINGS_STRICT != 0 {
+            bump(stats::NO_LISTENER_DENIED);
+            return false;
+        }
+        bump(stats::NO_LISTENER_PASSED);
         return true;
     }
     let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
@@ -182,6 +199,29 @@ fn try_connect<const V6: bool>(ctx: &SockAddrContext) -> Allow {
     }
     bump(stats::REDIRECTED);
     true
+}
+
+/// The task that owns the calling process: its own cgroup is enrolled, or one of its
+/// ancestors is (a process that moved into a child cgroup of its container is still that
+/// container's).
+#[inline(always)]
+fn enrolled_task(cgroup: u64) -> Option<TaskEntry> {
+    if let Some(task) = unsafe { ENROLLED.get(cgroup) } {
+        return Some(*task);
+    }
+    let mut level = 1;
+    while level < MAX_CGROUP_DEPTH {
+        let id = unsafe { bpf_get_current_ancestor_cgroup_id(level) };
+        // 0: past the caller's own depth; the caller itself was checked above.
+        if id == 0 || id == cgroup {
+            return None;
+        }
+        if let Some(task) = unsafe { ENROLLED.get(id) } {
+            return Some(*task);
+        }
+        level += 1;
+    }
+    None
 }
 
 /// The client's local address: what the proxy sees as the peer of the accepted socket.

@@ -1,5 +1,10 @@
 //! Admin HTTP endpoint: liveness, readiness and metrics for the ECS health check and
 //! Prometheus.
+//!
+//! Two doors with one router: the TCP admin address serves the read-only routes to
+//! anyone who can reach it — host-mode tasks share the host's loopback, so that includes
+//! tasks — and refuses the mutating ones (`POST /reload`); the admin Unix socket (root
+//! only, mode 0600, a path no task has mounted) serves every route to the operator.
 use std::{
     convert::Infallible,
     sync::{
@@ -33,8 +38,25 @@ fn respond(status: StatusCode, content_type: &str, body: String) -> Response<Ful
         .expect("static response parts are valid")
 }
 
-fn route(state: &AdminState, method: &hyper::Method, path: &str) -> Response<Full<Bytes>> {
+/// Who is asking: anyone on the TCP address, or the operator on the Unix socket.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Caller {
+    Network,
+    Operator,
+}
+
+fn route(
+    state: &AdminState,
+    caller: Caller,
+    method: &hyper::Method,
+    path: &str,
+) -> Response<Full<Bytes>> {
     match (method, path) {
+        (&hyper::Method::POST, "/reload") if caller != Caller::Operator => respond(
+            StatusCode::FORBIDDEN,
+            "text/plain",
+            "POST /reload is served on the admin socket only (see admin_socket)\n".into(),
+        ),
         (&hyper::Method::POST, "/reload") => match &state.identities {
             Some(ids) => match ids.reload() {
                 Ok(()) => respond(StatusCode::OK, "text/plain", "reloaded\n".into()),
@@ -106,13 +128,21 @@ fn route_get(state: &AdminState, path: &str) -> Response<Full<Bytes>> {
     }
 }
 
-pub async fn serve(listener: TcpListener, state: Arc<AdminState>, shutdown: CancellationToken) {
+/// Serves the admin routes on `listener` until `shutdown`; `caller` says which routes.
+pub async fn serve<L: Listener>(
+    listener: L,
+    caller: Caller,
+    state: Arc<AdminState>,
+    shutdown: CancellationToken,
+) {
     loop {
         let stream = tokio::select! {
-            r = listener.accept() => match r {
-                Ok((stream, _)) => stream,
+            r = listener.accept_stream() => match r {
+                Ok(stream) => stream,
                 Err(e) => {
                     tracing::warn!(error = %e, "admin accept failed");
+                    // EMFILE and friends: do not spin.
+                    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
                     continue;
                 }
             },
@@ -121,7 +151,7 @@ pub async fn serve(listener: TcpListener, state: Arc<AdminState>, shutdown: Canc
         let state = state.clone();
         tokio::spawn(async move {
             let svc = service_fn(move |req: Request<hyper::body::Incoming>| {
-                let resp = route(&state, req.method(), req.uri().path());
+                let resp = route(&state, caller, req.method(), req.uri().path());
                 async move { Ok::<_, Infallible>(resp) }
             });
             if let Err(e) = hyper::server::conn::http1::Builder::new()
@@ -132,4 +162,42 @@ pub async fn serve(listener: TcpListener, state: Arc<AdminState>, shutdown: Canc
             }
         });
     }
+}
+
+/// A listener the admin routes can be served on (TCP or Unix).
+pub trait Listener: Send + 'static {
+    type Stream: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static;
+    fn accept_stream(&self)
+    -> impl std::future::Future<Output = std::io::Result<Self::Stream>> + Send;
+}
+
+impl Listener for TcpListener {
+    type Stream = tokio::net::TcpStream;
+    async fn accept_stream(&self) -> std::io::Result<Self::Stream> {
+        self.accept().await.map(|(s, _)| s)
+    }
+}
+
+impl Listener for tokio::net::UnixListener {
+    type Stream = tokio::net::UnixStream;
+    async fn accept_stream(&self) -> std::io::Result<Self::Stream> {
+        self.accept().await.map(|(s, _)| s)
+    }
+}
+
+/// Binds the operator's admin socket: parent directory 0700, socket 0600, a stale socket
+/// of a previous run replaced.
+pub fn bind_socket(path: &std::path::Path) -> std::io::Result<tokio::net::UnixListener> {
+    use std::os::unix::fs::PermissionsExt;
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir)?;
+        std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))?;
+    }
+    match std::fs::remove_file(path) {
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(e),
+        _ => {}
+    }
+    let listener = tokio::net::UnixListener::bind(path)?;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))?;
+    Ok(listener)
 }

@@ -20,10 +20,23 @@ use crate::{
 };
 
 pub const DEFAULT_PIN_DIR: &str = "/sys/fs/bpf/ecsmesh";
+/// Default admin socket: `<dir>/<instance>.sock`.
+pub const DEFAULT_ADMIN_SOCKET_DIR: &str = "/run/ecsmesh";
 pub const DEFAULT_OUTBOUND_PORT: u16 = 15001;
 pub const DEFAULT_ADMIN_ADDR: SocketAddr = SocketAddr::new(IpAddr::V4(Ipv4Addr::LOCALHOST), 15000);
-/// SO_MARK on the proxy's upstream sockets ("ECMS"); the eBPF programs never redirect it.
+/// SO_MARK on the proxy's upstream sockets ("ECMS"), for host firewall rules. The eBPF
+/// programs do not trust it: a task with CAP_NET_RAW can set any mark. They exempt the
+/// proxy by its cgroup.
 pub const DEFAULT_SOCKET_MARK: u32 = 0x4543_4d53;
+/// DNS resolvers reachable on TCP port 53 without the mesh when `dns_resolvers` is not set,
+/// besides the host's `/etc/resolv.conf` nameservers: the Amazon VPC resolver's link-local
+/// addresses (IPv4 and the Nitro IPv6 one).
+pub const VPC_RESOLVERS: [IpAddr; 2] = [
+    IpAddr::V4(Ipv4Addr::new(169, 254, 169, 253)),
+    IpAddr::V6(Ipv6Addr::new(0xfd00, 0x0ec2, 0, 0, 0, 0, 0, 0x0253)),
+];
+/// Where the host's resolvers are listed (the VPC base+2 address on an ECS instance).
+pub const RESOLV_CONF: &str = "/etc/resolv.conf";
 
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
@@ -121,6 +134,12 @@ pub struct Config {
     pub bridge_ipv4: Option<Ipv4Addr>,
     pub bridge_ipv6: Option<Ipv6Addr>,
     pub exclude_cidrs: Vec<IpNet>,
+    /// Addresses tasks may reach on TCP port 53 without the mesh; port 53 of any other
+    /// address is redirected like any port.
+    pub dns_resolvers: Vec<IpAddr>,
+    /// Unix socket serving every admin route, including the mutating ones (`POST
+    /// /reload`) that the TCP admin address refuses: tasks can reach TCP, not this file.
+    pub admin_socket: PathBuf,
     pub socket_mark: u32,
     pub tasks: Vec<TaskConfig>,
     /// ECS cluster name, part of workload identities.
@@ -250,3 +269,12 @@ fn line_col(text: &str, offset: usize) -> (usize, usize) {
 
 #[cfg(test)]
 mod tests;
+
+/// Nameservers in resolv.conf text (`nameserver <addr>` lines; zone ids dropped).
+pub fn resolv_conf_nameservers(text: &str) -> Vec<IpAddr> {
+    text.lines()
+        .filter_map(|l| l.trim().strip_prefix("nameserver"))
+        .filter_map(|rest| rest.split_whitespace().next())
+        .filter_map(|a| a.split('%').next()?.parse().ok())
+        .collect()
+}

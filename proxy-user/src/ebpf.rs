@@ -11,7 +11,7 @@ mod pins;
 use std::{
     net::{Ipv4Addr, Ipv6Addr, SocketAddr},
     path::PathBuf,
-    sync::Mutex,
+    sync::{Arc, Mutex},
     time::Duration,
 };
 
@@ -21,7 +21,10 @@ use aya::{
     programs::{CgroupAttachMode, CgroupSockAddr, SockOps, links::FdLink},
 };
 use ipnet::IpNet;
-use proxy_common::{OrigDst as KernelOrigDst, Settings, SockKey, TaskEntry, maps, progs, stats};
+use proxy_common::{
+    OrigDst as KernelOrigDst, SETTINGS_STRICT, Settings, SockKey, TASK_HOST_NETWORK, TaskEntry,
+    maps, progs, stats,
+};
 
 pub use pins::{PinError, uninstall};
 
@@ -67,6 +70,10 @@ pub enum EbpfError {
     Pin(#[from] PinError),
     #[error(transparent)]
     Cgroup(#[from] cgroup::CgroupError),
+    #[error(
+        "refusing to enrol {cgroup}: it contains the proxy's own cgroup {proxy}, and the proxy would redirect itself"
+    )]
+    ContainsProxy { cgroup: PathBuf, proxy: PathBuf },
 }
 
 fn map_err(name: &'static str) -> impl FnOnce(aya::maps::MapError) -> EbpfError {
@@ -130,7 +137,7 @@ impl OrigDstMap {
 pub struct Redirect {
     ebpf: Ebpf,
     pin_dir: PathBuf,
-    stats: PerCpuArray<MapData, u64>,
+    stats: Arc<KernelStats>,
 }
 
 impl Redirect {
@@ -150,9 +157,12 @@ impl Redirect {
         if let Err(e) = aya_log::EbpfLogger::init(&mut ebpf).map(spawn_logger) {
             tracing::debug!(error = %e, "eBPF logger not started");
         }
-        let proxy_cgroup_id = cgroup::cgroup_id(&cgroup::own_cgroup()?)?;
-        write_settings(&mut ebpf, proxy_cgroup_id, config.socket_mark)?;
+        let proxy_cgroup = cgroup::own_cgroup()?;
+        let proxy_cgroup_id = cgroup::cgroup_id(&proxy_cgroup)?;
+        let strict = config.mode == crate::config::Mode::Strict;
+        write_settings(&mut ebpf, proxy_cgroup_id, strict)?;
         write_excludes(&mut ebpf, &config.exclude_cidrs)?;
+        write_resolvers(&mut ebpf, &config.dns_resolvers)?;
         for name in maps::ALL {
             let map = ebpf.map(name).ok_or(EbpfError::MissingMap(name))?;
             map.pin(pins::map_path(&config.pin_dir, name))
@@ -168,6 +178,7 @@ impl Redirect {
             outbound_port: config.outbound_port,
             bridge_ipv4: config.bridge_ipv4,
             bridge_ipv6: config.bridge_ipv6,
+            proxy_cgroup,
         };
         for (index, task) in initial {
             enroller.enrol(*index, task.network_mode, &task.cgroups)?;
@@ -220,7 +231,9 @@ impl Redirect {
         let stats_map = ebpf
             .take_map(maps::STATS)
             .ok_or(EbpfError::MissingMap(maps::STATS))?;
-        let stats = PerCpuArray::try_from(stats_map).map_err(map_err(maps::STATS))?;
+        let stats = Arc::new(KernelStats(
+            PerCpuArray::try_from(stats_map).map_err(map_err(maps::STATS))?,
+        ));
         tracing::info!(
             cgroup_root = %config.cgroup_root.display(),
             pin_dir = %config.pin_dir.display(),
@@ -239,14 +252,13 @@ impl Redirect {
     }
 
     /// Kernel-side counters (see `proxy_common::stats`), summed over CPUs.
-    pub fn kernel_stats(&self) -> [(&'static str, u64); 4] {
-        let read = |i: u32| self.stats.get(&i, 0).map(|v| v.iter().sum()).unwrap_or(0);
-        [
-            ("redirected", read(stats::REDIRECTED)),
-            ("excluded", read(stats::EXCLUDED)),
-            ("pending_full", read(stats::PENDING_FULL)),
-            ("publish_failed", read(stats::PUBLISH_FAILED)),
-        ]
+    pub fn kernel_stats(&self) -> Vec<(&'static str, u64)> {
+        self.stats.read()
+    }
+
+    /// A shared handle on the kernel counters, for the metrics scrape.
+    pub fn stats_handle(&self) -> Arc<KernelStats> {
+        self.stats.clone()
     }
 
     /// Detach every program and remove every pin of this instance.
@@ -260,6 +272,26 @@ impl Redirect {
         // Closing our program and map fds unloads them now that no pin holds them.
         drop((ebpf, stats));
         result
+    }
+}
+
+/// The kernel programs' counters, read at each scrape.
+pub struct KernelStats(PerCpuArray<MapData, u64>);
+
+impl std::fmt::Debug for KernelStats {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_list().entries(self.read()).finish()
+    }
+}
+
+impl KernelStats {
+    pub fn read(&self) -> Vec<(&'static str, u64)> {
+        (0..stats::COUNT)
+            .map(|i| {
+                let sum = self.0.get(&i, 0).map(|v| v.iter().sum()).unwrap_or(0);
+                (stats::NAMES[i as usize], sum)
+            })
+            .collect()
     }
 }
 
@@ -299,18 +331,14 @@ fn spawn_logger(logger: aya_log::EbpfLogger<&'static dyn log::Log>) {
     });
 }
 
-fn write_settings(
-    ebpf: &mut Ebpf,
-    proxy_cgroup_id: u64,
-    socket_mark: u32,
-) -> Result<(), EbpfError> {
+fn write_settings(ebpf: &mut Ebpf, proxy_cgroup_id: u64, strict: bool) -> Result<(), EbpfError> {
     let map = ebpf
         .map_mut(maps::SETTINGS)
         .ok_or(EbpfError::MissingMap(maps::SETTINGS))?;
     let mut settings: Array<_, Settings> = Array::try_from(map).map_err(map_err(maps::SETTINGS))?;
     let value = Settings {
         proxy_cgroup_id,
-        socket_mark,
+        flags: if strict { SETTINGS_STRICT } else { 0 },
         _pad: 0,
     };
     settings.set(0, value, 0).map_err(map_err(maps::SETTINGS))
@@ -344,6 +372,19 @@ fn write_excludes(ebpf: &mut Ebpf, extra: &[IpNet]) -> Result<(), EbpfError> {
     Ok(())
 }
 
+fn write_resolvers(ebpf: &mut Ebpf, resolvers: &[std::net::IpAddr]) -> Result<(), EbpfError> {
+    let map = ebpf
+        .map_mut(maps::RESOLVERS)
+        .ok_or(EbpfError::MissingMap(maps::RESOLVERS))?;
+    let mut trie: LpmTrie<_, [u8; 16], u8> =
+        LpmTrie::try_from(map).map_err(map_err(maps::RESOLVERS))?;
+    for addr in resolvers {
+        trie.insert(&lpm_key(&IpNet::from(*addr)), 1, 0)
+            .map_err(map_err(maps::RESOLVERS))?;
+    }
+    Ok(())
+}
+
 /// Writes the `ENROLLED` map: which cgroups belong to which task, and where that task
 /// reaches the proxy. Shared by the static config and ECS discovery.
 pub struct Enroller {
@@ -351,6 +392,9 @@ pub struct Enroller {
     outbound_port: u16,
     bridge_ipv4: Option<Ipv4Addr>,
     bridge_ipv6: Option<Ipv6Addr>,
+    /// Never inside an enrolled cgroup: the hooks match a cgroup's whole subtree, and the
+    /// proxy must not redirect itself.
+    proxy_cgroup: PathBuf,
 }
 
 impl Enroller {
@@ -365,10 +409,20 @@ impl Enroller {
             NetworkMode::Host => (Some(Ipv4Addr::LOCALHOST), Some(Ipv6Addr::LOCALHOST)),
             NetworkMode::Bridge => (self.bridge_ipv4, self.bridge_ipv6),
         };
+        if let Some(dir) = cgroups.iter().find(|d| self.proxy_cgroup.starts_with(d)) {
+            return Err(EbpfError::ContainsProxy {
+                cgroup: dir.clone(),
+                proxy: self.proxy_cgroup.clone(),
+            });
+        }
         let entry = TaskEntry {
             task_index,
             proxy_port: self.outbound_port,
-            _pad: 0,
+            flags: if mode == NetworkMode::Host {
+                TASK_HOST_NETWORK
+            } else {
+                0
+            },
             proxy_v4: v4.map_or(0, types::ipv4_word),
             proxy_v6: v6.map_or([0; 4], types::ipv6_words),
         };

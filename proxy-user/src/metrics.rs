@@ -1,5 +1,7 @@
 //! Prometheus metrics of the data path. Names follow Istio's `istio_tcp_*` family so
 //! existing dashboards translate; every series is labelled by the source ECS task.
+use std::sync::{Arc, OnceLock};
+
 use prometheus_client::{
     encoding::{EncodeLabelSet, text::encode},
     metrics::{counter::Counter, family::Family, gauge::Gauge},
@@ -60,6 +62,8 @@ pub struct IssuerLabels {
 
 pub struct Metrics {
     registry: Registry,
+    /// Filled once the eBPF programs are installed.
+    pub kernel: KernelCounters,
     /// 1 per anchor in the node's trust bundle (label: SHA-256 fingerprint).
     pub trust_anchors: Family<AnchorLabels, Gauge>,
     /// 1 for the issuer the node signs SVIDs with, and the anchor it chains to.
@@ -115,8 +119,10 @@ impl Metrics {
             inbound_from_task: Family::default(),
             trust_anchors: Family::default(),
             issuer: Family::default(),
+            kernel: KernelCounters::default(),
             registry: Registry::default(),
         };
+        registry.register_collector(Box::new(m.kernel.clone()));
         registry.register(
             "trust_anchor",
             "Anchors in this node's trust bundle, by SHA-256 fingerprint (value 1)",
@@ -227,5 +233,40 @@ impl Metrics {
         let mut out = String::new();
         encode(&mut out, &self.registry).expect("writing to a String cannot fail");
         out
+    }
+}
+
+/// The kernel programs' counters (`ecsmesh_kernel_connects_total{verdict}`), read from the
+/// per-CPU map at each scrape; nothing is exported until the programs are installed.
+#[derive(Clone, Debug, Default)]
+pub struct KernelCounters(Arc<OnceLock<Arc<crate::ebpf::KernelStats>>>);
+
+impl KernelCounters {
+    pub fn set(&self, stats: Arc<crate::ebpf::KernelStats>) {
+        let _ = self.0.set(stats);
+    }
+}
+
+impl prometheus_client::collector::Collector for KernelCounters {
+    fn encode(
+        &self,
+        mut encoder: prometheus_client::encoding::DescriptorEncoder,
+    ) -> Result<(), std::fmt::Error> {
+        use prometheus_client::encoding::EncodeMetric;
+        let Some(stats) = self.0.get() else {
+            return Ok(());
+        };
+        let mut family = encoder.encode_descriptor(
+            "kernel_connects",
+            "TCP connects seen by the eBPF connect hooks of enrolled tasks, by verdict",
+            None,
+            prometheus_client::metrics::MetricType::Counter,
+        )?;
+        for (verdict, value) in stats.read() {
+            let labels = [("verdict", verdict)];
+            prometheus_client::metrics::counter::ConstCounter::new(value)
+                .encode(family.encode_family(&labels)?)?;
+        }
+        Ok(())
     }
 }

@@ -102,6 +102,13 @@ impl Outbound {
             tracing::warn!(%peer, task_index, "connection from an unknown task index; closing");
             return;
         };
+        if dst.0.ip().is_unspecified() {
+            // The kernel refuses these for tasks with their own netns; never dial one from
+            // the host netns, where it means the host's loopback.
+            self.metrics.fail("unspecified_destination");
+            tracing::warn!(task = %task.id, %dst, "unspecified destination; closing");
+            return;
+        }
         let meshed = self.mesh.as_ref().and_then(|m| {
             m.discovery
                 .load()

@@ -53,6 +53,11 @@ pub enum RunError {
         addr: SocketAddr,
         source: std::io::Error,
     },
+    #[error("admin_socket: cannot listen on {path}: {source}")]
+    AdminSocket {
+        path: std::path::PathBuf,
+        source: std::io::Error,
+    },
     #[error(transparent)]
     Ebpf(#[from] EbpfError),
     #[error("uninstalling: {0}")]
@@ -102,6 +107,12 @@ pub async fn run(config: Arc<Config>) -> Result<(), RunError> {
     );
     // Everything that can fail on user input is checked before anything is attached.
     let admin_listener = bind("admin_addr", config.admin_addr)?;
+    let admin_socket = admin::bind_socket(&config.admin_socket).map_err(|source| {
+        RunError::AdminSocket {
+            path: config.admin_socket.clone(),
+            source,
+        }
+    })?;
     let outbound: Vec<_> = config
         .outbound_listen_addrs()
         .into_iter()
@@ -135,6 +146,13 @@ pub async fn run(config: Arc<Config>) -> Result<(), RunError> {
     });
     tokio::spawn(admin::serve(
         admin_listener,
+        admin::Caller::Network,
+        state.clone(),
+        shutdown.clone(),
+    ));
+    tokio::spawn(admin::serve(
+        admin_socket,
+        admin::Caller::Operator,
         state.clone(),
         shutdown.clone(),
     ));
@@ -149,6 +167,7 @@ pub async fn run(config: Arc<Config>) -> Result<(), RunError> {
             return Err(e.into());
         }
     };
+    metrics.kernel.set(redirect.stats_handle());
     let orig_dst = Arc::new(orig_dst);
     tokio::spawn(sweep(orig_dst.clone(), metrics.clone(), shutdown.clone()));
     let mesh_handles = mesh
@@ -262,6 +281,7 @@ pub async fn run(config: Arc<Config>) -> Result<(), RunError> {
             "drain timeout; closing remaining connections"
         );
     }
+    let _ = std::fs::remove_file(&config.admin_socket);
     uninstalled?;
     Ok(())
 }

@@ -177,7 +177,8 @@ pub struct ProxyOptions {
     pub enrol: Option<Vec<usize>>,
     /// Run the proxy in this cgroup instead of `<instance>/proxy`.
     pub cgroup: Option<PathBuf>,
-    /// Unknown destinations are closed instead of passed through (mesh only).
+    /// Strict mode: unknown destinations are closed instead of passed through, and what
+    /// the redirect cannot carry is refused in the kernel.
     pub strict: bool,
     pub svid_lifetime_secs: Option<u64>,
     pub tunnel_stream_cap: Option<usize>,
@@ -193,6 +194,11 @@ pub struct ProxyOptions {
     /// Trust bundle path instead of the one `ecsmesh ca` keeps in the issuer directory
     /// (a node whose copy of the bundle is distributed separately, and may lag).
     pub bundle: Option<PathBuf>,
+    /// No `bridge_ipv6`: bridge tasks have no IPv6 listener to be redirected to.
+    pub no_bridge_ipv6: bool,
+    /// `dns_resolvers` (empty by default: the harness has no resolver, and the host's
+    /// resolv.conf must not leak into tests).
+    pub dns_resolvers: Vec<std::net::IpAddr>,
 }
 
 /// Identity material of one instance, made by `World::enable_mesh`.
@@ -273,13 +279,28 @@ impl Instance {
     pub fn config_text(&self, opts: &ProxyOptions) -> String {
         let mut t = format!(
             "instance = \"{}\"\npin_dir = \"{}\"\ncgroup_root = \"{}\"\nadmin_addr = \"{}\"\n\
-             outbound_port = {OUTBOUND_PORT}\nbridge_ipv4 = \"{}\"\nbridge_ipv6 = \"{}\"\n",
+             admin_socket = \"{}\"\noutbound_port = {OUTBOUND_PORT}\nbridge_ipv4 = \"{}\"\n",
             self.name,
             self.pin_dir.display(),
             self.cgroup_root.display(),
             self.admin,
+            self.admin_socket().display(),
             self.bridge_v4,
-            self.bridge_v6
+        );
+        t += &format!(
+            "mode = \"{}\"\n",
+            if opts.strict { "strict" } else { "permissive" }
+        );
+        if !opts.no_bridge_ipv6 {
+            t += &format!("bridge_ipv6 = \"{}\"\n", self.bridge_v6);
+        }
+        t += &format!(
+            "dns_resolvers = [{}]\n",
+            opts.dns_resolvers
+                .iter()
+                .map(|a| format!("\"{a}\""))
+                .collect::<Vec<_>>()
+                .join(", ")
         );
         let cidrs: Vec<String> = opts
             .exclude_cidrs
@@ -309,9 +330,8 @@ impl Instance {
         let mut t = String::new();
         if let Some(mesh) = &self.mesh {
             t += &format!(
-                "cluster = \"{CLUSTER}\"\ndiscovery_file = \"{}\"\nmode = \"{}\"\n",
+                "cluster = \"{CLUSTER}\"\ndiscovery_file = \"{}\"\n",
                 mesh.discovery.display(),
-                if opts.strict { "strict" } else { "permissive" }
             );
             if let Some(cap) = opts.tunnel_stream_cap {
                 t += &format!("tunnel_stream_cap = {cap}\n");
@@ -418,6 +438,11 @@ impl Instance {
             );
             std::thread::sleep(Duration::from_millis(50));
         }
+    }
+
+    /// The operator's admin socket (every route, including `POST /reload`).
+    pub fn admin_socket(&self) -> PathBuf {
+        self.workdir.join(format!("{}-admin.sock", self.name))
     }
 
     /// The node's admin URL as an operator elsewhere on the fabric would give it.

@@ -1,6 +1,6 @@
 //! The on-disk shape, kept apart from `Config` so that validation is the only way in.
 use std::{
-    net::{Ipv4Addr, Ipv6Addr, SocketAddr},
+    net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr},
     path::PathBuf,
 };
 
@@ -9,7 +9,7 @@ use serde::Deserialize;
 
 use super::{
     CloudMapSettings, Config, DEFAULT_ADMIN_ADDR, DEFAULT_INBOUND_PORT, DEFAULT_OUTBOUND_PORT,
-    DEFAULT_PIN_DIR, DEFAULT_SOCKET_MARK, DEFAULT_STREAM_CAP, EcsSettings, IdentitySettings, Mode,
+    DEFAULT_ADMIN_SOCKET_DIR, DEFAULT_PIN_DIR, DEFAULT_SOCKET_MARK, DEFAULT_STREAM_CAP, EcsSettings, IdentitySettings, Mode,
     NetworkMode, TaskConfig,
 };
 use crate::{
@@ -40,6 +40,10 @@ pub(super) struct RawConfig {
     exclude_cidrs: Vec<String>,
     #[serde(default)]
     socket_mark: Option<u32>,
+    #[serde(default)]
+    dns_resolvers: Option<Vec<IpAddr>>,
+    #[serde(default)]
+    admin_socket: Option<PathBuf>,
     #[serde(default)]
     tasks: Vec<RawTask>,
     #[serde(default)]
@@ -225,6 +229,32 @@ impl RawConfig {
         if socket_mark == 0 {
             return Err(invalid("socket_mark", "must not be 0"));
         }
+        let dns_resolvers = match self.dns_resolvers {
+            Some(list) => list,
+            None => {
+                let mut list = std::fs::read_to_string(super::RESOLV_CONF)
+                    .map(|t| super::resolv_conf_nameservers(&t))
+                    .unwrap_or_default();
+                list.extend(super::VPC_RESOLVERS);
+                list
+            }
+        };
+        if let Some(bad) = dns_resolvers
+            .iter()
+            .find(|a| a.is_unspecified() || a.is_loopback())
+        {
+            return Err(invalid(
+                "dns_resolvers",
+                format!("{bad} is not a resolver address (loopback is never redirected anyway)"),
+            ));
+        }
+        let pin_dir = self.pin_dir.unwrap_or_else(|| DEFAULT_PIN_DIR.into());
+        let admin_socket = self
+            .admin_socket
+            .unwrap_or_else(|| PathBuf::from(DEFAULT_ADMIN_SOCKET_DIR).join(format!("{}.sock", self.instance)));
+        if !admin_socket.is_absolute() {
+            return Err(invalid("admin_socket", "must be an absolute path"));
+        }
         let ecs = self.ecs.map(RawEcs::validate).transpose()?;
         let cloudmap = self.cloudmap.map(RawCloudMap::validate).transpose()?;
         let cluster = self.cluster.unwrap_or_else(|| "default".to_owned());
@@ -331,13 +361,15 @@ impl RawConfig {
         }
         Ok(Config {
             instance: self.instance,
-            pin_dir: self.pin_dir.unwrap_or_else(|| DEFAULT_PIN_DIR.into()),
+            pin_dir,
             cgroup_root: self.cgroup_root,
             outbound_port,
             admin_addr: self.admin_addr.unwrap_or(DEFAULT_ADMIN_ADDR),
             bridge_ipv4: self.bridge_ipv4,
             bridge_ipv6: self.bridge_ipv6,
             exclude_cidrs,
+            dns_resolvers,
+            admin_socket,
             socket_mark,
             tasks,
             cluster,

@@ -186,7 +186,12 @@ fn activate_and_retire_wait_for_every_node() {
         identities: Some(manager.clone()),
     });
     let shutdown = tokio_util::sync::CancellationToken::new();
-    rt.spawn(serve(listener, state, shutdown.clone()));
+    rt.spawn(serve(
+        listener,
+        crate::admin::Caller::Network,
+        state,
+        shutdown.clone(),
+    ));
 
     ca(&["rotate", "--ca", &p("ca")]);
     let activate = ["activate", "--ca", &p("ca"), "--node", &url];

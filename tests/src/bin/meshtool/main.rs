@@ -48,6 +48,10 @@ enum Cmd {
         /// Payload is this string repeated/truncated to `--bytes` (for packet captures).
         #[arg(long, value_parser = clap::builder::NonEmptyStringValueParser::new())]
         marker: Option<String>,
+        /// Set this SO_MARK on every socket before connecting (needs CAP_NET_RAW or
+        /// CAP_NET_ADMIN); a refused setsockopt fails the connection.
+        #[arg(long, value_parser = parse_u32)]
+        mark: Option<u32>,
     },
     /// Try to connect `count` times; report how many succeeded (for refused-port tests).
     Attempts {
@@ -216,6 +220,7 @@ fn main() {
             bytes,
             sequential,
             marker,
+            mark,
         } => {
             let jobs: Vec<(usize, SocketAddr)> = targets
                 .iter()
@@ -224,14 +229,16 @@ fn main() {
                 .collect();
             let reports: Vec<ConnReport> = if sequential {
                 jobs.into_iter()
-                    .map(|(i, t)| one_connection(t, bytes, i as u64, marker.as_deref()))
+                    .map(|(i, t)| one_connection(t, bytes, i as u64, marker.as_deref(), mark))
                     .collect()
             } else {
                 let handles: Vec<_> = jobs
                     .into_iter()
                     .map(|(i, t)| {
                         let marker = marker.clone();
-                        thread::spawn(move || one_connection(t, bytes, i as u64, marker.as_deref()))
+                        thread::spawn(move || {
+                            one_connection(t, bytes, i as u64, marker.as_deref(), mark)
+                        })
                     })
                     .collect();
                 handles
@@ -490,7 +497,39 @@ fn payload(seed: u64, len: usize) -> Vec<u8> {
         .collect()
 }
 
-fn one_connection(target: SocketAddr, bytes: usize, seed: u64, marker: Option<&str>) -> ConnReport {
+/// `0x45434d53` or `1162038611`.
+fn parse_u32(s: &str) -> Result<u32, String> {
+    match s.strip_prefix("0x") {
+        Some(hex) => u32::from_str_radix(hex, 16),
+        None => s.parse(),
+    }
+    .map_err(|e| format!("{s:?}: {e}"))
+}
+
+fn connect(target: SocketAddr, mark: Option<u32>) -> std::io::Result<TcpStream> {
+    let timeout = Duration::from_secs(10);
+    let Some(mark) = mark else {
+        return TcpStream::connect_timeout(&target, timeout);
+    };
+    let socket = socket2::Socket::new(
+        socket2::Domain::for_address(target),
+        socket2::Type::STREAM,
+        Some(socket2::Protocol::TCP),
+    )?;
+    socket
+        .set_mark(mark)
+        .map_err(|e| std::io::Error::new(e.kind(), format!("SO_MARK {mark:#x}: {e}")))?;
+    socket.connect_timeout(&target.into(), timeout)?;
+    Ok(socket.into())
+}
+
+fn one_connection(
+    target: SocketAddr,
+    bytes: usize,
+    seed: u64,
+    marker: Option<&str>,
+    mark: Option<u32>,
+) -> ConnReport {
     let mut report = ConnReport {
         target,
         peer: None,
@@ -499,7 +538,7 @@ fn one_connection(target: SocketAddr, bytes: usize, seed: u64, marker: Option<&s
         error: None,
     };
     let result = (|| -> std::io::Result<()> {
-        let mut s = TcpStream::connect_timeout(&target, Duration::from_secs(10))?;
+        let mut s = connect(target, mark)?;
         s.set_read_timeout(Some(DEADLINE))?;
         report.peer = s.peer_addr().ok();
         let sent = match marker {
