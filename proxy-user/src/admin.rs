@@ -167,8 +167,9 @@ pub async fn serve<L: Listener>(
 /// A listener the admin routes can be served on (TCP or Unix).
 pub trait Listener: Send + 'static {
     type Stream: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static;
-    fn accept_stream(&self)
-    -> impl std::future::Future<Output = std::io::Result<Self::Stream>> + Send;
+    fn accept_stream(
+        &self,
+    ) -> impl std::future::Future<Output = std::io::Result<Self::Stream>> + Send;
 }
 
 impl Listener for TcpListener {

@@ -107,12 +107,11 @@ pub async fn run(config: Arc<Config>) -> Result<(), RunError> {
     );
     // Everything that can fail on user input is checked before anything is attached.
     let admin_listener = bind("admin_addr", config.admin_addr)?;
-    let admin_socket = admin::bind_socket(&config.admin_socket).map_err(|source| {
-        RunError::AdminSocket {
+    let admin_socket =
+        admin::bind_socket(&config.admin_socket).map_err(|source| RunError::AdminSocket {
             path: config.admin_socket.clone(),
             source,
-        }
-    })?;
+        })?;
     let outbound: Vec<_> = config
         .outbound_listen_addrs()
         .into_iter()

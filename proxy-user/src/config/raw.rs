@@ -8,9 +8,9 @@ use ipnet::IpNet;
 use serde::Deserialize;
 
 use super::{
-    CloudMapSettings, Config, DEFAULT_ADMIN_ADDR, DEFAULT_INBOUND_PORT, DEFAULT_OUTBOUND_PORT,
-    DEFAULT_ADMIN_SOCKET_DIR, DEFAULT_PIN_DIR, DEFAULT_SOCKET_MARK, DEFAULT_STREAM_CAP, EcsSettings, IdentitySettings, Mode,
-    NetworkMode, TaskConfig,
+    CloudMapSettings, Config, DEFAULT_ADMIN_ADDR, DEFAULT_ADMIN_SOCKET_DIR, DEFAULT_INBOUND_PORT,
+    DEFAULT_OUTBOUND_PORT, DEFAULT_PIN_DIR, DEFAULT_SOCKET_MARK, DEFAULT_STREAM_CAP, EcsSettings,
+    IdentitySettings, Mode, NetworkMode, TaskConfig,
 };
 use crate::{
     authz::{AllowRule, Policy},
@@ -249,9 +249,9 @@ impl RawConfig {
             ));
         }
         let pin_dir = self.pin_dir.unwrap_or_else(|| DEFAULT_PIN_DIR.into());
-        let admin_socket = self
-            .admin_socket
-            .unwrap_or_else(|| PathBuf::from(DEFAULT_ADMIN_SOCKET_DIR).join(format!("{}.sock", self.instance)));
+        let admin_socket = self.admin_socket.unwrap_or_else(|| {
+            PathBuf::from(DEFAULT_ADMIN_SOCKET_DIR).join(format!("{}.sock", self.instance))
+        });
         if !admin_socket.is_absolute() {
             return Err(invalid("admin_socket", "must be an absolute path"));
         }
