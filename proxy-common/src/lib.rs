@@ -116,7 +116,8 @@ pub struct Settings {
 }
 
 /// `Settings::flags`: strict mode — a connect the mesh cannot carry (no listener of the
-/// destination's family for that task) is refused instead of going out directly.
+/// destination's family for that task, or a cgroup below the attach point that is not
+/// enrolled) is refused instead of going out directly.
 pub const SETTINGS_STRICT: u32 = 1;
 
 /// Indexes into the per-CPU `STATS` array.
@@ -132,7 +133,11 @@ pub mod stats {
     pub const NO_LISTENER_DENIED: u32 = 5;
     /// Let through unmeshed in permissive mode: no proxy listener of that family.
     pub const NO_LISTENER_PASSED: u32 = 6;
-    pub const COUNT: u32 = 7;
+    /// Refused in strict mode: a cgroup below the attach point that is not enrolled.
+    pub const UNENROLLED_DENIED: u32 = 7;
+    /// Let through in permissive mode: a cgroup below the attach point, not enrolled.
+    pub const UNENROLLED_PASSED: u32 = 8;
+    pub const COUNT: u32 = 9;
     /// Label of each counter, by index (metrics).
     pub const NAMES: [&str; COUNT as usize] = [
         "redirected",
@@ -142,6 +147,8 @@ pub mod stats {
         "unspecified_denied",
         "no_listener_denied",
         "no_listener_passed",
+        "unenrolled_denied",
+        "unenrolled_passed",
     ];
 }
 

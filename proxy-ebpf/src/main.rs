@@ -131,6 +131,14 @@ fn try_connect<const V6: bool>(ctx: &SockAddrContext) -> Allow {
         return true;
     }
     let Some(task) = enrolled_task(cgroup) else {
+        // Below the attach point but not (yet) enrolled: a task the agent has not
+        // reported, or anything else placed there. Strict mode refuses it until it is
+        // enrolled; permissive mode lets it go direct and counts it.
+        if settings.flags & SETTINGS_STRICT != 0 {
+            bump(stats::UNENROLLED_DENIED);
+            return false;
+        }
+        bump(stats::UNENROLLED_PASSED);
         return true;
     };
     let dst = destination(sa, v6);

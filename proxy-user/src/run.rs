@@ -207,6 +207,7 @@ pub async fn run(config: Arc<Config>) -> Result<(), RunError> {
         let identities = mesh_handles.clone();
         let mut reconciler = ecs::Reconciler::new(
             settings,
+            config.cgroup_root.clone(),
             default_mode,
             tasks.clone(),
             Arc::new(enroller),

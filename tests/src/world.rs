@@ -194,6 +194,9 @@ pub struct ProxyOptions {
     /// Trust bundle path instead of the one `ecsmesh ca` keeps in the issuer directory
     /// (a node whose copy of the bundle is distributed separately, and may lag).
     pub bundle: Option<PathBuf>,
+    /// Attach the programs to this directory below the instance's cgroup root instead of
+    /// the root itself (e.g. `ecstasks.slice`, as on a real ECS instance).
+    pub attach_below: Option<PathBuf>,
     /// No `bridge_ipv6`: bridge tasks have no IPv6 listener to be redirected to.
     pub no_bridge_ipv6: bool,
     /// `dns_resolvers` (empty by default: the harness has no resolver, and the host's
@@ -282,7 +285,15 @@ impl Instance {
              admin_socket = \"{}\"\noutbound_port = {OUTBOUND_PORT}\nbridge_ipv4 = \"{}\"\n",
             self.name,
             self.pin_dir.display(),
-            self.cgroup_root.display(),
+            match &opts.attach_below {
+                Some(below) => {
+                    let dir = self.cgroup_root.join(below);
+                    std::fs::create_dir_all(&dir).expect("mkdir attach cgroup");
+                    dir
+                }
+                None => self.cgroup_root.clone(),
+            }
+            .display(),
             self.admin,
             self.admin_socket().display(),
             self.bridge_v4,

@@ -32,6 +32,7 @@ struct FakeTask {
     id: &'static str,
     family: &'static str,
     desired: &'static str,
+    known: &'static str,
     container: &'static str,
     /// Docker health status; None = no health check.
     health: Option<&'static str>,
@@ -51,7 +52,7 @@ fn agent_tasks(tasks: &[&FakeTask]) -> String {
             ));
             v["Family"] = json!(t.family);
             v["DesiredStatus"] = json!(t.desired);
-            v["KnownStatus"] = json!("RUNNING");
+            v["KnownStatus"] = json!(t.known);
             let mut c = ctemplate.clone();
             c["DockerId"] = json!(t.container);
             c["Name"] = json!("app");
@@ -89,6 +90,7 @@ const T1: FakeTask = FakeTask {
     id: "a1a1a1a1a1a1a1a1a1a1a1a1a1a1a1a1",
     family: "orders",
     desired: "RUNNING",
+    known: "RUNNING",
     container: "c1c1c1c1c1c1c1c1c1c1c1c1c1c1c1c1c1c1c1c1c1c1c1c1c1c1c1c1c1c1c1c1",
     health: Some("healthy"),
     awsvpc: false,
@@ -97,6 +99,7 @@ const T2: FakeTask = FakeTask {
     id: "b2b2b2b2b2b2b2b2b2b2b2b2b2b2b2b2",
     family: "orders",
     desired: "RUNNING",
+    known: "RUNNING",
     container: "c2c2c2c2c2c2c2c2c2c2c2c2c2c2c2c2c2c2c2c2c2c2c2c2c2c2c2c2c2c2c2c2",
     health: Some("unhealthy"),
     awsvpc: false,
@@ -105,6 +108,7 @@ const T3: FakeTask = FakeTask {
     id: "c3c3c3c3c3c3c3c3c3c3c3c3c3c3c3c3",
     family: "billing",
     desired: "RUNNING",
+    known: "RUNNING",
     container: "c3c3c3c3c3c3c3c3c3c3c3c3c3c3c3c3c3c3c3c3c3c3c3c3c3c3c3c3c3c3c3c3",
     health: None,
     awsvpc: false,
@@ -113,14 +117,31 @@ const T5: FakeTask = FakeTask {
     id: "e5e5e5e5e5e5e5e5e5e5e5e5e5e5e5e5",
     family: "vpcapp",
     desired: "RUNNING",
+    known: "RUNNING",
     container: "c5c5c5c5c5c5c5c5c5c5c5c5c5c5c5c5c5c5c5c5c5c5c5c5c5c5c5c5c5c5c5c5",
     health: None,
     awsvpc: true,
 };
 
+const T6: FakeTask = FakeTask {
+    id: "f6f6f6f6f6f6f6f6f6f6f6f6f6f6f6f6",
+    family: "stray",
+    desired: "RUNNING",
+    known: "RUNNING",
+    container: "c6c6c6c6c6c6c6c6c6c6c6c6c6c6c6c6c6c6c6c6c6c6c6c6c6c6c6c6c6c6c6c6",
+    health: None,
+    awsvpc: false,
+};
+
 /// Instance 1's tasks come from the fixture agent; instance 0 runs a static client task.
 /// Without `wait_ready` the agent answers 500 until the test changes it.
 fn cluster(initial: &[&FakeTask], wait_ready: bool) -> Cluster {
+    cluster_with(initial, wait_ready, ProxyOptions::default())
+}
+
+/// [`cluster`], with instance 1's options starting from `base` (strict mode, another
+/// attach point).
+fn cluster_with(initial: &[&FakeTask], wait_ready: bool, base: ProxyOptions) -> Cluster {
     let mut w = World::new(tools(), 2);
     w.enable_mesh(TRUST_DOMAIN);
     w.add_task(0, Host, 1);
@@ -133,6 +154,15 @@ fn cluster(initial: &[&FakeTask], wait_ready: bool) -> Cluster {
         "/v1/metadata",
         200,
         fixture("agent-metadata.json").to_string(),
+    );
+    // T6's container only exists where Docker puts it without the agent's parent
+    // (`system.slice/docker-<cid>.scope`): the resolver's last fallback.
+    w.cgroups
+        .dir(&format!("inst1/system.slice/docker-{}.scope", T6.container));
+    docker.set(
+        &format!("/containers/{}/json", T6.container),
+        200,
+        docker_inspect(&T6),
     );
     for t in [&T1, &T2, &T3, &T5] {
         // The agent's cgroup v2 layout on AL2023, below the instance's cgroup root.
@@ -171,7 +201,7 @@ fn cluster(initial: &[&FakeTask], wait_ready: bool) -> Cluster {
     let opts = ProxyOptions {
         enrol: Some(vec![]),
         extra_toml: extra,
-        ..Default::default()
+        ..base
     };
     if wait_ready {
         w.instances[1].start_proxy(&opts);
@@ -293,15 +323,37 @@ fn agent_tasks_are_enrolled_gated_by_health_and_unenrolled_when_gone() {
     assert!(b.proxy_log().contains("task unenrolled"));
 }
 
+/// A client in the cgroup of container `t` on instance 1 (what the task itself runs).
+fn from_task(c: &Cluster, t: &FakeTask, target: SocketAddr) -> Vec<harness::world::ConnReport> {
+    let b = &c.w.instances[1];
+    let cgroup = b.cgroup_root.join(format!(
+        "ecstasks.slice/ecstasks-{}.slice/docker-{}.scope",
+        t.id, t.container
+    ));
+    let mut cmd = std::process::Command::new(&tools().meshtool);
+    cmd.args(client_args(&[target], 1, 64));
+    process::place(
+        &mut cmd,
+        &process::Placement {
+            netns: b.netns.path(),
+            cgroup,
+            cpu: None,
+        },
+    );
+    run_client(cmd)
+}
+
+const PROXY: &str = "127.0.0.1:15001";
+
 #[test]
-fn a_task_with_desired_status_stopped_drains_its_connections() {
-    let c = cluster(&[&T1], true);
-    // A long-lived connection to T1's endpoint: one ping every 200 ms for up to 12 s.
+fn a_stopping_task_stays_meshed_while_it_drains() {
+    let c = cluster(&[&T1, &T3], true);
+    // A long-lived connection to T1's endpoint: one ping every 200 ms, 4 s in all.
     let args: Vec<String> = [
         "pingpong",
         &c.eps[0].to_string(),
         "--count",
-        "60",
+        "20",
         "--size",
         "16",
         "--interval-ms",
@@ -317,22 +369,105 @@ fn a_task_with_desired_status_stopped_drains_its_connections() {
         desired: "STOPPED",
         ..T1
     };
-    c.agent.set("/v1/tasks", 200, agent_tasks(&[&stopping]));
-    let started = Instant::now();
-    let out = long.join().unwrap();
+    c.agent
+        .set("/v1/tasks", 200, agent_tasks(&[&stopping, &T3]));
+    wait_until("the stopping task takes no new connections", || {
+        !connect_ok(&c, c.eps[0])
+    });
+    // Its own connections still go through the mesh, and its certificate is kept.
+    let out = from_task(&c, &T1, c.eps[2]);
+    assert!(out[0].ok, "{out:?}");
+    assert_eq!(out[0].peer, Some(PROXY.parse().unwrap()), "{out:?}");
+    assert!(identities(&c).contains("/orders"));
+    // The open stream finishes.
+    let pp = long.join().unwrap();
+    let report: Value = serde_json::from_slice(&pp.stdout).unwrap_or_default();
     assert!(
-        !out.status.success(),
-        "the open connection was closed by the drain"
+        pp.status.success() && report["count"] == 20,
+        "the open connection finished: {report} {}",
+        String::from_utf8_lossy(&pp.stderr)
     );
+    assert!(!c.w.instances[1].proxy_log().contains("task unenrolled"));
+    // Gone for good (known STOPPED): unenrolled, certificate dropped.
+    let stopped = FakeTask {
+        known: "STOPPED",
+        ..stopping
+    };
+    c.agent.set("/v1/tasks", 200, agent_tasks(&[&stopped, &T3]));
+    wait_until("unenrolled once stopped", || {
+        c.w.instances[1].proxy_log().contains("task unenrolled")
+    });
+    wait_until("certificate dropped", || {
+        !identities(&c).contains("/orders")
+    });
+}
+
+#[test]
+fn in_strict_mode_a_task_the_agent_has_not_reported_is_refused_until_enrolled() {
+    let c = cluster_with(
+        &[&T1],
+        true,
+        ProxyOptions {
+            strict: true,
+            ..Default::default()
+        },
+    );
+    // T3's container exists (its cgroup is there) but the agent does not list it yet.
+    let before = from_task(&c, &T3, c.eps[0]);
+    assert!(!before[0].ok, "refused before enrolment: {before:?}");
+    let mb = c.w.instances[1].metrics();
     assert!(
-        started.elapsed() < Duration::from_secs(8),
-        "drained promptly, not at the end of the pings"
+        counter(
+            &mb,
+            "ecsmesh_kernel_connects_total",
+            &[("verdict", "unenrolled_denied")]
+        ) >= 1.0
     );
+    c.agent.set("/v1/tasks", 200, agent_tasks(&[&T1, &T3]));
+    wait_until("billing certificate issued", || {
+        identities(&c).contains("/billing")
+    });
+    let after = from_task(&c, &T3, c.eps[0]);
+    assert!(after[0].ok, "{after:?}");
+    assert_eq!(
+        after[0].peer,
+        Some(PROXY.parse().unwrap()),
+        "meshed: {after:?}"
+    );
+}
+
+#[test]
+fn a_task_whose_cgroup_is_outside_the_attach_point_is_reported_not_meshed() {
+    // The programs attach to the ECS tasks slice, as on a real instance; T6's container
+    // sits in system.slice, where nothing redirects it.
+    let attach = ProxyOptions {
+        attach_below: Some("ecstasks.slice".into()),
+        ..Default::default()
+    };
+    let c = cluster_with(&[&T1, &T6], true, attach);
+    let mb = c.w.instances[1].metrics();
+    assert_eq!(
+        counter(
+            &mb,
+            "ecsmesh_ecs_tasks",
+            &[("state", "not_meshed_outside_cgroup_root")]
+        ),
+        1.0
+    );
+    assert_eq!(
+        counter(&mb, "ecsmesh_ecs_tasks", &[("state", "enrolled")]),
+        1.0,
+        "only T1"
+    );
+    assert!(!identities(&c).contains("/stray"));
     assert!(
-        !connect_ok(&c, c.eps[0]),
-        "no new connections to a stopping task"
+        c.w.instances[1]
+            .proxy_log()
+            .contains("outside cgroup_root: not meshed")
     );
-    assert!(c.w.instances[1].proxy_log().contains("task unenrolled"));
+    // T1, inside the slice, is meshed.
+    let out = from_task(&c, &T1, c.eps[0]);
+    assert_eq!(out[0].peer, Some(PROXY.parse().unwrap()), "{out:?}");
 }
 
 #[test]

@@ -31,6 +31,9 @@ pub struct Reconciler {
     agent: EcsAgent,
     docker: Option<DockerHealth>,
     cgroup_root: PathBuf,
+    /// Where the programs are attached: a cgroup outside it is not redirected, so a task
+    /// found there is reported as not meshed, never enrolled.
+    attach_root: PathBuf,
     layout: Option<CgroupLayout>,
     /// Where tasks of unknown network mode reach the proxy (bridge when a bridge address
     /// is configured: ECS's default mode on Linux).
@@ -41,11 +44,14 @@ pub struct Reconciler {
     metrics: Arc<Metrics>,
     enrolled: HashMap<TaskId, Enrolled>,
     reported_awsvpc: HashSet<TaskId>,
+    reported_outside: HashSet<TaskId>,
+    reported_stopping: HashSet<TaskId>,
 }
 
 impl Reconciler {
     pub fn new(
         settings: &EcsSettings,
+        attach_root: PathBuf,
         default_mode: NetworkMode,
         tasks: Arc<TaskTable>,
         enroller: Arc<Enroller>,
@@ -65,6 +71,7 @@ impl Reconciler {
             agent: EcsAgent::new(uri)?,
             docker: settings.docker_socket.as_ref().map(DockerHealth::new),
             cgroup_root: settings.cgroup_root.clone(),
+            attach_root,
             layout,
             default_mode,
             tasks,
@@ -73,6 +80,8 @@ impl Reconciler {
             metrics,
             enrolled: HashMap::new(),
             reported_awsvpc: HashSet::new(),
+            reported_outside: HashSet::new(),
+            reported_stopping: HashSet::new(),
         })
     }
 
@@ -101,7 +110,7 @@ impl Reconciler {
             }
         };
         let mut present = HashSet::new();
-        let (mut pending, mut awsvpc) = (0, 0);
+        let (mut pending, mut awsvpc, mut outside) = (0, 0, 0);
         for task in snapshot {
             let mode = match task.network_mode {
                 LocalNetworkMode::Host => NetworkMode::Host,
@@ -115,8 +124,8 @@ impl Reconciler {
                     continue;
                 }
             };
-            if matches!(task.gate, Gate::Drain(_)) {
-                // Desired STOPPED: leave it out, so it is unenrolled and drained below.
+            if task.gate == Gate::Drain("stopped") {
+                // Known STOPPED: its processes are gone; leave it out, so it is unenrolled.
                 continue;
             }
             let cgroups: Vec<PathBuf> = task
@@ -128,7 +137,23 @@ impl Reconciler {
                 pending += 1;
                 continue;
             }
+            if let Some(cg) = cgroups.iter().find(|c| !c.starts_with(&self.attach_root)) {
+                // Enrolling it would report a task as meshed that nothing redirects.
+                outside += 1;
+                if self.reported_outside.insert(task.task_id.clone()) {
+                    tracing::warn!(task = %task.task_id, family = %task.family, cgroup = %cg.display(), cgroup_root = %self.attach_root.display(), "task's cgroup is outside cgroup_root: not meshed");
+                }
+                continue;
+            }
             present.insert(task.task_id.clone());
+            // Desired STOPPED while still running: it stays meshed while ECS lets it drain
+            // (its open connections finish, its own connections stay meshed, its
+            // certificate renews), but takes no new inbound connections.
+            if task.gate == Gate::Drain("stopping")
+                && self.reported_stopping.insert(task.task_id.clone())
+            {
+                tracing::info!(task = %task.task_id, "task stopping: meshed while it drains, no new inbound connections");
+            }
             let serving = task.gate == Gate::Serve;
             if let Some(known) = self.enrolled.get_mut(&task.task_id) {
                 if let Some(t) = self.tasks.get(known.index) {
@@ -167,6 +192,8 @@ impl Reconciler {
             self.unenrol(&id);
         }
         self.reported_awsvpc.retain(|_| awsvpc > 0);
+        self.reported_outside.retain(|_| outside > 0);
+        self.reported_stopping.retain(|id| present.contains(id));
         let serving = self.tasks.all().iter().filter(|(_, t)| t.serving()).count();
         let set = |state, n: usize| {
             self.metrics
@@ -178,6 +205,7 @@ impl Reconciler {
         set("serving", serving);
         set("pending", pending);
         set("not_meshed_awsvpc", awsvpc);
+        set("not_meshed_outside_cgroup_root", outside);
         Ok(())
     }
 
