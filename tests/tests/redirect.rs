@@ -141,13 +141,15 @@ fn excluded_destinations_and_udp_are_not_redirected() {
     w.instances[1].echo_server(&remote);
     let opts = ProxyOptions {
         exclude_cidrs: vec!["10.0.0.2/32".into(), "fd00::2/128".into()],
+        dns_resolvers: vec!["10.0.0.12".parse().unwrap()],
         ..Default::default()
     };
     w.instances[0].start_proxy(&opts);
     let a = &w.instances[0];
     let t = &a.tasks[task];
 
-    // Loopback, link-local, configured CIDRs (both families), and DNS's port.
+    // Loopback, link-local, configured CIDRs (both families), and a configured resolver's
+    // port 53 (port 53 elsewhere is redirected: see zero_trust.rs).
     let direct = [
         local[0],
         local[1],
@@ -185,27 +187,30 @@ fn excluded_destinations_and_udp_are_not_redirected() {
     );
 }
 
+/// A proxy inside a task's cgroup would be exempt together with that task (the kernel
+/// exempts the proxy by cgroup, since a socket mark can be forged): refused at start.
 #[test]
-fn proxy_inside_an_enrolled_cgroup_does_not_redirect_itself() {
+fn a_proxy_inside_an_enrolled_cgroup_refuses_to_start() {
     let mut w = World::new(tools(), 2);
     let task = w.add_task(0, Host, 2);
-    let target = w.instances[1].addr(9000);
-    w.instances[1].echo_server(&[target]);
-    // The proxy runs in the task's second container cgroup, which is enrolled: its own
-    // upstream connections must not be steered back into itself.
     let cgroup = w.instances[0].tasks[task].cgroups[1].clone();
-    w.instances[0].start_proxy(&ProxyOptions {
-        cgroup: Some(cgroup),
-        ..Default::default()
-    });
     let a = &w.instances[0];
-    assert_redirected(
-        &a.tasks[task].client(&[target, target], 1, 2048),
-        a.outbound_v4(Host),
+    let text = a.config_text(&ProxyOptions::default());
+    let (cmd, _) = a.proxy_command(&text, Some(&cgroup));
+    let log = w.workdir.join("inside.log");
+    let mut p = harness::process::spawn_logged(cmd, "ecsmesh", &log);
+    let st = p
+        .wait_timeout(std::time::Duration::from_secs(10))
+        .expect("the proxy must exit");
+    let stderr = std::fs::read_to_string(&log).unwrap();
+    assert!(!st.success(), "{stderr}");
+    assert!(
+        stderr.contains("contains the proxy's own cgroup"),
+        "{stderr}"
     );
-    let m = a.metrics();
-    assert_eq!(
-        counter(&m, "ecsmesh_tcp_connections_opened_total", &[]),
-        2.0
+    assert!(
+        harness::cgroup_prog_ids(&a.cgroup_root).is_empty(),
+        "nothing attached"
     );
+    assert!(!a.pin_dir.exists(), "nothing pinned");
 }
