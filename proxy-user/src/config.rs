@@ -22,6 +22,8 @@ use crate::{
 pub const DEFAULT_PIN_DIR: &str = "/sys/fs/bpf/ecsmesh";
 /// Default admin socket: `<dir>/<instance>.sock`.
 pub const DEFAULT_ADMIN_SOCKET_DIR: &str = "/run/ecsmesh";
+/// Default state directory: `<dir>/<instance>`.
+pub const DEFAULT_STATE_DIR: &str = "/var/lib/ecsmesh";
 pub const DEFAULT_OUTBOUND_PORT: u16 = 15001;
 pub const DEFAULT_ADMIN_ADDR: SocketAddr = SocketAddr::new(IpAddr::V4(Ipv4Addr::LOCALHOST), 15000);
 /// SO_MARK on the proxy's upstream sockets ("ECMS"), for host firewall rules. The eBPF
@@ -140,6 +142,8 @@ pub struct Config {
     /// Unix socket serving every admin route, including the mutating ones (`POST
     /// /reload`) that the TCP admin address refuses: tasks can reach TCP, not this file.
     pub admin_socket: PathBuf,
+    /// Where the proxy keeps what must survive a restart (the ECS tasks it enrolled).
+    pub state_dir: PathBuf,
     pub socket_mark: u32,
     pub tasks: Vec<TaskConfig>,
     /// ECS cluster name, part of workload identities.

@@ -2,10 +2,10 @@
 //!
 //! Everything lives under the instance's pin directory, so several instances on one kernel
 //! (the test harness, or a blue/green restart) never share or remove each other's state.
-//! Links are pinned too: after `kill -9` the redirect stays attached and points at a dead
-//! listener, so enrolled tasks' connections fail (fail-closed) until the proxy restarts or
-//! `ecsmesh uninstall` runs. A clean SIGTERM unpins and detaches, so tasks then connect
-//! directly (fail-open).
+//! Links are pinned too: after SIGTERM or `kill -9` the redirect stays attached and points
+//! at a dead listener, so enrolled tasks' connections fail (fail-closed) until the next
+//! proxy takes over (see `install`) or `ecsmesh uninstall` runs; nothing else detaches.
+mod install;
 mod pins;
 
 use std::{
@@ -16,21 +16,21 @@ use std::{
 };
 
 use aya::{
-    Ebpf, EbpfLoader,
+    Ebpf,
     maps::{Array, HashMap, LpmTrie, MapData, PerCpuArray, lpm_trie::Key},
-    programs::{CgroupAttachMode, CgroupSockAddr, SockOps, links::FdLink},
 };
 use ipnet::IpNet;
 use proxy_common::{
     OrigDst as KernelOrigDst, SETTINGS_STRICT, Settings, SockKey, TASK_HOST_NETWORK, TaskEntry,
-    maps, progs, stats,
+    maps, stats,
 };
 
-pub use pins::{PinError, uninstall};
+pub use install::Prepared;
+pub use pins::{PinError, attached, uninstall};
 
 use crate::{
     cgroup,
-    config::{Config, NetworkMode, TaskConfig},
+    config::NetworkMode,
     types::{self, OrigDst},
 };
 
@@ -141,116 +141,6 @@ pub struct Redirect {
 }
 
 impl Redirect {
-    /// Load, configure and attach. Stale pins from a previous run of the same instance
-    /// (after `kill -9`) are removed first, with a warning.
-    pub fn install(
-        config: &Config,
-        initial: &[(u32, &TaskConfig)],
-    ) -> Result<(Self, OrigDstMap, Enroller), EbpfError> {
-        pins::ensure_bpffs()?;
-        if pins::has_pins(&config.pin_dir) {
-            tracing::warn!(pin_dir = %config.pin_dir.display(), "removing pins left by a previous run");
-            pins::uninstall(&config.pin_dir)?;
-        }
-        pins::create_dir(&config.pin_dir)?;
-        let mut ebpf = EbpfLoader::new().load(OBJECT)?;
-        if let Err(e) = aya_log::EbpfLogger::init(&mut ebpf).map(spawn_logger) {
-            tracing::debug!(error = %e, "eBPF logger not started");
-        }
-        let proxy_cgroup = cgroup::own_cgroup()?;
-        let proxy_cgroup_id = cgroup::cgroup_id(&proxy_cgroup)?;
-        let strict = config.mode == crate::config::Mode::Strict;
-        write_settings(&mut ebpf, proxy_cgroup_id, strict)?;
-        write_excludes(&mut ebpf, &config.exclude_cidrs)?;
-        write_resolvers(&mut ebpf, &config.dns_resolvers)?;
-        for name in maps::ALL {
-            let map = ebpf.map(name).ok_or(EbpfError::MissingMap(name))?;
-            map.pin(pins::map_path(&config.pin_dir, name))
-                .map_err(pins::PinError::from)?;
-        }
-        // Tasks known up front are enrolled before anything is attached, so none of their
-        // connections slips past the proxy at start.
-        let enrolled = ebpf
-            .take_map(maps::ENROLLED)
-            .ok_or(EbpfError::MissingMap(maps::ENROLLED))?;
-        let enroller = Enroller {
-            map: Mutex::new(HashMap::try_from(enrolled).map_err(map_err(maps::ENROLLED))?),
-            outbound_port: config.outbound_port,
-            bridge_ipv4: config.bridge_ipv4,
-            bridge_ipv6: config.bridge_ipv6,
-            proxy_cgroup,
-        };
-        for (index, task) in initial {
-            enroller.enrol(*index, task.network_mode, &task.cgroups)?;
-            tracing::info!(task = %task.id, family = %task.family, "task enrolled");
-        }
-
-        let cgroup_dir =
-            std::fs::File::open(&config.cgroup_root).map_err(|source| cgroup::CgroupError::Io {
-                path: config.cgroup_root.clone(),
-                source,
-            })?;
-        // bpf_link attachments (what aya uses on kernels >= 5.7) always join the cgroup's
-        // multi-program list — the kernel passes BPF_F_ALLOW_MULTI itself — and reject the
-        // flag from userspace with EINVAL, so `Single` here still coexists with programs
-        // attached above or below (e.g. a sidecar's per-task attachment).
-        const MODE: CgroupAttachMode = CgroupAttachMode::Single;
-        for name in [progs::CONNECT4, progs::CONNECT6] {
-            let prog: &mut CgroupSockAddr = program(&mut ebpf, name)?;
-            prog.load().map_err(prog_err(format!("loading {name}")))?;
-            let id = prog
-                .attach(&cgroup_dir, MODE)
-                .map_err(prog_err(format!("attaching {name}")))?;
-            pin_taken(
-                &config.pin_dir,
-                name,
-                prog.take_link(id).map_err(prog_err(name))?,
-            )?;
-            prog.pin(pins::prog_path(&config.pin_dir, name))
-                .map_err(pins::PinError::from)?;
-        }
-        let prog: &mut SockOps = program(&mut ebpf, progs::SOCKOPS)?;
-        prog.load().map_err(prog_err("loading sockops"))?;
-        let id = prog
-            .attach(&cgroup_dir, MODE)
-            .map_err(prog_err("attaching sockops"))?;
-        pin_taken(
-            &config.pin_dir,
-            progs::SOCKOPS,
-            prog.take_link(id).map_err(prog_err("sockops"))?,
-        )?;
-        prog.pin(pins::prog_path(&config.pin_dir, progs::SOCKOPS))
-            .map_err(pins::PinError::from)?;
-
-        let orig = ebpf
-            .take_map(maps::ORIG_DST)
-            .ok_or(EbpfError::MissingMap(maps::ORIG_DST))?;
-        let orig = OrigDstMap {
-            map: Mutex::new(HashMap::try_from(orig).map_err(map_err(maps::ORIG_DST))?),
-        };
-        let stats_map = ebpf
-            .take_map(maps::STATS)
-            .ok_or(EbpfError::MissingMap(maps::STATS))?;
-        let stats = Arc::new(KernelStats(
-            PerCpuArray::try_from(stats_map).map_err(map_err(maps::STATS))?,
-        ));
-        tracing::info!(
-            cgroup_root = %config.cgroup_root.display(),
-            pin_dir = %config.pin_dir.display(),
-            proxy_cgroup_id,
-            "eBPF redirect attached"
-        );
-        Ok((
-            Self {
-                ebpf,
-                pin_dir: config.pin_dir.clone(),
-                stats,
-            },
-            orig,
-            enroller,
-        ))
-    }
-
     /// Kernel-side counters (see `proxy_common::stats`), summed over CPUs.
     pub fn kernel_stats(&self) -> Vec<(&'static str, u64)> {
         self.stats.read()
@@ -259,6 +149,13 @@ impl Redirect {
     /// A shared handle on the kernel counters, for the metrics scrape.
     pub fn stats_handle(&self) -> Arc<KernelStats> {
         self.stats.clone()
+    }
+
+    /// Close this process's handles and leave everything pinned: the programs stay
+    /// attached and keep redirecting enrolled tasks to this instance's listener, so
+    /// until the next proxy takes over their connections are refused (fail-closed).
+    pub fn release(self) {
+        drop(self);
     }
 
     /// Detach every program and remove every pin of this instance.
@@ -293,17 +190,6 @@ impl KernelStats {
             })
             .collect()
     }
-}
-
-fn pin_taken<L>(dir: &std::path::Path, name: &str, link: L) -> Result<(), EbpfError>
-where
-    L: TryInto<FdLink, Error = aya::programs::links::LinkError>,
-{
-    let link = link.try_into().map_err(|source| EbpfError::Link {
-        what: name.to_owned(),
-        source,
-    })?;
-    Ok(pins::pin_link(dir, name, link)?)
 }
 
 fn program<'a, T>(ebpf: &'a mut Ebpf, name: &str) -> Result<&'a mut T, EbpfError>
@@ -389,6 +275,9 @@ fn write_resolvers(ebpf: &mut Ebpf, resolvers: &[std::net::IpAddr]) -> Result<()
 /// reaches the proxy. Shared by the static config and ECS discovery.
 pub struct Enroller {
     map: Mutex<HashMap<MapData, u64, TaskEntry>>,
+    /// Cgroup ids this process enrolled; at a takeover, every other entry of the carried
+    /// map belongs to a task of the previous proxy that nobody claimed, and is pruned.
+    written: Mutex<std::collections::HashSet<u64>>,
     outbound_port: u16,
     bridge_ipv4: Option<Ipv4Addr>,
     bridge_ipv6: Option<Ipv6Addr>,
@@ -431,6 +320,10 @@ impl Enroller {
         for dir in cgroups {
             let id = cgroup::cgroup_id(dir)?;
             map.insert(id, entry, 0).map_err(map_err(maps::ENROLLED))?;
+            self.written
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .insert(id);
             tracing::debug!(cgroup = %dir.display(), cgroup_id = id, task_index, "cgroup enrolled");
             ids.push(id);
         }
@@ -440,9 +333,26 @@ impl Enroller {
     /// Stop redirecting these cgroups (the task stopped).
     pub fn unenrol(&self, cgroup_ids: &[u64]) {
         let mut map = self.map.lock().unwrap_or_else(|p| p.into_inner());
+        let mut written = self.written.lock().unwrap_or_else(|p| p.into_inner());
         for id in cgroup_ids {
             let _ = map.remove(id);
+            written.remove(id);
         }
+    }
+
+    /// Removes every entry this process did not write; returns how many went.
+    pub fn prune(&self) -> usize {
+        let mut map = self.map.lock().unwrap_or_else(|p| p.into_inner());
+        let written = self.written.lock().unwrap_or_else(|p| p.into_inner());
+        let stale: Vec<u64> = map
+            .keys()
+            .filter_map(Result::ok)
+            .filter(|id| !written.contains(id))
+            .collect();
+        for id in &stale {
+            let _ = map.remove(id);
+        }
+        stale.len()
     }
 
     /// Number of enrolled cgroups (tests, metrics).

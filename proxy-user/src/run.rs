@@ -72,10 +72,11 @@ pub enum RunError {
     CloudMap(crate::cloudmap::CloudMapError),
 }
 
-/// SIGTERM before the proxy became ready: detach and unpin, nothing to drain.
+/// SIGTERM before the proxy became ready: nothing to drain; the redirect stays attached.
 fn shutdown_now(redirect: Redirect) -> Result<(), RunError> {
-    tracing::info!("SIGTERM before ready: detaching");
-    Ok(redirect.uninstall()?)
+    tracing::info!("SIGTERM before ready: stopping; the redirect stays attached");
+    redirect.release();
+    Ok(())
 }
 
 pub(crate) fn bind(field: &'static str, addr: SocketAddr) -> Result<TcpListener, RunError> {
@@ -156,22 +157,24 @@ pub async fn run(config: Arc<Config>) -> Result<(), RunError> {
         shutdown.clone(),
     ));
 
-    let (redirect, orig_dst, enroller) = match Redirect::install(&config, &initial) {
+    // Install, step 1: load, configure, enrol what is known (static tasks, and the ECS
+    // tasks of the last run from the state file), before anything is attached.
+    let takeover = ebpf::attached(&config.pin_dir);
+    let mesh_handles = mesh
+        .as_ref()
+        .map(|parts| (parts.identities.clone(), parts.mesh.expected.clone()));
+    let (prepared, reconciler) = match prepare(&config, &initial, &tasks, &mesh_handles, &metrics) {
         Ok(x) => x,
-        Err(e) => {
-            // Never leave half an installation behind.
-            if let Err(cleanup) = ebpf::uninstall(&config.pin_dir) {
-                tracing::error!(error = %cleanup, "cleaning up after a failed install");
-            }
-            return Err(e.into());
-        }
+        Err(e) => return Err(install_failed(&config, takeover, e)),
+    };
+    // Step 2: attach (taking over from a previous proxy's programs without a gap).
+    let (redirect, orig_dst) = match prepared.attach() {
+        Ok(x) => x,
+        Err(e) => return Err(install_failed(&config, takeover, e.into())),
     };
     metrics.kernel.set(redirect.stats_handle());
     let orig_dst = Arc::new(orig_dst);
     tokio::spawn(sweep(orig_dst.clone(), metrics.clone(), shutdown.clone()));
-    let mesh_handles = mesh
-        .as_ref()
-        .map(|parts| (parts.identities.clone(), parts.mesh.expected.clone()));
     let mesh_discovery = mesh.as_ref().map(|m| m.mesh.discovery.clone());
     let proxy = Arc::new(Outbound {
         orig_dst,
@@ -198,23 +201,7 @@ pub async fn run(config: Arc<Config>) -> Result<(), RunError> {
                 .serve(listener, shutdown.clone(), tracker.clone()),
         );
     }
-    if let Some(settings) = &config.ecs {
-        let default_mode = if config.bridge_ipv4.is_some() || config.bridge_ipv6.is_some() {
-            crate::config::NetworkMode::Bridge
-        } else {
-            crate::config::NetworkMode::Host
-        };
-        let identities = mesh_handles.clone();
-        let mut reconciler = ecs::Reconciler::new(
-            settings,
-            config.cgroup_root.clone(),
-            default_mode,
-            tasks.clone(),
-            Arc::new(enroller),
-            identities,
-            metrics.clone(),
-        )
-        .map_err(RunError::Ecs)?;
+    if let (Some(settings), Some(mut reconciler)) = (&config.ecs, reconciler) {
         // Ready means discovery synced once: wait (bounded by shutdown) for a first
         // successful poll of the agent.
         loop {
@@ -260,16 +247,17 @@ pub async fn run(config: Arc<Config>) -> Result<(), RunError> {
     tracing::info!(instance = %config.instance, "ready");
 
     tokio::select! {
-        _ = sigterm.recv() => tracing::info!("SIGTERM: detaching and draining"),
-        _ = tokio::signal::ctrl_c() => tracing::info!("SIGINT: detaching and draining"),
+        _ = sigterm.recv() => tracing::info!("SIGTERM: draining; the redirect stays attached until the next proxy takes over"),
+        _ = tokio::signal::ctrl_c() => tracing::info!("SIGINT: draining; the redirect stays attached until the next proxy takes over"),
     }
     state.ready.store(false, Ordering::Release);
     if let Some(attribute) = &ready_attribute {
         attribute.withdraw().await;
     }
     let kernel = redirect.kernel_stats();
-    let uninstalled = redirect.uninstall();
-    tracing::info!(?kernel, "redirect detached");
+    // Only `ecsmesh uninstall` detaches: tasks wait (fail-closed) for the next proxy.
+    redirect.release();
+    tracing::info!(?kernel, "redirect left attached and pinned");
     shutdown.cancel();
     tracker.close();
     if tokio::time::timeout(DRAIN_TIMEOUT, tracker.wait())
@@ -282,6 +270,61 @@ pub async fn run(config: Arc<Config>) -> Result<(), RunError> {
         );
     }
     let _ = std::fs::remove_file(&config.admin_socket);
-    uninstalled?;
     Ok(())
+}
+
+type MeshHandles = Option<(
+    Arc<crate::identity::IdentityManager>,
+    Arc<crate::proxy::ExpectedIdentity>,
+)>;
+
+/// Install step 1 with the ECS reconciler, which restores the last run's tasks from the
+/// state file into the enrolment before anything is attached.
+fn prepare(
+    config: &Config,
+    initial: &[(u32, &crate::config::TaskConfig)],
+    tasks: &Arc<TaskTable>,
+    mesh: &MeshHandles,
+    metrics: &Arc<Metrics>,
+) -> Result<(ebpf::Prepared, Option<ecs::Reconciler>), RunError> {
+    let prepared = Redirect::prepare(config, initial)?;
+    let Some(settings) = &config.ecs else {
+        return Ok((prepared, None));
+    };
+    let default_mode = if config.bridge_ipv4.is_some() || config.bridge_ipv6.is_some() {
+        crate::config::NetworkMode::Bridge
+    } else {
+        crate::config::NetworkMode::Host
+    };
+    let node = ecs::NodeSide {
+        attach_root: config.cgroup_root.clone(),
+        state_file: config.state_dir.join(ecs::STATE_FILE),
+        default_mode,
+    };
+    let mut reconciler = ecs::Reconciler::new(
+        settings,
+        node,
+        tasks.clone(),
+        prepared.enroller(),
+        mesh.clone(),
+        metrics.clone(),
+    )
+    .map_err(RunError::Ecs)?;
+    let restored = reconciler.restore();
+    if restored > 0 || prepared.takeover() {
+        tracing::info!(
+            restored,
+            "ECS tasks of the last run enrolled before attaching"
+        );
+    }
+    Ok((prepared, Some(reconciler)))
+}
+
+/// A failed install leaves the kernel as it found it: a first install is removed whole,
+/// a previous proxy's installation (a takeover) is left attached and untouched.
+fn install_failed(config: &Config, takeover: bool, e: RunError) -> RunError {
+    if !takeover && let Err(cleanup) = ebpf::uninstall(&config.pin_dir) {
+        tracing::error!(error = %cleanup, "cleaning up after a failed install");
+    }
+    e
 }

@@ -63,6 +63,21 @@ impl TaskTable {
         }
     }
 
+    /// Add a task at a given index (restoring the enrolment of a previous run, whose
+    /// kernel entries carry that index); hands the task back if the slot is taken.
+    pub fn insert_at(&self, index: u32, task: TaskRef) -> Result<(), TaskRef> {
+        let mut slots = self.slots.write().unwrap_or_else(|p| p.into_inner());
+        let i = index as usize;
+        if slots.len() <= i {
+            slots.resize(i + 1, None);
+        }
+        if slots[i].is_some() {
+            return Err(task);
+        }
+        slots[i] = Some(Arc::new(task));
+        Ok(())
+    }
+
     pub fn get(&self, index: u32) -> Option<Arc<TaskRef>> {
         let slots = self.slots.read().unwrap_or_else(|p| p.into_inner());
         slots.get(index as usize).cloned().flatten()
@@ -124,6 +139,16 @@ mod tests {
         assert!(t.get(0).is_none());
         assert_eq!(t.insert(task("c", "api")), 0);
         assert_eq!(t.get(1).unwrap().id.as_str(), "b");
+    }
+
+    #[test]
+    fn insert_at_restores_an_index_or_refuses_a_taken_one() {
+        let t = TaskTable::default();
+        t.insert_at(3, task("a", "web")).unwrap();
+        assert_eq!(t.get(3).unwrap().id.as_str(), "a");
+        assert!(t.insert_at(3, task("b", "web")).is_err());
+        // The gap below is reused first.
+        assert_eq!(t.insert(task("c", "web")), 0);
     }
 
     #[test]

@@ -282,7 +282,8 @@ impl Instance {
     pub fn config_text(&self, opts: &ProxyOptions) -> String {
         let mut t = format!(
             "instance = \"{}\"\npin_dir = \"{}\"\ncgroup_root = \"{}\"\nadmin_addr = \"{}\"\n\
-             admin_socket = \"{}\"\noutbound_port = {OUTBOUND_PORT}\nbridge_ipv4 = \"{}\"\n",
+             admin_socket = \"{}\"\nstate_dir = \"{}\"\noutbound_port = {OUTBOUND_PORT}\n\
+             bridge_ipv4 = \"{}\"\n",
             self.name,
             self.pin_dir.display(),
             match &opts.attach_below {
@@ -296,6 +297,7 @@ impl Instance {
             .display(),
             self.admin,
             self.admin_socket().display(),
+            self.workdir.join(format!("{}-state", self.name)).display(),
             self.bridge_v4,
         );
         t += &format!(

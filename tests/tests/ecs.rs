@@ -84,6 +84,19 @@ struct Cluster {
     agent: HttpFixture,
     docker: HttpFixture,
     eps: [SocketAddr; 3],
+    /// Instance 1's proxy options (for restarts).
+    opts: ProxyOptions,
+}
+
+/// Starts instance 1's proxy without waiting for ready (which needs the agent).
+fn spawn_unready(w: &mut World, opts: &ProxyOptions) {
+    let text = w.instances[1].config_text(opts);
+    let (cmd, config) = w.instances[1].proxy_command(&text, None);
+    let log = w
+        .workdir
+        .join(format!("inst1-proxy-{}.log", harness::uid()));
+    let proc = process::spawn_logged(cmd, "ecsmesh", &log);
+    w.instances[1].proxy = Some(harness::world::Proxy { proc, config, log });
 }
 
 const T1: FakeTask = FakeTask {
@@ -206,11 +219,7 @@ fn cluster_with(initial: &[&FakeTask], wait_ready: bool, base: ProxyOptions) -> 
     if wait_ready {
         w.instances[1].start_proxy(&opts);
     } else {
-        let text = w.instances[1].config_text(&opts);
-        let (cmd, config) = w.instances[1].proxy_command(&text, None);
-        let log = w.workdir.join("inst1-proxy.log");
-        let proc = process::spawn_logged(cmd, "ecsmesh", &log);
-        w.instances[1].proxy = Some(harness::world::Proxy { proc, config, log });
+        spawn_unready(&mut w, &opts);
     }
     w.instances[0].start_proxy(&ProxyOptions::default());
     Cluster {
@@ -218,6 +227,7 @@ fn cluster_with(initial: &[&FakeTask], wait_ready: bool, base: ProxyOptions) -> 
         agent,
         docker,
         eps,
+        opts,
     }
 }
 
@@ -468,6 +478,47 @@ fn a_task_whose_cgroup_is_outside_the_attach_point_is_reported_not_meshed() {
     // T1, inside the slice, is meshed.
     let out = from_task(&c, &T1, c.eps[0]);
     assert_eq!(out[0].peer, Some(PROXY.parse().unwrap()), "{out:?}");
+}
+
+/// The node proxy crashes and comes back while the ECS agent is down: the task it had
+/// enrolled stays meshed throughout — refused while no proxy runs, redirected as soon as
+/// the new one is up, never direct.
+#[test]
+fn a_restart_with_the_agent_down_keeps_every_task_meshed() {
+    let mut c = cluster(&[&T1], true);
+    let proxy: SocketAddr = PROXY.parse().unwrap();
+    let before = from_task(&c, &T1, c.eps[0]);
+    assert_eq!(before[0].peer, Some(proxy), "{before:?}");
+    c.agent.set("/v1/tasks", 500, "{\"error\":\"agent down\"}");
+    let old = c.w.instances[1].proxy.take().expect("proxy running");
+    old.proc.signal(nix::sys::signal::Signal::SIGKILL);
+    let gap = from_task(&c, &T1, c.eps[0]);
+    assert!(!gap[0].ok, "no proxy: refused, not direct: {gap:?}");
+    let opts = c.opts.clone();
+    spawn_unready(&mut c.w, &opts);
+    let mut last = Vec::new();
+    wait_until("T1 meshed by the new proxy", || {
+        last = from_task(&c, &T1, c.eps[0]);
+        assert!(
+            !last[0].ok || last[0].peer == Some(proxy),
+            "a connection went out directly: {last:?}"
+        );
+        last[0].ok
+    });
+    let log = c.w.instances[1].proxy_log();
+    assert!(log.contains("taking over"), "{log}");
+    assert!(
+        log.contains("ECS tasks of the last run enrolled before attaching"),
+        "{log}"
+    );
+    assert!(
+        log.contains("waiting for the ECS agent"),
+        "the agent is still down"
+    );
+    assert!(
+        identities(&c).contains("/orders"),
+        "its certificate was issued again"
+    );
 }
 
 #[test]

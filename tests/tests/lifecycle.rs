@@ -98,7 +98,7 @@ fn two_instances_on_one_kernel_are_isolated_and_uninstall_one_leaves_the_other()
 }
 
 #[test]
-fn sigterm_detaches_and_unpins_so_tasks_connect_directly() {
+fn sigterm_leaves_the_redirect_attached_and_the_next_proxy_takes_over() {
     let mut w = World::new(tools(), 2);
     let task = w.add_task(0, Host, 1);
     let target = w.instances[1].addr(9000);
@@ -117,15 +117,98 @@ fn sigterm_detaches_and_unpins_so_tasks_connect_directly() {
     );
 
     a.stop_proxy();
-    assert!(!a.pin_dir.exists(), "pin dir removed on SIGTERM");
-    assert!(cgroup_prog_ids(&a.cgroup_root).is_empty());
-    let loaded = loaded_prog_ids();
     assert!(
-        ours.iter().all(|id| !loaded.contains(id)),
-        "programs unloaded"
+        a.pin_dir.join("link_ecsmesh_connect4").exists(),
+        "pins kept on SIGTERM"
     );
-    // Today's behaviour after a clean stop: fail-open, tasks connect directly.
-    assert_direct(&a.tasks[task].client(&[target], 1, 100));
+    assert_eq!(cgroup_prog_ids(&a.cgroup_root), ours, "still attached");
+    // Fail-closed until the next proxy: no task connection goes out directly.
+    assert_eq!(attempts(&w, 0, task, target, 3), 0);
+
+    let a = &mut w.instances[0];
+    a.start_proxy(&ProxyOptions::default());
+    assert!(a.proxy_log().contains("taking over"));
+    let theirs = cgroup_prog_ids(&a.cgroup_root);
+    assert_eq!(theirs.len(), 3, "exactly the new programs: {theirs:?}");
+    assert!(
+        ours.iter().all(|id| !theirs.contains(id)),
+        "the old programs were detached"
+    );
+    let loaded = loaded_prog_ids();
+    assert!(ours.iter().all(|id| !loaded.contains(id)), "and unloaded");
+    assert_redirected(
+        &a.tasks[task].client(&[target], 2, 100),
+        a.outbound_v4(Host),
+    );
+}
+
+/// Connections from a task while its node proxy is stopped, restarted, killed and
+/// restarted: every one either goes through a proxy or fails; none goes out directly
+/// (a direct connection would show the target, not the proxy, as its socket's peer).
+#[test]
+fn restarts_under_load_never_let_a_connection_out_directly() {
+    use std::sync::{
+        Arc,
+        atomic::{AtomicBool, Ordering},
+    };
+    let mut w = World::new(tools(), 2);
+    let task = w.add_task(0, Host, 1);
+    let target = w.instances[1].addr(9000);
+    w.instances[1].echo_server(&[target]);
+    w.instances[0].start_proxy(&ProxyOptions::default());
+    let proxy = w.instances[0].outbound_v4(Host);
+    let place = w.instances[0].tasks[task].placement(0);
+    let meshtool = tools().meshtool;
+    let stop = Arc::new(AtomicBool::new(false));
+    let load = {
+        let stop = stop.clone();
+        std::thread::spawn(move || {
+            let deadline = std::time::Instant::now() + Duration::from_secs(40);
+            let mut reports = Vec::new();
+            while !stop.load(Ordering::Relaxed) && std::time::Instant::now() < deadline {
+                let mut c = Command::new(&meshtool);
+                c.args(client_args(&[target], 1, 64));
+                process::place(&mut c, &place);
+                reports.extend(run_client(c));
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            reports
+        })
+    };
+    let pause = || std::thread::sleep(Duration::from_millis(1500));
+    pause();
+    w.instances[0].stop_proxy();
+    pause();
+    w.instances[0].start_proxy(&ProxyOptions::default());
+    pause();
+    kill_9(&mut w.instances[0]);
+    pause();
+    w.instances[0].start_proxy(&ProxyOptions::default());
+    pause();
+    stop.store(true, Ordering::Relaxed);
+    let reports = load.join().unwrap();
+    let direct: Vec<_> = reports
+        .iter()
+        .filter(|r| r.ok && r.peer != Some(proxy))
+        .collect();
+    assert!(
+        direct.is_empty(),
+        "connections that bypassed the proxy: {direct:?}"
+    );
+    let (ok, failed) = (
+        reports.iter().filter(|r| r.ok).count(),
+        reports.iter().filter(|r| !r.ok).count(),
+    );
+    assert!(failed >= 1, "the load ran through the gaps ({ok} ok)");
+    assert!(
+        ok >= 20,
+        "traffic flowed between and after the restarts: {ok} ok, {failed} failed"
+    );
+    assert!(
+        reports.last().is_some_and(|r| r.ok),
+        "traffic resumed: {:?}",
+        reports.last()
+    );
 }
 
 #[test]

@@ -9,8 +9,8 @@ use serde::Deserialize;
 
 use super::{
     CloudMapSettings, Config, DEFAULT_ADMIN_ADDR, DEFAULT_ADMIN_SOCKET_DIR, DEFAULT_INBOUND_PORT,
-    DEFAULT_OUTBOUND_PORT, DEFAULT_PIN_DIR, DEFAULT_SOCKET_MARK, DEFAULT_STREAM_CAP, EcsSettings,
-    IdentitySettings, Mode, NetworkMode, TaskConfig,
+    DEFAULT_OUTBOUND_PORT, DEFAULT_PIN_DIR, DEFAULT_SOCKET_MARK, DEFAULT_STATE_DIR,
+    DEFAULT_STREAM_CAP, EcsSettings, IdentitySettings, Mode, NetworkMode, TaskConfig,
 };
 use crate::{
     authz::{AllowRule, Policy},
@@ -44,6 +44,8 @@ pub(super) struct RawConfig {
     dns_resolvers: Option<Vec<IpAddr>>,
     #[serde(default)]
     admin_socket: Option<PathBuf>,
+    #[serde(default)]
+    state_dir: Option<PathBuf>,
     #[serde(default)]
     tasks: Vec<RawTask>,
     #[serde(default)]
@@ -255,6 +257,12 @@ impl RawConfig {
         if !admin_socket.is_absolute() {
             return Err(invalid("admin_socket", "must be an absolute path"));
         }
+        let state_dir = self
+            .state_dir
+            .unwrap_or_else(|| PathBuf::from(DEFAULT_STATE_DIR).join(&self.instance));
+        if !state_dir.is_absolute() {
+            return Err(invalid("state_dir", "must be an absolute path"));
+        }
         let ecs = self.ecs.map(RawEcs::validate).transpose()?;
         let cloudmap = self.cloudmap.map(RawCloudMap::validate).transpose()?;
         let cluster = self.cluster.unwrap_or_else(|| "default".to_owned());
@@ -370,6 +378,7 @@ impl RawConfig {
             exclude_cidrs,
             dns_resolvers,
             admin_socket,
+            state_dir,
             socket_mark,
             tasks,
             cluster,

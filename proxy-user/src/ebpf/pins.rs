@@ -59,8 +59,20 @@ pub fn ensure_bpffs() -> Result<(), PinError> {
     Ok(())
 }
 
-pub fn has_pins(dir: &Path) -> bool {
-    std::fs::read_dir(dir).is_ok_and(|mut d| d.next().is_some())
+/// Whether a proxy of this instance (running, stopped or crashed) left its programs
+/// attached: a takeover, not a first install.
+pub fn attached(dir: &Path) -> bool {
+    proxy_common::progs::ALL
+        .iter()
+        .any(|p| link_path(dir, p).exists())
+}
+
+/// Removes a pin if present (the object lives on while something else holds it).
+pub fn unpin(path: &Path) -> Result<(), PinError> {
+    match std::fs::remove_file(path) {
+        Err(e) if e.kind() != io::ErrorKind::NotFound => Err(io_err(path)(e)),
+        _ => Ok(()),
+    }
 }
 
 pub fn create_dir(dir: &Path) -> Result<(), PinError> {

@@ -23,8 +23,35 @@ use crate::{
 
 struct Enrolled {
     index: u32,
+    family: String,
+    mode: NetworkMode,
     cgroups: Vec<PathBuf>,
     cgroup_ids: Vec<u64>,
+}
+
+/// File in `state_dir` with the ECS tasks enrolled, rewritten whenever they change.
+pub const STATE_FILE: &str = "ecs-tasks.json";
+
+/// One enrolled ECS task as the state file keeps it: enough to enrol it again, at the same
+/// task index, before the next proxy attaches (the kernel's entries carry the index).
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+struct SavedTask {
+    index: u32,
+    id: String,
+    family: String,
+    mode: NetworkMode,
+    cgroups: Vec<PathBuf>,
+    serving: bool,
+}
+
+/// What the reconciler needs to know about this node besides the ECS settings.
+pub struct NodeSide {
+    /// The programs' attach point (`cgroup_root`).
+    pub attach_root: PathBuf,
+    /// Where the enrolled tasks are kept for the next proxy (`STATE_FILE` in `state_dir`).
+    pub state_file: PathBuf,
+    /// Where tasks of unknown network mode reach the proxy.
+    pub default_mode: NetworkMode,
 }
 
 pub struct Reconciler {
@@ -46,13 +73,15 @@ pub struct Reconciler {
     reported_awsvpc: HashSet<TaskId>,
     reported_outside: HashSet<TaskId>,
     reported_stopping: HashSet<TaskId>,
+    state_file: PathBuf,
+    /// What the state file holds now.
+    saved: Vec<SavedTask>,
 }
 
 impl Reconciler {
     pub fn new(
         settings: &EcsSettings,
-        attach_root: PathBuf,
-        default_mode: NetworkMode,
+        node: NodeSide,
         tasks: Arc<TaskTable>,
         enroller: Arc<Enroller>,
         identities: Option<(Arc<IdentityManager>, Arc<ExpectedIdentity>)>,
@@ -71,9 +100,9 @@ impl Reconciler {
             agent: EcsAgent::new(uri)?,
             docker: settings.docker_socket.as_ref().map(DockerHealth::new),
             cgroup_root: settings.cgroup_root.clone(),
-            attach_root,
+            attach_root: node.attach_root,
             layout,
-            default_mode,
+            default_mode: node.default_mode,
             tasks,
             enroller,
             identities,
@@ -82,6 +111,8 @@ impl Reconciler {
             reported_awsvpc: HashSet::new(),
             reported_outside: HashSet::new(),
             reported_stopping: HashSet::new(),
+            state_file: node.state_file,
+            saved: Vec::new(),
         })
     }
 
@@ -206,7 +237,78 @@ impl Reconciler {
         set("pending", pending);
         set("not_meshed_awsvpc", awsvpc);
         set("not_meshed_outside_cgroup_root", outside);
+        self.save();
         Ok(())
+    }
+
+    /// Enrols the tasks of the state file whose containers still exist, at their old task
+    /// indexes, so a restarted proxy meshes them before it attaches and before the agent
+    /// answers (it may be down). The next successful poll corrects the set.
+    pub fn restore(&mut self) -> usize {
+        let text = match std::fs::read_to_string(&self.state_file) {
+            Ok(t) => t,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return 0,
+            Err(e) => {
+                tracing::warn!(path = %self.state_file.display(), error = %e, "cannot read the state file; starting without it");
+                return 0;
+            }
+        };
+        let saved: Vec<SavedTask> = match serde_json::from_str(&text) {
+            Ok(s) => s,
+            Err(e) => {
+                tracing::warn!(path = %self.state_file.display(), error = %e, "malformed state file; starting without it");
+                return 0;
+            }
+        };
+        let mut restored = 0;
+        for t in saved {
+            let Ok(id) = TaskId::new(&t.id) else { continue };
+            if !t.cgroups.iter().all(|c| c.is_dir()) {
+                continue; // gone while no proxy ran
+            }
+            if self.enrol_at(&id, &t.family, t.mode, t.cgroups, t.serving, Some(t.index)) {
+                restored += 1;
+            }
+        }
+        self.save();
+        restored
+    }
+
+    /// Rewrites the state file when the enrolled set changed (write, then rename).
+    fn save(&mut self) {
+        let mut now: Vec<SavedTask> = self
+            .enrolled
+            .iter()
+            .map(|(id, e)| SavedTask {
+                index: e.index,
+                id: id.as_str().to_owned(),
+                family: e.family.clone(),
+                mode: e.mode,
+                cgroups: e.cgroups.clone(),
+                serving: self.tasks.get(e.index).is_some_and(|t| t.serving()),
+            })
+            .collect();
+        now.sort_by_key(|t| t.index);
+        if now == self.saved {
+            return;
+        }
+        let result = (|| {
+            if let Some(dir) = self.state_file.parent() {
+                std::fs::create_dir_all(dir)?;
+            }
+            let tmp = self.state_file.with_extension("json.tmp");
+            std::fs::write(
+                &tmp,
+                serde_json::to_vec(&now).map_err(std::io::Error::other)?,
+            )?;
+            std::fs::rename(&tmp, &self.state_file)
+        })();
+        match result {
+            Ok(()) => self.saved = now,
+            Err(e) => {
+                tracing::warn!(path = %self.state_file.display(), error = %e, "cannot write the state file; a restart would wait for the agent")
+            }
+        }
     }
 
     fn enrol(
@@ -217,6 +319,20 @@ impl Reconciler {
         cgroups: Vec<PathBuf>,
         serving: bool,
     ) {
+        self.enrol_at(id, family, mode, cgroups, serving, None);
+    }
+
+    /// Enrols a task (certificate first), at `index` when given and free; returns whether
+    /// it is enrolled.
+    fn enrol_at(
+        &mut self,
+        id: &TaskId,
+        family: &str,
+        mode: NetworkMode,
+        cgroups: Vec<PathBuf>,
+        serving: bool,
+        index: Option<u32>,
+    ) -> bool {
         let identity = self
             .identities
             .as_ref()
@@ -228,16 +344,21 @@ impl Reconciler {
                 }
                 Err(e) => {
                     tracing::warn!(task = %id, error = %e, "certificate not issued; task not enrolled yet");
-                    return;
+                    return false;
                 }
             }
         }
-        let index = self.tasks.insert(TaskRef::new(
-            id.clone(),
-            family.to_owned(),
-            identity,
-            serving,
-        ));
+        let task = TaskRef::new(id.clone(), family.to_owned(), identity, serving);
+        let index = match index {
+            Some(i) => match self.tasks.insert_at(i, task) {
+                Ok(()) => i,
+                Err(task) => {
+                    tracing::warn!(task = %id, "its old task index is taken; enrolled under a new one");
+                    self.tasks.insert(task)
+                }
+            },
+            None => self.tasks.insert(task),
+        };
         match self.enroller.enrol(index, mode, &cgroups) {
             Ok(cgroup_ids) => {
                 tracing::info!(task = %id, family, ?mode, containers = cgroups.len(), serving, "task enrolled");
@@ -245,14 +366,18 @@ impl Reconciler {
                     id.clone(),
                     Enrolled {
                         index,
+                        family: family.to_owned(),
+                        mode,
                         cgroups,
                         cgroup_ids,
                     },
                 );
+                true
             }
             Err(e) => {
                 tracing::warn!(task = %id, error = %e, "enrolling failed; will retry");
                 self.tasks.remove(index);
+                false
             }
         }
     }
