@@ -5,7 +5,7 @@ use ecsmesh::config::{Config, DEFAULT_PIN_DIR};
 
 /// Service mesh for Amazon ECS: one node proxy per container instance, eBPF redirect.
 #[derive(Parser)]
-#[command(version, about)]
+#[command(name = "ecsmesh", version, about)]
 struct Cli {
     /// Log format.
     #[arg(long, global = true, default_value = "text", value_parser = ["text", "json"])]

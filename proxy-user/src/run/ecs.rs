@@ -211,7 +211,7 @@ impl Reconciler {
                 }
                 continue;
             }
-            self.enrol(&task.task_id, &task.family, mode, cgroups, serving);
+            self.enrol_at(&task.task_id, &task.family, mode, cgroups, serving, None);
         }
         let gone: Vec<TaskId> = self
             .enrolled
@@ -309,17 +309,6 @@ impl Reconciler {
                 tracing::warn!(path = %self.state_file.display(), error = %e, "cannot write the state file; a restart would wait for the agent")
             }
         }
-    }
-
-    fn enrol(
-        &mut self,
-        id: &TaskId,
-        family: &str,
-        mode: NetworkMode,
-        cgroups: Vec<PathBuf>,
-        serving: bool,
-    ) {
-        self.enrol_at(id, family, mode, cgroups, serving, None);
     }
 
     /// Enrols a task (certificate first), at `index` when given and free; returns whether

@@ -210,14 +210,15 @@ fn rotation_steps_refuse_out_of_order() {
         ca.retire(),
         Err(RotationError::StagedPending { anchor: 2 })
     ));
-    let roles: Vec<_> = ca
-        .anchors(t0)
-        .unwrap()
-        .into_iter()
-        .map(|a| a.role)
-        .collect();
+    let roles = |ca: &Ca| -> Vec<AnchorRole> {
+        ca.anchors(t0)
+            .unwrap()
+            .into_iter()
+            .map(|a| a.role)
+            .collect()
+    };
     assert_eq!(
-        roles,
+        roles(&ca),
         [AnchorRole::Active, AnchorRole::Staged(Duration::ZERO)]
     );
     // Too soon: the state survives a reopen, and nothing was re-issued.
@@ -243,11 +244,5 @@ fn rotation_steps_refuse_out_of_order() {
         .unwrap();
     assert_eq!(active, staged);
     assert_ne!(pki.issuer().certificate(), &issuer_before);
-    let roles: Vec<_> = ca
-        .anchors(t0)
-        .unwrap()
-        .into_iter()
-        .map(|a| a.role)
-        .collect();
-    assert_eq!(roles, [AnchorRole::Old, AnchorRole::Active]);
+    assert_eq!(roles(&ca), [AnchorRole::Old, AnchorRole::Active]);
 }

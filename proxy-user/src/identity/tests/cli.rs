@@ -22,9 +22,8 @@ fn ca(args: &[&str]) {
     try_ca(args).unwrap_or_else(|e| panic!("{args:?}: {e}"));
 }
 
-#[test]
-fn cli_drives_the_whole_ca_lifecycle() {
-    let tmp = TempDir::new("cli");
+/// `ca init` into `<tmp>/ca` and `ca issue-intermediate` for `instance` into `<tmp>/node`.
+fn ca_with_one_node(tmp: &TempDir, instance: &str) {
     let p = |s: &str| tmp.path().join(s).to_str().unwrap().to_owned();
     ca(&["init", "--trust-domain", "example.org", "--out", &p("ca")]);
     ca(&[
@@ -32,10 +31,17 @@ fn cli_drives_the_whole_ca_lifecycle() {
         "--ca",
         &p("ca"),
         "--instance",
-        "i-7",
+        instance,
         "--out",
         &p("node"),
     ]);
+}
+
+#[test]
+fn cli_drives_the_whole_ca_lifecycle() {
+    let tmp = TempDir::new("cli");
+    let p = |s: &str| tmp.path().join(s).to_str().unwrap().to_owned();
+    ca_with_one_node(&tmp, "i-7");
     ca(&[
         "issue",
         "--ca",
@@ -157,16 +163,7 @@ fn activate_and_retire_wait_for_every_node() {
     };
     let tmp = TempDir::new("cli-nodes");
     let p = |s: &str| tmp.path().join(s).to_str().unwrap().to_owned();
-    ca(&["init", "--trust-domain", "example.org", "--out", &p("ca")]);
-    ca(&[
-        "issue-intermediate",
-        "--ca",
-        &p("ca"),
-        "--instance",
-        "i-1",
-        "--out",
-        &p("node"),
-    ]);
+    ca_with_one_node(&tmp, "i-1");
     let node = tmp.path().join("node");
     let manager = IdentityManager::new(IdentityConfig {
         bundle: node.join("bundle.pem"),
