@@ -95,9 +95,12 @@ pub trait OrigDstSource: Send + Sync + 'static {
 }
 
 /// The proxy's handle on the `ORIG_DST` map. Lookups and deletes are single syscalls; the
-/// mutex only exists because aya's `remove` takes `&mut self`.
+/// mutex only exists because aya's `remove` takes `&mut self`, and is never held across
+/// more than one lookup and one delete: the sweep walks the map through a second handle
+/// without it, so a claim on the hot path never waits for a walk of 64k entries.
 pub struct OrigDstMap {
     map: Mutex<HashMap<MapData, SockKey, KernelOrigDst>>,
+    walker: HashMap<MapData, SockKey, KernelOrigDst>,
 }
 
 impl OrigDstSource for OrigDstMap {
@@ -119,17 +122,27 @@ impl OrigDstMap {
             .map(|t| Duration::from(t).as_nanos() as u64)
             .unwrap_or(0);
         let grace = grace.as_nanos() as u64;
-        let mut map = self.map.lock().unwrap_or_else(|p| p.into_inner());
-        let stale: Vec<SockKey> = map
+        let stale: Vec<(SockKey, u64)> = self
+            .walker
             .iter()
             .filter_map(Result::ok)
             .filter(|(_, v)| v.closed_ns != 0 && now.saturating_sub(v.closed_ns) > grace)
-            .map(|(k, _)| k)
+            .map(|(k, v)| (k, v.cookie))
             .collect();
-        for key in &stale {
-            let _ = map.remove(key);
+        let mut swept = 0;
+        for (key, cookie) in &stale {
+            let mut map = self.map.lock().unwrap_or_else(|p| p.into_inner());
+            // Still the same stale entry (not claimed, not replaced by a new connection
+            // from the same local address meanwhile)?
+            if map
+                .get(key, 0)
+                .is_ok_and(|v| v.cookie == *cookie && v.closed_ns != 0)
+            {
+                let _ = map.remove(key);
+                swept += 1;
+            }
         }
-        stale.len()
+        swept
     }
 }
 

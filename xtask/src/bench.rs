@@ -1,6 +1,6 @@
 //! `cargo xtask bench [--quick]`: node mode against sidecar mode, a pair of mTLS sidecars
 //! from Debian (stunnel) as an outside reference, and no mesh at all, on the harness's two
-//! simulated container instances, with the method of `shared/BENCHMARKING.md`:
+//! simulated container instances, with the method of `bench/METHOD.md`:
 //!
 //! - every process of instance 0 (client tasks, their proxies) runs on CPU 0 and every
 //!   process of instance 1 (server tasks, their proxies) on CPU 1: only the A→B hop

@@ -243,8 +243,13 @@ impl Prepared {
         let orig = ebpf
             .take_map(maps::ORIG_DST)
             .ok_or(EbpfError::MissingMap(maps::ORIG_DST))?;
+        let walker = aya::maps::Map::HashMap(
+            aya::maps::MapData::from_pin(pins::map_path(&pin_dir, maps::ORIG_DST))
+                .map_err(map_err(maps::ORIG_DST))?,
+        );
         let orig = OrigDstMap {
             map: std::sync::Mutex::new(HashMap::try_from(orig).map_err(map_err(maps::ORIG_DST))?),
+            walker: HashMap::try_from(walker).map_err(map_err(maps::ORIG_DST))?,
         };
         let stats_map = ebpf
             .take_map(maps::STATS)

@@ -490,7 +490,7 @@ fn markdown(
     }
     let _ = writeln!(
         m,
-        "\np99.9 and max are dominated by VM scheduling (see shared/BENCHMARKING.md); compare on p50/p90/p99, CPU and memory.\n"
+        "\np99.9 and max are dominated by VM scheduling (see bench/METHOD.md); compare on p50/p90/p99, CPU and memory.\n"
     );
     let _ = writeln!(
         m,
