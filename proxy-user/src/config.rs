@@ -149,8 +149,9 @@ pub struct Config {
     /// ECS cluster name, part of workload identities.
     pub cluster: String,
     pub mode: Mode,
-    /// mTLS tunnel listener (HBONE-style HTTP/2 CONNECT).
-    pub inbound_addr: SocketAddr,
+    /// mTLS tunnel listener (HBONE-style HTTP/2 CONNECT); `None`: both families on
+    /// `DEFAULT_INBOUND_PORT` (see `inbound_listen_addrs`).
+    pub inbound_addr: Option<SocketAddr>,
     /// Streams per pooled tunnel connection before another connection opens.
     pub tunnel_stream_cap: usize,
     /// Meshed endpoints; empty without `discovery_file`.
@@ -229,6 +230,25 @@ impl Config {
     }
 
     /// Addresses the outbound listener must bind: one per redirect target in use.
+    /// The tunnel port peers dial.
+    pub fn inbound_port(&self) -> u16 {
+        self.inbound_addr.map_or(DEFAULT_INBOUND_PORT, |a| a.port())
+    }
+
+    /// Where the tunnel listens, and whether failing to bind there is fatal: by default
+    /// `0.0.0.0` and `[::]` (an instance reached over IPv6 must be reachable through the
+    /// tunnel too; a host without IPv6 gets a warning, not an error); exactly the
+    /// configured address otherwise.
+    pub fn inbound_listen_addrs(&self) -> Vec<(SocketAddr, bool)> {
+        match self.inbound_addr {
+            Some(addr) => vec![(addr, true)],
+            None => vec![
+                ((Ipv4Addr::UNSPECIFIED, DEFAULT_INBOUND_PORT).into(), true),
+                ((Ipv6Addr::UNSPECIFIED, DEFAULT_INBOUND_PORT).into(), false),
+            ],
+        }
+    }
+
     pub fn outbound_listen_addrs(&self) -> Vec<SocketAddr> {
         let mut ips: Vec<IpAddr> = Vec::new();
         // Tasks discovered from ECS may use either mode: listen where both reach us.

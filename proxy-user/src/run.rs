@@ -186,12 +186,15 @@ pub async fn run(config: Arc<Config>) -> Result<(), RunError> {
     });
     if let Some(parts) = mesh {
         parts.identities.spawn_background(shutdown.clone());
-        tracing::info!(addr = ?parts.listener.local_addr().ok(), endpoints = config.discovery.len(), "tunnel listener ready");
-        tokio::spawn(
-            parts
-                .inbound
-                .serve(parts.listener, shutdown.clone(), tracker.clone()),
-        );
+        for listener in parts.listeners {
+            tracing::info!(addr = ?listener.local_addr().ok(), endpoints = config.discovery.len(), "tunnel listener ready");
+            tokio::spawn(
+                parts
+                    .inbound
+                    .clone()
+                    .serve(listener, shutdown.clone(), tracker.clone()),
+            );
+        }
     }
     for listener in outbound {
         tracing::info!(addr = ?listener.local_addr().ok(), "outbound listener ready");
@@ -221,7 +224,7 @@ pub async fn run(config: Arc<Config>) -> Result<(), RunError> {
             settings,
             config.discovery.clone(),
             discovery.clone(),
-            config.inbound_addr.port(),
+            config.inbound_port(),
             cloudmap_metrics.clone(),
             shutdown.clone(),
         )

@@ -8,7 +8,7 @@ use std::net::SocketAddr;
 use common::{mesh::*, *};
 use harness::{
     NetworkMode::Host,
-    ProxyOptions,
+    ProxyOptions, World,
     capture::{self, Capture},
     metrics::counter,
     world::{client_args, run_client},
@@ -296,5 +296,38 @@ fn destination_presenting_the_wrong_identity_is_refused_by_the_outbound_side() {
             &[("side", "client"), ("reason", "identity_mismatch")]
         ),
         1.0
+    );
+}
+
+/// With the default configuration the tunnel listens on both families: a service with an
+/// IPv4 and an IPv6 endpoint is reached through the tunnel on either.
+#[test]
+fn ipv4_and_ipv6_endpoints_of_one_service_both_go_through_the_tunnel() {
+    let mut w = World::new(tools(), 2);
+    w.enable_mesh(TRUST_DOMAIN);
+    w.add_task(0, Host, 1);
+    w.add_task(1, Host, 1);
+    let (v4, v6) = (w.instances[1].addr(9000), w.instances[1].addr6(9000));
+    w.instances[1].echo_server(&[v4, v6]);
+    let fam = w.instances[1].tasks[0].family.clone();
+    std::fs::write(
+        w.workdir.join("discovery.toml"),
+        format!(
+            "[[services]]\nname = \"svc\"\n\
+             [[services.endpoints]]\naddress = \"{v4}\"\nfamily = \"{fam}\"\n\
+             [[services.endpoints]]\naddress = \"{v6}\"\nfamily = \"{fam}\"\n"
+        ),
+    )
+    .unwrap();
+    w.instances[1].start_proxy(&ProxyOptions::default());
+    w.instances[0].start_proxy(&ProxyOptions::default());
+    let a = &w.instances[0];
+    assert_redirected(&a.tasks[0].client(&[v4], 2, 1024), a.outbound_v4(Host));
+    assert_redirected(&a.tasks[0].client(&[v6], 2, 1024), a.outbound_v6(Host));
+    let mb = w.instances[1].metrics();
+    assert_eq!(
+        counter(&mb, "ecsmesh_tunnel_inbound_streams_total", &[]),
+        4.0,
+        "all four connections arrived through the tunnel"
     );
 }

@@ -277,16 +277,14 @@ impl RawConfig {
                     .map_err(|e| invalid("identity.template", e.to_string()))
             })
             .transpose()?;
-        let inbound_addr = self.inbound_addr.unwrap_or(SocketAddr::new(
-            Ipv4Addr::UNSPECIFIED.into(),
-            DEFAULT_INBOUND_PORT,
-        ));
+        let inbound_addr = self.inbound_addr;
+        let inbound_port = inbound_addr.map_or(DEFAULT_INBOUND_PORT, |a| a.port());
         let tunnel_stream_cap = self.tunnel_stream_cap.unwrap_or(DEFAULT_STREAM_CAP);
         if tunnel_stream_cap == 0 {
             return Err(invalid("tunnel_stream_cap", "must be at least 1"));
         }
         let discovery = match &self.discovery_file {
-            Some(path) => Discovery::load(path, inbound_addr.port())
+            Some(path) => Discovery::load(path, inbound_port)
                 .map_err(|e| invalid("discovery_file", e.to_string()))?,
             None => Discovery::default(),
         };

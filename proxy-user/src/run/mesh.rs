@@ -18,7 +18,7 @@ pub(super) struct MeshParts {
     pub identities: Arc<IdentityManager>,
     pub mesh: Arc<Mesh>,
     pub inbound: Arc<Inbound>,
-    pub listener: TcpListener,
+    pub listeners: Vec<TcpListener>,
 }
 
 /// Load the identity material, issue every local task its certificate, bind the tunnel
@@ -46,7 +46,16 @@ pub(super) fn parts(
         }
     }
     let discovery = Arc::new(ArcSwap::from_pointee(config.discovery.clone()));
-    let listener = bind("inbound_addr", config.inbound_addr)?;
+    let mut listeners = Vec::new();
+    for (addr, required) in config.inbound_listen_addrs() {
+        match bind("inbound_addr", addr) {
+            Ok(l) => listeners.push(l),
+            Err(e) if !required => {
+                tracing::warn!(error = %e, "tunnel not served on IPv6: peers must reach this instance over IPv4")
+            }
+            Err(e) => return Err(e),
+        }
+    }
     let mesh = Arc::new(Mesh {
         discovery: discovery.clone(),
         pool: TunnelPool::new(
@@ -74,6 +83,6 @@ pub(super) fn parts(
         identities,
         mesh,
         inbound,
-        listener,
+        listeners,
     }))
 }
