@@ -37,6 +37,10 @@ pub const VPC_RESOLVERS: [IpAddr; 2] = [
     IpAddr::V4(Ipv4Addr::new(169, 254, 169, 253)),
     IpAddr::V6(Ipv6Addr::new(0xfd00, 0x0ec2, 0, 0, 0, 0, 0, 0x0253)),
 ];
+/// Server-speaks-first ports (linkerd2-proxy's default list): SMTP, submission, MySQL,
+/// Galera, PostgreSQL, Redis, Elasticsearch transport, memcached.
+pub const DEFAULT_OPAQUE_PORTS: [u16; 8] = [25, 587, 3306, 4444, 5432, 6379, 9300, 11211];
+pub const DEFAULT_DETECT_TIMEOUT: Duration = Duration::from_secs(10);
 /// Where the host's resolvers are listed (the VPC base+2 address on an ECS instance).
 pub const RESOLV_CONF: &str = "/etc/resolv.conf";
 
@@ -142,6 +146,11 @@ pub struct Config {
     /// Unix socket serving every admin route, including the mutating ones (`POST
     /// /reload`) that the TCP admin address refuses: tasks can reach TCP, not this file.
     pub admin_socket: PathBuf,
+    /// Destination ports never read before forwarding (server-speaks-first protocols):
+    /// carried as opaque TCP without protocol detection.
+    pub opaque_ports: Vec<u16>,
+    /// How long a meshed connection may send nothing before it is taken as opaque TCP.
+    pub detect_timeout: Duration,
     /// Where the proxy keeps what must survive a restart (the ECS tasks it enrolled).
     pub state_dir: PathBuf,
     pub socket_mark: u32,

@@ -176,6 +176,26 @@ impl Discovery {
         self.services.get(name).map_or(&[], Vec::as_slice)
     }
 
+    /// The service a request's authority names: `orders`, `orders:8080`,
+    /// `orders.mesh.local` (Cloud Map's `service.namespace`), with or without a port.
+    pub fn service_for_authority(&self, authority: &str) -> Option<&str> {
+        let host = match authority.strip_prefix('[') {
+            // An IPv6 literal names no service.
+            Some(_) => return None,
+            None => match authority.rsplit_once(':') {
+                Some((h, port)) if !port.is_empty() && port.bytes().all(|b| b.is_ascii_digit()) => {
+                    h
+                }
+                _ => authority,
+            },
+        };
+        let first = host.split('.').next().unwrap_or(host);
+        self.services
+            .keys()
+            .find(|name| name.as_str() == host || name.as_str() == first)
+            .map(String::as_str)
+    }
+
     pub fn len(&self) -> usize {
         self.by_addr.len()
     }
@@ -188,6 +208,32 @@ impl Discovery {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn an_authority_names_a_service_by_short_or_cloud_map_name() {
+        let d = Discovery::parse(
+            Path::new("d.toml"),
+            "[[services]]\nname = \"orders\"\n[[services.endpoints]]\naddress = \"10.0.0.2:80\"\nfamily = \"orders\"\n",
+            15008,
+        )
+        .unwrap();
+        for a in [
+            "orders",
+            "orders:80",
+            "orders.mesh.local",
+            "orders.mesh.local:8080",
+        ] {
+            assert_eq!(d.service_for_authority(a), Some("orders"), "{a}");
+        }
+        for a in [
+            "billing",
+            "10.0.0.2:80",
+            "[fd00::2]:80",
+            "ordersx.mesh.local",
+        ] {
+            assert_eq!(d.service_for_authority(a), None, "{a}");
+        }
+    }
 
     const FILE: &str = r#"
 [[services]]

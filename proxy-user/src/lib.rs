@@ -11,6 +11,7 @@ pub mod discovery;
 pub mod ebpf;
 pub mod ecs;
 pub mod identity;
+pub(crate) mod l7;
 pub mod metrics;
 pub mod proxy;
 pub mod run;

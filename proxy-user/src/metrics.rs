@@ -49,6 +49,16 @@ pub struct ResultLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct HttpLabels {
+    /// `outbound` (source proxy) or `inbound` (destination proxy).
+    pub side: &'static str,
+    pub service: String,
+    pub response_code: u16,
+    /// `true` when the response was made by a proxy (`ecsmesh-proxy-error`).
+    pub proxy_error: bool,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct AnchorLabels {
     pub fingerprint: String,
 }
@@ -64,6 +74,8 @@ pub struct Metrics {
     registry: Registry,
     /// Filled once the eBPF programs are installed.
     pub kernel: KernelCounters,
+    /// HTTP requests through the mesh, by side, service and response code.
+    pub http_requests: Family<HttpLabels, Counter>,
     /// 1 per anchor in the node's trust bundle (label: SHA-256 fingerprint).
     pub trust_anchors: Family<AnchorLabels, Gauge>,
     /// 1 for the issuer the node signs SVIDs with, and the anchor it chains to.
@@ -119,10 +131,16 @@ impl Metrics {
             inbound_from_task: Family::default(),
             trust_anchors: Family::default(),
             issuer: Family::default(),
+            http_requests: Family::default(),
             kernel: KernelCounters::default(),
             registry: Registry::default(),
         };
         registry.register_collector(Box::new(m.kernel.clone()));
+        registry.register(
+            "http_requests",
+            "HTTP requests through the mesh, by side (outbound, inbound), service and response code",
+            m.http_requests.clone(),
+        );
         registry.register(
             "trust_anchor",
             "Anchors in this node's trust bundle, by SHA-256 fingerprint (value 1)",

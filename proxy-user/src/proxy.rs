@@ -1,7 +1,11 @@
 //! The outbound listener: accepts connections the kernel redirected, recovers where each
-//! was going and for which task, then either tunnels them over mTLS to the destination's
-//! node proxy (meshed endpoint), forwards them as plain TCP (unknown destination,
+//! was going and for which task, then either sends them through the mTLS tunnel to the
+//! destination's node proxy (meshed endpoint: HTTP request by request, anything else as
+//! an opaque stream — see `detect`), forwards them as plain TCP (unknown destination,
 //! permissive mode), or closes them (unknown destination, strict mode).
+pub(crate) mod detect;
+mod http;
+mod prefixed;
 use std::{io, net::SocketAddr, sync::Arc, time::Duration};
 
 use tokio::net::{TcpListener, TcpStream};
@@ -66,6 +70,9 @@ pub struct Outbound {
     pub socket_mark: u32,
     pub mode: Mode,
     pub mesh: Option<Arc<Mesh>>,
+    /// Meshed destination ports carried opaque without detection.
+    pub opaque_ports: Vec<u16>,
+    pub detect_timeout: Duration,
 }
 
 impl Outbound {
@@ -125,7 +132,7 @@ impl Outbound {
         self.metrics.opened.get_or_create(&labels).inc();
         let _ = client.set_nodelay(true);
         let result = match meshed {
-            Some((mesh, ep)) => self.tunnel(client, mesh, &task, &ep, dst, &labels).await,
+            Some((mesh, ep)) => self.meshed(client, mesh, &task, &ep, dst, &labels).await,
             None => self.forward(client, &task, dst, &labels).await,
         };
         self.metrics.closed.get_or_create(&labels).inc();
@@ -163,15 +170,58 @@ impl Outbound {
         self.copy(client, upstream, task, labels).await
     }
 
-    async fn tunnel(
+    /// A meshed destination: detect the protocol (unless the port is opaque), then HTTP
+    /// request by request or one opaque tunnel stream.
+    async fn meshed(
         &self,
-        client: TcpStream,
+        mut client: TcpStream,
+        mesh: &Arc<Mesh>,
+        task: &Arc<TaskRef>,
+        ep: &Endpoint,
+        dst: OrigDst,
+        labels: &TaskLabels,
+    ) -> io::Result<()> {
+        if self.opaque_ports.contains(&dst.0.port()) {
+            return self.tunnel(client, mesh, task, ep, dst, labels).await;
+        }
+        let (protocol, read) = detect::detect(&mut client, self.detect_timeout).await?;
+        let client = prefixed::Prefixed::new(read, client);
+        if protocol == detect::Protocol::Opaque {
+            return self.tunnel(client, mesh, task, ep, dst, labels).await;
+        }
+        let (Some(source), Some(expected)) =
+            (task.identity.clone(), mesh.expected.for_endpoint(ep))
+        else {
+            self.metrics.fail("no_identity");
+            return Err(io::Error::other(
+                "no identity for the source task or the endpoint",
+            ));
+        };
+        let flow = Arc::new(http::HttpFlow {
+            mesh: mesh.clone(),
+            metrics: self.metrics.clone(),
+            source,
+            expected,
+            tunnel: ep.tunnel,
+            target: dst.0,
+            service: ep.service.clone(),
+        });
+        flow.serve(client, protocol, task.drain.clone()).await;
+        Ok(())
+    }
+
+    async fn tunnel<C>(
+        &self,
+        client: C,
         mesh: &Mesh,
         task: &TaskRef,
         ep: &Endpoint,
         dst: OrigDst,
         labels: &TaskLabels,
-    ) -> io::Result<()> {
+    ) -> io::Result<()>
+    where
+        C: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+    {
         let (Some(source), Some(expected)) =
             (task.identity.as_ref(), mesh.expected.for_endpoint(ep))
         else {
@@ -207,14 +257,15 @@ impl Outbound {
     }
 
     /// Copy until both directions end, or until the task is unenrolled (drained).
-    async fn copy<U>(
+    async fn copy<C, U>(
         &self,
-        client: TcpStream,
+        client: C,
         upstream: U,
         task: &TaskRef,
         labels: &TaskLabels,
     ) -> io::Result<()>
     where
+        C: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
         U: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
     {
         let sent = self.metrics.sent.get_or_create(labels).clone();

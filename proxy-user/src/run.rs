@@ -183,6 +183,8 @@ pub async fn run(config: Arc<Config>) -> Result<(), RunError> {
         socket_mark: config.socket_mark,
         mode: config.mode,
         mesh: mesh.as_ref().map(|m| m.mesh.clone()),
+        opaque_ports: config.opaque_ports.clone(),
+        detect_timeout: config.detect_timeout,
     });
     if let Some(parts) = mesh {
         parts.identities.spawn_background(shutdown.clone());

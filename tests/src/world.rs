@@ -139,6 +139,32 @@ pub fn client_args(targets: &[SocketAddr], repeat: usize, bytes: usize) -> Vec<S
     args
 }
 
+/// The proxy's default server-speaks-first ports.
+pub const PROXY_OPAQUE_PORTS: [u16; 8] = [25, 587, 3306, 4444, 5432, 6379, 9300, 11211];
+
+/// Config lines node proxies and sidecars share: `opaque_ports` and `mode`.
+fn common_text(opts: &ProxyOptions) -> String {
+    let opaque = opts.opaque_ports.clone().unwrap_or_else(|| {
+        let mut v = PROXY_OPAQUE_PORTS.to_vec();
+        v.extend([8080, 9000, 9001, 9002]);
+        v
+    });
+    let detect = opts
+        .detect_timeout_ms
+        .map(|ms| format!("detect_timeout_ms = {ms}\n"))
+        .unwrap_or_default();
+    detect
+        + &format!(
+            "opaque_ports = [{}]\nmode = \"{}\"\n",
+            opaque
+                .iter()
+                .map(u16::to_string)
+                .collect::<Vec<_>>()
+                .join(", "),
+            if opts.strict { "strict" } else { "permissive" }
+        )
+}
+
 /// One `[[tasks]]` entry of a proxy config.
 fn task_text(task: &Task, network_mode: &str) -> String {
     let cgroups: Vec<String> = task
@@ -199,6 +225,12 @@ pub struct ProxyOptions {
     pub attach_below: Option<PathBuf>,
     /// No `bridge_ipv6`: bridge tasks have no IPv6 listener to be redirected to.
     pub no_bridge_ipv6: bool,
+    /// `opaque_ports`; by default the proxy's own list plus the ports the older tests and
+    /// the benchmark's opaque rows use for raw TCP (8080, 9000–9002), so only the HTTP
+    /// tests' ports see protocol detection.
+    pub opaque_ports: Option<Vec<u16>>,
+    /// `detect_timeout_ms` (the proxy's default when None).
+    pub detect_timeout_ms: Option<u64>,
     /// `dns_resolvers` (empty by default: the harness has no resolver, and the host's
     /// resolv.conf must not leak into tests).
     pub dns_resolvers: Vec<std::net::IpAddr>,
@@ -300,10 +332,7 @@ impl Instance {
             self.workdir.join(format!("{}-state", self.name)).display(),
             self.bridge_v4,
         );
-        t += &format!(
-            "mode = \"{}\"\n",
-            if opts.strict { "strict" } else { "permissive" }
-        );
+        t += &common_text(opts);
         if !opts.no_bridge_ipv6 {
             t += &format!("bridge_ipv6 = \"{}\"\n", self.bridge_v6);
         }

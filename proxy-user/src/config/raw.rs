@@ -47,6 +47,10 @@ pub(super) struct RawConfig {
     #[serde(default)]
     state_dir: Option<PathBuf>,
     #[serde(default)]
+    opaque_ports: Option<Vec<u16>>,
+    #[serde(default)]
+    detect_timeout_ms: Option<u64>,
+    #[serde(default)]
     tasks: Vec<RawTask>,
     #[serde(default)]
     cluster: Option<String>,
@@ -257,6 +261,17 @@ impl RawConfig {
         if !admin_socket.is_absolute() {
             return Err(invalid("admin_socket", "must be an absolute path"));
         }
+        let opaque_ports = self
+            .opaque_ports
+            .unwrap_or_else(|| super::DEFAULT_OPAQUE_PORTS.to_vec());
+        if opaque_ports.contains(&0) {
+            return Err(invalid("opaque_ports", "port 0 is not a destination port"));
+        }
+        let detect_timeout = match self.detect_timeout_ms {
+            None => super::DEFAULT_DETECT_TIMEOUT,
+            Some(0) => return Err(invalid("detect_timeout_ms", "must be at least 1")),
+            Some(ms) => std::time::Duration::from_millis(ms),
+        };
         let state_dir = self
             .state_dir
             .unwrap_or_else(|| PathBuf::from(DEFAULT_STATE_DIR).join(&self.instance));
@@ -376,6 +391,8 @@ impl RawConfig {
             exclude_cidrs,
             dns_resolvers,
             admin_socket,
+            opaque_ports,
+            detect_timeout,
             state_dir,
             socket_mark,
             tasks,

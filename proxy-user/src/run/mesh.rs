@@ -78,6 +78,7 @@ pub(super) fn parts(
         metrics: metrics.clone(),
         socket_mark: config.socket_mark,
         stream_cap: config.tunnel_stream_cap,
+        apps: Default::default(),
     });
     Ok(Some(MeshParts {
         identities,

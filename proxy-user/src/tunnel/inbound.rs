@@ -4,8 +4,7 @@
 use std::{convert::Infallible, net::SocketAddr, sync::Arc};
 
 use arc_swap::ArcSwap;
-use bytes::Bytes;
-use http_body_util::Empty;
+use http_body_util::BodyExt;
 use hyper::{Method, Request, Response, StatusCode, body::Incoming, service::service_fn};
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use tokio::net::{TcpListener, TcpStream};
@@ -16,9 +15,10 @@ use super::{HANDSHAKE_TIMEOUT, MAX_HEADER_LIST, handshake_reason};
 use crate::{
     authz::Policy,
     copy,
-    discovery::Discovery,
+    discovery::{Discovery, Endpoint},
     identity::{IdentityManager, SpiffeId, peer_identity},
-    metrics::{HandshakeLabels, Metrics, StreamLabels},
+    l7::{self, AppClients, Body, OrigProto, proxy_error},
+    metrics::{HandshakeLabels, HttpLabels, Metrics, StreamLabels},
     tasks::TaskTable,
     types::normalise,
 };
@@ -33,13 +33,21 @@ pub struct Inbound {
     pub metrics: Arc<Metrics>,
     pub socket_mark: u32,
     pub stream_cap: usize,
+    /// Connections to local applications for HTTP requests.
+    pub apps: Arc<AppClients>,
 }
 
-fn status(code: StatusCode) -> Response<Empty<Bytes>> {
+fn status(code: StatusCode) -> Response<Body> {
     Response::builder()
         .status(code)
-        .body(Empty::new())
+        .body(l7::empty())
         .expect("valid response")
+}
+
+/// An endpoint that passed every check, and the drain token of its task.
+struct Admitted {
+    ep: Endpoint,
+    drain: tokio_util::sync::CancellationToken,
 }
 
 impl Inbound {
@@ -138,24 +146,67 @@ impl Inbound {
         source: &SpiffeId,
         target: &str,
         family: &str,
-    ) -> Response<Empty<Bytes>> {
+    ) -> Response<Body> {
         self.metrics.reject("server", reason);
         tracing::warn!(source_identity = %source, destination_family = family, %target, reason, "tunnel stream denied");
-        status(StatusCode::FORBIDDEN)
+        proxy_error(StatusCode::FORBIDDEN, reason)
     }
 
-    /// One CONNECT stream. `family` is the task family whose identity this TLS connection
-    /// presented: the target must be an endpoint of that family, so a client can never
-    /// verify one workload and reach another.
+    /// The checks every stream and request passes: `target` is an endpoint of a task
+    /// enrolled here of exactly the family whose identity this TLS connection presented
+    /// (a client can never verify one workload and reach another), the policy allows the
+    /// caller, and the health gate is open.
+    fn admit(
+        &self,
+        target: SocketAddr,
+        source: &SpiffeId,
+        family: &str,
+        local: SocketAddr,
+    ) -> Result<Admitted, Response<Body>> {
+        let shown = target.to_string();
+        let target = normalise(target);
+        let local_ip = normalise(local).ip();
+        let discovery = self.discovery.load();
+        let Some(ep) = discovery
+            .endpoint(target)
+            .filter(|ep| normalise(ep.tunnel).ip() == local_ip)
+        else {
+            return Err(self.deny("not_local_endpoint", source, &shown, family));
+        };
+        if ep.family != family {
+            return Err(self.deny("identity_mismatch", source, &shown, &ep.family));
+        }
+        if !self.policy.allows(source, &ep.family, target.port()) {
+            return Err(self.deny("authorization_denied", source, &shown, &ep.family));
+        }
+        // Health gate: a task that is starting, unhealthy or stopping takes no new streams.
+        if !self.tasks.serving(&ep.family, ep.task.as_ref()) {
+            self.metrics.reject("server", "not_serving");
+            tracing::info!(source_identity = %source, %target, family = %ep.family, "endpoint not serving (health gate)");
+            return Err(proxy_error(StatusCode::SERVICE_UNAVAILABLE, "not_serving"));
+        }
+        let drain = ep
+            .task
+            .as_ref()
+            .and_then(|id| self.tasks.find(id))
+            .map(|(_, t)| t.drain.clone())
+            .unwrap_or_default();
+        Ok(Admitted {
+            ep: ep.clone(),
+            drain,
+        })
+    }
+
+    /// One stream: a CONNECT (opaque bytes to the endpoint) or an HTTP request.
     async fn stream(
         &self,
         req: Request<Incoming>,
         source: SpiffeId,
         family: String,
         local: SocketAddr,
-    ) -> Response<Empty<Bytes>> {
+    ) -> Response<Body> {
         if req.method() != Method::CONNECT {
-            return status(StatusCode::METHOD_NOT_ALLOWED);
+            return self.request(req, source, family, local).await;
         }
         let authority = req
             .uri()
@@ -166,33 +217,11 @@ impl Inbound {
             self.metrics.reject("server", "bad_target");
             return status(StatusCode::BAD_REQUEST);
         };
-        let target = normalise(target);
-        let local_ip = normalise(local).ip();
-        let discovery = self.discovery.load();
-        let Some(ep) = discovery
-            .endpoint(target)
-            .filter(|ep| normalise(ep.tunnel).ip() == local_ip)
-        else {
-            return self.deny("not_local_endpoint", &source, &authority, &family);
+        let Admitted { ep, drain } = match self.admit(target, &source, &family, local) {
+            Ok(a) => a,
+            Err(resp) => return resp,
         };
-        if ep.family != family {
-            return self.deny("identity_mismatch", &source, &authority, &ep.family);
-        }
-        if !self.policy.allows(&source, &ep.family, target.port()) {
-            return self.deny("authorization_denied", &source, &authority, &ep.family);
-        }
-        // Health gate: a task that is starting, unhealthy or stopping takes no new streams.
-        if !self.tasks.serving(&ep.family, ep.task.as_ref()) {
-            self.metrics.reject("server", "not_serving");
-            tracing::info!(source_identity = %source, %target, family = %ep.family, "endpoint not serving (health gate)");
-            return status(StatusCode::SERVICE_UNAVAILABLE);
-        }
-        let drain = ep
-            .task
-            .as_ref()
-            .and_then(|id| self.tasks.find(id))
-            .map(|(_, t)| t.drain.clone())
-            .unwrap_or_default();
+        let target = normalise(target);
         let upstream = match copy::connect_marked(target, self.socket_mark).await {
             Ok(s) => s,
             Err(e) => {
@@ -227,5 +256,97 @@ impl Inbound {
             }
         });
         status(StatusCode::OK)
+    }
+
+    /// An HTTP request from a source proxy, counted with its response.
+    async fn request(
+        &self,
+        req: Request<Incoming>,
+        source: SpiffeId,
+        family: String,
+        local: SocketAddr,
+    ) -> Response<Body> {
+        let (service, resp) = self.forward(req, source, family, local).await;
+        self.metrics
+            .http_requests
+            .get_or_create(&HttpLabels {
+                side: "inbound",
+                service,
+                response_code: resp.status().as_u16(),
+                proxy_error: resp.headers().contains_key(&l7::PROXY_ERROR),
+            })
+            .inc();
+        resp
+    }
+
+    /// Checked like a CONNECT, then sent to the application in the protocol the task
+    /// spoke (`ecsmesh-orig-proto`). Returns the endpoint's service ("" when refused
+    /// before it is known) and the response.
+    async fn forward(
+        &self,
+        req: Request<Incoming>,
+        source: SpiffeId,
+        family: String,
+        local: SocketAddr,
+    ) -> (String, Response<Body>) {
+        let header = |name| req.headers().get(name).and_then(|v| v.to_str().ok());
+        let target = header(&l7::TARGET).and_then(|t| t.parse::<SocketAddr>().ok());
+        let proto = req
+            .headers()
+            .get(&l7::ORIG_PROTO)
+            .and_then(OrigProto::parse);
+        let (Some(target), Some(proto)) = (target, proto) else {
+            self.metrics.reject("server", "bad_target");
+            return (String::new(), proxy_error(StatusCode::BAD_REQUEST, "bad_target"));
+        };
+        let Admitted { ep, drain } = match self.admit(target, &source, &family, local) {
+            Ok(a) => a,
+            Err(resp) => return (String::new(), resp),
+        };
+        let (mut parts, body) = req.into_parts();
+        parts.headers.remove(&l7::TARGET);
+        parts.headers.remove(&l7::ORIG_PROTO);
+        if proto != OrigProto::H2 {
+            // HTTP/1: origin-form target, the authority back in `Host`.
+            if let Some(authority) = parts.uri.authority().cloned()
+                && !parts.headers.contains_key(hyper::header::HOST)
+                && let Ok(v) = authority.as_str().parse()
+            {
+                parts.headers.insert(hyper::header::HOST, v);
+            }
+            let origin = parts
+                .uri
+                .path_and_query()
+                .map(|p| p.as_str())
+                .unwrap_or("/")
+                .to_owned();
+            parts.uri = origin
+                .parse()
+                .unwrap_or_else(|_| "/".parse().expect("valid"));
+        }
+        let labels = StreamLabels {
+            source_identity: source.to_string(),
+            destination_family: ep.family.clone(),
+        };
+        self.metrics.inbound_streams.get_or_create(&labels).inc();
+        let req = Request::from_parts(parts, body.boxed());
+        let sent = tokio::select! {
+            r = self.apps.send(normalise(target), proto, req) => r,
+            () = drain.cancelled() => {
+                return (ep.service, proxy_error(StatusCode::SERVICE_UNAVAILABLE, "drained"));
+            }
+        };
+        let resp = match sent {
+            Ok(mut resp) => {
+                l7::strip_hop_by_hop(resp.headers_mut());
+                resp
+            }
+            Err(e) => {
+                self.metrics.reject("server", "upstream_connect");
+                tracing::warn!(%target, error = %e, "request to the application failed");
+                proxy_error(StatusCode::BAD_GATEWAY, "upstream_connect")
+            }
+        };
+        (ep.service, resp)
     }
 }

@@ -11,9 +11,9 @@ use std::{
     },
 };
 
-use bytes::Bytes;
-use http_body_util::Empty;
-use hyper::{Method, Request, StatusCode, client::conn::http2::SendRequest, upgrade::Upgraded};
+use hyper::{
+    Method, Request, Response, StatusCode, client::conn::http2::SendRequest, upgrade::Upgraded,
+};
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use rustls_pki_types::ServerName;
 use tokio_rustls::TlsConnector;
@@ -22,6 +22,7 @@ use super::{HANDSHAKE_TIMEOUT, TunnelError, handshake_reason};
 use crate::{
     copy::connect_marked,
     identity::{IdentityManager, SpiffeId},
+    l7::{Body, empty},
     metrics::{HandshakeLabels, Metrics},
 };
 
@@ -33,7 +34,7 @@ struct PoolKey {
 }
 
 struct Conn {
-    sender: SendRequest<Empty<Bytes>>,
+    sender: SendRequest<Body>,
     active: AtomicUsize,
     /// Serial of the source certificate this connection authenticated with. After a
     /// refresh, new streams go to a connection made with the new certificate; streams on
@@ -104,9 +105,41 @@ impl TunnelPool {
         Err(last.expect("loop ran"))
     }
 
+    /// Send one HTTP request through the tunnel at `tunnel`, authenticated as `source`,
+    /// the far side proving `dest`. The lease holds the stream slot: keep it until the
+    /// response body is done.
+    pub async fn request(
+        &self,
+        source: &SpiffeId,
+        dest: &SpiffeId,
+        tunnel: SocketAddr,
+        req: Request<Body>,
+    ) -> Result<(Response<hyper::body::Incoming>, StreamLease), TunnelError> {
+        let key = PoolKey {
+            source: source.clone(),
+            dest: dest.clone(),
+            tunnel,
+        };
+        let http = |source| TunnelError::Http {
+            addr: tunnel,
+            source,
+        };
+        // A pooled connection closed by the peer meanwhile fails `ready()` before anything
+        // was sent: take another (the closed one is dropped from the pool on the next lease).
+        let mut lease = self.lease(&key).await?;
+        let mut sender = lease.0.sender.clone();
+        if sender.ready().await.is_err() {
+            lease = self.lease(&key).await?;
+            sender = lease.0.sender.clone();
+            sender.ready().await.map_err(http)?;
+        }
+        let resp = sender.send_request(req).await.map_err(http)?;
+        Ok((resp, lease))
+    }
+
     async fn connect_stream(
         &self,
-        sender: &SendRequest<Empty<Bytes>>,
+        sender: &SendRequest<Body>,
         tunnel: SocketAddr,
         target: SocketAddr,
     ) -> Result<TokioIo<Upgraded>, TunnelError> {
@@ -117,7 +150,7 @@ impl TunnelPool {
         let req = Request::builder()
             .method(Method::CONNECT)
             .uri(target.to_string())
-            .body(Empty::new())
+            .body(empty())
             .expect("authority-form CONNECT request is valid");
         let mut sender = sender.clone();
         sender.ready().await.map_err(http)?;

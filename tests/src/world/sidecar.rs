@@ -49,6 +49,16 @@ impl Instance {
             .map(|c| format!("\"{c}\""))
             .collect();
         t += &format!("exclude_cidrs = [{}]\n", cidrs.join(", "));
+        t += &format!(
+            "admin_socket = \"{}\"\nstate_dir = \"{}\"\n",
+            self.workdir
+                .join(format!("{}-sc{task}-admin.sock", self.name))
+                .display(),
+            self.workdir
+                .join(format!("{}-sc{task}-state", self.name))
+                .display(),
+        );
+        t += &common_text(opts);
         t += &self.mesh_text(opts);
         t += &task_text(tk, "host");
         t

@@ -5,6 +5,7 @@
 //!
 //! The mTLS probes (`tunnel`, `tls-server`, `raw`) use rustls/h2 directly, independent of
 //! the proxy's own TLS code.
+mod http;
 mod load;
 mod raw;
 mod tls;
@@ -79,6 +80,23 @@ enum Cmd {
     },
     /// connect() a UDP socket and report its peer address (sends one datagram).
     Udp { target: SocketAddr },
+    /// HTTP application for the data-path tests: HTTP/1.1 (with upgrades) on each
+    /// `--h1` address, h2c on each `--h2` one; reports what it received as JSON.
+    HttpEcho {
+        #[arg(long)]
+        h1: Vec<SocketAddr>,
+        #[arg(long)]
+        h2: Vec<SocketAddr>,
+    },
+    /// One HTTP case against TARGET (keepalive, h2c, big-body, chunked, upgrade, trailers,
+    /// server-first); one JSON report.
+    HttpProbe {
+        target: SocketAddr,
+        #[arg(long)]
+        case: String,
+        #[arg(long, default_value = "app")]
+        host: String,
+    },
     /// Round trips of `size` bytes on one connection; latency percentiles in microseconds.
     Pingpong {
         target: SocketAddr,
@@ -144,6 +162,9 @@ enum Cmd {
         text: Option<String>,
         #[arg(long)]
         hello_then_garbage: bool,
+        /// Shut down the write half after sending (a client that gives up mid-request).
+        #[arg(long)]
+        half_close: bool,
     },
     /// HTTP/1.1 server for the benchmark: reads each request, answers `--body-bytes`;
     /// keep-alive. A connection starting with `BULK` is a byte sink that answers its count.
@@ -332,16 +353,30 @@ fn main() {
         Cmd::TlsServer { listen, cert, key } => {
             tls_server::run(listen, &cert, &key).unwrap_or_else(|e| usage_error(&e));
         }
+        Cmd::HttpEcho { h1, h2 } => {
+            if let Err(e) = http::serve(h1, h2) {
+                eprintln!("meshtool http-echo: {e}");
+                std::process::exit(1);
+            }
+        }
+        Cmd::HttpProbe { target, case, host } => match http::probe(target, &host, &case) {
+            Ok(report) => println!("{report}"),
+            Err(e) => {
+                eprintln!("meshtool http-probe: {e:#}");
+                std::process::exit(1);
+            }
+        },
         Cmd::Raw {
             connect,
             text,
             hello_then_garbage: _,
+            half_close,
         } => {
             let probe = match text {
                 Some(t) => raw::Probe::Text(t),
                 None => raw::Probe::HelloThenGarbage,
             };
-            match raw::run(connect, probe) {
+            match raw::run(connect, probe, half_close) {
                 Ok(report) => println!("{}", serde_json::to_string(&report).unwrap()),
                 Err(e) => {
                     eprintln!("meshtool raw: {e}");

@@ -44,7 +44,7 @@ fn client_hello() -> Result<Vec<u8>, String> {
 }
 
 /// Err only for things that are not the peer's doing (connect failure, local errors).
-pub fn run(connect: SocketAddr, probe: Probe) -> Result<Report, String> {
+pub fn run(connect: SocketAddr, probe: Probe, half_close: bool) -> Result<Report, String> {
     let bytes = match probe {
         Probe::Text(t) => t.into_bytes(),
         Probe::HelloThenGarbage => {
@@ -63,6 +63,9 @@ pub fn run(connect: SocketAddr, probe: Probe) -> Result<Report, String> {
             Ok(0) | Err(_) => break,
             Ok(n) => sent += n,
         }
+    }
+    if half_close {
+        let _ = s.shutdown(std::net::Shutdown::Write);
     }
     let deadline = Instant::now() + READ_FOR;
     let mut received = 0;

@@ -1,0 +1,294 @@
+//! The outbound HTTP path: a task's HTTP/1.x or h2c connection to a meshed endpoint is
+//! served here, and each request goes as an HTTP/2 request through the pooled mTLS tunnel
+//! to the endpoint's node proxy (see `crate::l7` for the shape). Requests go to the
+//! endpoint the task dialled; this path classifies each by service (its authority, or the
+//! endpoint's service) for the balancing and telemetry built on it.
+//!
+//! A request asking for a protocol `Upgrade` (WebSocket) is carried in a CONNECT stream:
+//! its head is replayed to the application as HTTP/1.1 and, after `101 Switching
+//! Protocols`, the connection continues as opaque bytes both ways.
+use std::{convert::Infallible, net::SocketAddr, sync::Arc};
+
+use http::{HeaderValue, Request, Response, StatusCode, header};
+use http_body_util::{BodyExt, Full};
+use hyper::{body::Incoming, service::service_fn};
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio_util::sync::CancellationToken;
+
+use super::{Mesh, detect::Protocol};
+use crate::{
+    identity::SpiffeId,
+    l7::{self, Body, Guarded, OrigProto, proxy_error},
+    metrics::{HttpLabels, Metrics},
+    tunnel::TunnelError,
+};
+
+/// Largest request head a task may send (request line + headers); beyond it the client
+/// gets 431 (HTTP/1) or a stream reset (h2).
+pub const MAX_REQUEST_HEAD: usize = 16 * 1024;
+/// Largest response head read from an upgrading application.
+const MAX_UPGRADE_HEAD: usize = 64 * 1024;
+
+/// One task connection's route through the mesh.
+pub struct HttpFlow {
+    pub mesh: Arc<Mesh>,
+    pub metrics: Arc<Metrics>,
+    pub source: SpiffeId,
+    pub expected: SpiffeId,
+    pub tunnel: SocketAddr,
+    /// The endpoint the task dialled.
+    pub target: SocketAddr,
+    /// That endpoint's service.
+    pub service: String,
+}
+
+impl HttpFlow {
+    /// Serves the task's connection until it ends, or until `drain` (task stopped).
+    pub async fn serve<S>(self: Arc<Self>, io: S, proto: Protocol, drain: CancellationToken)
+    where
+        S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    {
+        let this = self.clone();
+        let svc = service_fn(move |req: Request<Incoming>| {
+            let this = this.clone();
+            async move { Ok::<_, Infallible>(this.forward(req).await) }
+        });
+        let io = TokioIo::new(io);
+        let result = match proto {
+            Protocol::Http2 => {
+                let conn = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
+                    .max_header_list_size(MAX_REQUEST_HEAD as u32)
+                    .serve_connection(io, svc);
+                tokio::pin!(conn);
+                tokio::select! {
+                    r = conn.as_mut() => r,
+                    () = drain.cancelled() => Ok(()),
+                }
+            }
+            _ => {
+                let conn = hyper::server::conn::http1::Builder::new()
+                    .max_buf_size(MAX_REQUEST_HEAD)
+                    .serve_connection(io, svc)
+                    .with_upgrades();
+                tokio::pin!(conn);
+                tokio::select! {
+                    r = conn.as_mut() => r,
+                    () = drain.cancelled() => Ok(()),
+                }
+            }
+        };
+        if let Err(e) = result {
+            // Malformed requests (hyper answered 400/431 where it could), resets, ...
+            self.metrics.fail("http_protocol");
+            tracing::debug!(target = %self.target, error = %e, "task HTTP connection ended with error");
+        }
+    }
+
+    async fn forward(&self, req: Request<Incoming>) -> Response<Body> {
+        let service = req
+            .uri()
+            .authority()
+            .map(|a| a.as_str().to_owned())
+            .or_else(|| {
+                req.headers()
+                    .get(header::HOST)
+                    .and_then(|h| h.to_str().ok())
+                    .map(str::to_owned)
+            })
+            .and_then(|a| {
+                self.mesh
+                    .discovery
+                    .load()
+                    .service_for_authority(&a)
+                    .map(str::to_owned)
+            })
+            .unwrap_or_else(|| self.service.clone());
+        let resp = if req.headers().contains_key(header::UPGRADE)
+            && req.version() < http::Version::HTTP_2
+        {
+            self.upgrade(req).await
+        } else {
+            self.send(req).await
+        };
+        self.metrics
+            .http_requests
+            .get_or_create(&HttpLabels {
+                side: "outbound",
+                service,
+                response_code: resp.status().as_u16(),
+                proxy_error: resp.headers().contains_key(&l7::PROXY_ERROR),
+            })
+            .inc();
+        resp
+    }
+
+    fn tunnel_error(&self, e: &TunnelError) -> Response<Body> {
+        let reason = match e {
+            TunnelError::Refused { .. } => "tunnel_refused",
+            TunnelError::Handshake { .. } => "tunnel_handshake",
+            _ => "tunnel_connect",
+        };
+        self.metrics.fail(reason);
+        tracing::warn!(target = %self.target, error = %e, "request not delivered");
+        proxy_error(StatusCode::BAD_GATEWAY, reason)
+    }
+
+    async fn send(&self, req: Request<Incoming>) -> Response<Body> {
+        let proto = OrigProto::of(req.version());
+        let (mut parts, body) = req.into_parts();
+        let authority = parts
+            .uri
+            .authority()
+            .map(|a| a.as_str().to_owned())
+            .or_else(|| {
+                parts
+                    .headers
+                    .get(header::HOST)
+                    .and_then(|h| h.to_str().ok())
+                    .map(str::to_owned)
+            })
+            .unwrap_or_else(|| self.target.to_string());
+        let path = parts
+            .uri
+            .path_and_query()
+            .map_or("/", |p| p.as_str())
+            .to_owned();
+        let Ok(uri) = format!("http://{authority}{path}").parse() else {
+            return proxy_error(StatusCode::BAD_REQUEST, "bad_request");
+        };
+        parts.uri = uri;
+        parts.version = http::Version::HTTP_2;
+        l7::strip_hop_by_hop(&mut parts.headers);
+        parts.headers.remove(header::HOST);
+        parts.headers.insert(
+            l7::TARGET,
+            HeaderValue::from_str(&self.target.to_string()).expect("an address is a valid value"),
+        );
+        parts.headers.insert(l7::ORIG_PROTO, proto.header());
+        let req = Request::from_parts(parts, body.boxed());
+        match self
+            .mesh
+            .pool
+            .request(&self.source, &self.expected, self.tunnel, req)
+            .await
+        {
+            Ok((resp, lease)) => {
+                let (mut parts, body) = resp.into_parts();
+                l7::strip_hop_by_hop(&mut parts.headers);
+                Response::from_parts(parts, Guarded::wrap(body.boxed(), lease))
+            }
+            Err(e) => self.tunnel_error(&e),
+        }
+    }
+
+    /// `Upgrade` (WebSocket and friends): the request head goes to the application over a
+    /// CONNECT stream; after its `101` both connections are spliced.
+    async fn upgrade(&self, mut req: Request<Incoming>) -> Response<Body> {
+        let (mut stream, lease) = match self
+            .mesh
+            .pool
+            .open(&self.source, &self.expected, self.tunnel, self.target)
+            .await
+        {
+            Ok(x) => x,
+            Err(e) => return self.tunnel_error(&e),
+        };
+        let mut head = format!(
+            "{} {} HTTP/1.1\r\n",
+            req.method(),
+            req.uri().path_and_query().map_or("/", |p| p.as_str())
+        )
+        .into_bytes();
+        for (name, value) in req.headers() {
+            head.extend_from_slice(name.as_str().as_bytes());
+            head.extend_from_slice(b": ");
+            head.extend_from_slice(value.as_bytes());
+            head.extend_from_slice(b"\r\n");
+        }
+        head.extend_from_slice(b"\r\n");
+        if stream.write_all(&head).await.is_err() {
+            return proxy_error(StatusCode::BAD_GATEWAY, "upstream_connect");
+        }
+        let Some((status, headers, rest)) = read_response_head(&mut stream).await else {
+            return proxy_error(StatusCode::BAD_GATEWAY, "bad_upgrade_response");
+        };
+        let mut resp = Response::builder().status(status);
+        for (name, value) in &headers {
+            resp = resp.header(name, value);
+        }
+        if status != StatusCode::SWITCHING_PROTOCOLS {
+            // Refused: hand back what the application sent (bounded), then close.
+            let mut body = rest;
+            let _ = tokio::time::timeout(
+                std::time::Duration::from_secs(5),
+                (&mut stream)
+                    .take(MAX_UPGRADE_HEAD as u64)
+                    .read_to_end(&mut body),
+            )
+            .await;
+            return resp
+                .body(Full::from(body).map_err(|never| match never {}).boxed())
+                .unwrap_or_else(|_| proxy_error(StatusCode::BAD_GATEWAY, "bad_upgrade_response"));
+        }
+        let client = hyper::upgrade::on(&mut req);
+        let target = self.target;
+        tokio::spawn(async move {
+            let _lease = lease;
+            match client.await {
+                Ok(up) => {
+                    let mut up = TokioIo::new(up);
+                    if up.write_all(&rest).await.is_ok()
+                        && let Err(e) = tokio::io::copy_bidirectional(&mut up, &mut stream).await
+                    {
+                        tracing::debug!(%target, error = %e, "upgraded connection ended with error");
+                    }
+                }
+                Err(e) => tracing::debug!(%target, error = %e, "client upgrade failed"),
+            }
+        });
+        resp.body(l7::empty())
+            .unwrap_or_else(|_| proxy_error(StatusCode::BAD_GATEWAY, "bad_upgrade_response"))
+    }
+}
+
+type Head = (StatusCode, Vec<(http::HeaderName, HeaderValue)>, Vec<u8>);
+
+/// Reads an HTTP/1 response head; returns it and the bytes read past it.
+async fn read_response_head<S: AsyncRead + Unpin>(stream: &mut S) -> Option<Head> {
+    let mut buf = Vec::with_capacity(1024);
+    let read = async {
+        loop {
+            let mut chunk = [0u8; 4096];
+            let n = stream.read(&mut chunk).await.ok()?;
+            if n == 0 {
+                return None;
+            }
+            buf.extend_from_slice(&chunk[..n]);
+            let mut headers = [httparse::EMPTY_HEADER; 64];
+            let mut parsed = httparse::Response::new(&mut headers);
+            match parsed.parse(&buf) {
+                Ok(httparse::Status::Complete(len)) => {
+                    let status = StatusCode::from_u16(parsed.code?).ok()?;
+                    let headers = parsed
+                        .headers
+                        .iter()
+                        .filter_map(|h| {
+                            Some((
+                                http::HeaderName::from_bytes(h.name.as_bytes()).ok()?,
+                                HeaderValue::from_bytes(h.value).ok()?,
+                            ))
+                        })
+                        .collect();
+                    return Some((status, headers, buf[len..].to_vec()));
+                }
+                Ok(httparse::Status::Partial) if buf.len() < MAX_UPGRADE_HEAD => continue,
+                _ => return None,
+            }
+        }
+    };
+    tokio::time::timeout(std::time::Duration::from_secs(10), read)
+        .await
+        .ok()
+        .flatten()
+}
