@@ -62,6 +62,8 @@ async fn start_with_tasks(
         socket_mark: 0,
         mode: Mode::Permissive,
         mesh: None,
+        opaque_ports: Vec::new(),
+        detect_timeout: std::time::Duration::from_secs(10),
     });
     let stop = CancellationToken::new();
     tokio::spawn(proxy.serve(listener, stop.clone(), TaskTracker::new()));

@@ -44,6 +44,9 @@ fn status(code: StatusCode) -> Response<Body> {
         .expect("valid response")
 }
 
+/// A refusal: the status and the `ecsmesh-proxy-error` reason.
+struct Denied(StatusCode, &'static str);
+
 /// An endpoint that passed every check, and the drain token of its task.
 struct Admitted {
     ep: Endpoint,
@@ -140,16 +143,10 @@ impl Inbound {
         }
     }
 
-    fn deny(
-        &self,
-        reason: &'static str,
-        source: &SpiffeId,
-        target: &str,
-        family: &str,
-    ) -> Response<Body> {
+    fn deny(&self, reason: &'static str, source: &SpiffeId, target: &str, family: &str) -> Denied {
         self.metrics.reject("server", reason);
         tracing::warn!(source_identity = %source, destination_family = family, %target, reason, "tunnel stream denied");
-        proxy_error(StatusCode::FORBIDDEN, reason)
+        Denied(StatusCode::FORBIDDEN, reason)
     }
 
     /// The checks every stream and request passes: `target` is an endpoint of a task
@@ -162,7 +159,7 @@ impl Inbound {
         source: &SpiffeId,
         family: &str,
         local: SocketAddr,
-    ) -> Result<Admitted, Response<Body>> {
+    ) -> Result<Admitted, Denied> {
         let shown = target.to_string();
         let target = normalise(target);
         let local_ip = normalise(local).ip();
@@ -183,7 +180,7 @@ impl Inbound {
         if !self.tasks.serving(&ep.family, ep.task.as_ref()) {
             self.metrics.reject("server", "not_serving");
             tracing::info!(source_identity = %source, %target, family = %ep.family, "endpoint not serving (health gate)");
-            return Err(proxy_error(StatusCode::SERVICE_UNAVAILABLE, "not_serving"));
+            return Err(Denied(StatusCode::SERVICE_UNAVAILABLE, "not_serving"));
         }
         let drain = ep
             .task
@@ -219,7 +216,7 @@ impl Inbound {
         };
         let Admitted { ep, drain } = match self.admit(target, &source, &family, local) {
             Ok(a) => a,
-            Err(resp) => return resp,
+            Err(Denied(code, reason)) => return proxy_error(code, reason),
         };
         let target = normalise(target);
         let upstream = match copy::connect_marked(target, self.socket_mark).await {
@@ -297,11 +294,14 @@ impl Inbound {
             .and_then(OrigProto::parse);
         let (Some(target), Some(proto)) = (target, proto) else {
             self.metrics.reject("server", "bad_target");
-            return (String::new(), proxy_error(StatusCode::BAD_REQUEST, "bad_target"));
+            return (
+                String::new(),
+                proxy_error(StatusCode::BAD_REQUEST, "bad_target"),
+            );
         };
         let Admitted { ep, drain } = match self.admit(target, &source, &family, local) {
             Ok(a) => a,
-            Err(resp) => return (String::new(), resp),
+            Err(Denied(code, reason)) => return (String::new(), proxy_error(code, reason)),
         };
         let (mut parts, body) = req.into_parts();
         parts.headers.remove(&l7::TARGET);
