@@ -116,8 +116,8 @@ pub struct EcsSettings {
     pub docker_socket: Option<PathBuf>,
     /// Root of the host's cgroup filesystem as mounted in the proxy's container.
     pub cgroup_root: PathBuf,
-    /// `auto`, `v2` (AL2023) or `v1` (AL2).
-    pub layout: String,
+    /// The agent's cgroup naming: `v2` (AL2023), `v1` (AL2), or `None` to detect it.
+    pub layout: Option<crate::ecs::CgroupLayout>,
     pub poll_interval: Duration,
     /// Publish the `ecsmesh.ready` container-instance attribute once ready.
     pub publish_ready_attribute: bool,

@@ -31,9 +31,14 @@ use serde::{Deserialize, Serialize};
 
 use crate::{build, setup, workspace_root};
 
-pub const MODES: [&str; 4] = ["direct", "node", "sidecar", "peer"];
+/// `node-http` is the node proxy on a port that is not opaque: requests go through protocol
+/// detection and the HTTP path (one HTTP/2 request per task request through the tunnel);
+/// `node` is the same proxy on an opaque port (raw TCP through a CONNECT stream).
+pub const MODES: [&str; 5] = ["direct", "node", "node-http", "sidecar", "peer"];
 const TRUST_DOMAIN: &str = "bench.test";
 const SERVER_PORT: u16 = 8080;
+/// Where the servers also listen for the `node-http` mode (not in the opaque ports).
+const HTTP_PORT: u16 = 8081;
 const PEER_PORT: u16 = 15443;
 const PEER_LOCAL: &str = "127.0.0.1:15101";
 /// Other processes may use this many cores during a cell before it is measured again.
@@ -462,6 +467,13 @@ impl Bench {
             node.family.clone(),
             Some(b.tunnel_addr()),
         ));
+        let http = &b.tasks[self.pairs[mode_index("node-http")].server];
+        eps.push((
+            "bench-node-http".into(),
+            http.addr(HTTP_PORT),
+            http.family.clone(),
+            Some(b.tunnel_addr()),
+        ));
         let sc = &b.tasks[self.pairs[mode_index("sidecar")].server];
         eps.push((
             "bench-sidecar".into(),
@@ -499,8 +511,11 @@ impl Bench {
             }
         }
         for i in [1, 0] {
-            let node = &self.pairs[mode_index("node")];
-            let mut enrol = vec![if i == 0 { node.client } else { node.server }];
+            let enrol_pair = |mode| {
+                let p = &self.pairs[mode_index(mode)];
+                if i == 0 { p.client } else { p.server }
+            };
+            let mut enrol = vec![enrol_pair("node"), enrol_pair("node-http")];
             if sweep {
                 enrol.extend(self.sweep_tasks.iter().copied());
             }
@@ -607,7 +622,7 @@ impl Bench {
     fn mesh_of(&self, mode: &str) -> (Vec<i32>, Vec<PathBuf>) {
         let (a, b) = (&self.w.instances[0], &self.w.instances[1]);
         match mode {
-            "node" => (
+            "node" | "node-http" => (
                 a.proxy_pid().into_iter().chain(b.proxy_pid()).collect(),
                 vec![a.proxy_cgroup(), b.proxy_cgroup()],
             ),
@@ -632,10 +647,11 @@ impl Bench {
 
     /// The load generator's target for a mode: the server task, or the local stunnel.
     fn target(&self, mode: &str) -> SocketAddr {
-        if mode == "peer" {
-            PEER_LOCAL.parse().unwrap()
-        } else {
-            self.w.instances[1].tasks[self.pairs[mode_index(mode)].server].addr(SERVER_PORT)
+        let server = &self.w.instances[1].tasks[self.pairs[mode_index(mode)].server];
+        match mode {
+            "peer" => PEER_LOCAL.parse().unwrap(),
+            "node-http" => server.addr(HTTP_PORT),
+            _ => server.addr(SERVER_PORT),
         }
     }
 
@@ -989,6 +1005,8 @@ fn http_server_args(s: &Settings) -> Vec<String> {
         "http-server",
         "--listen",
         &format!("0.0.0.0:{SERVER_PORT}"),
+        "--listen",
+        &format!("0.0.0.0:{HTTP_PORT}"),
         "--body-bytes",
         &s.body_bytes.to_string(),
         "--max-secs",

@@ -144,13 +144,17 @@ impl RawEcs {
                 format!("{}: not a directory", self.cgroup_root.display()),
             ));
         }
-        let layout = self.layout.unwrap_or_else(|| "auto".to_owned());
-        if !["auto", "v1", "v2"].contains(&layout.as_str()) {
-            return Err(invalid(
-                "ecs.layout",
-                format!("{layout:?}: expected auto, v1 or v2"),
-            ));
-        }
+        let layout = match self.layout.as_deref() {
+            None | Some("auto") => None,
+            Some("v1") => Some(crate::ecs::CgroupLayout::V1),
+            Some("v2") => Some(crate::ecs::CgroupLayout::V2),
+            Some(other) => {
+                return Err(invalid(
+                    "ecs.layout",
+                    format!("{other:?}: expected auto, v1 or v2"),
+                ));
+            }
+        };
         let poll = self.poll_interval_ms.unwrap_or(2000);
         if poll < 100 {
             return Err(invalid("ecs.poll_interval_ms", "must be at least 100"));

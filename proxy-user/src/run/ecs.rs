@@ -91,11 +91,7 @@ impl Reconciler {
             url: settings.agent_url.clone(),
             reason: "not a URI",
         })?;
-        let layout = match settings.layout.as_str() {
-            "v1" => Some(CgroupLayout::V1),
-            "v2" => Some(CgroupLayout::V2),
-            _ => None,
-        };
+        let layout = settings.layout;
         Ok(Self {
             agent: EcsAgent::new(uri)?,
             docker: settings.docker_socket.as_ref().map(DockerHealth::new),

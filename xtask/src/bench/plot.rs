@@ -12,9 +12,11 @@ use super::{
 };
 use crate::setup::PLOT_FONT;
 
-const COLORS: [RGBColor; 4] = [
+/// One colour per mode, in `MODES` order (direct, node, node-http, sidecar, peer).
+const COLORS: [RGBColor; super::MODES.len()] = [
     RGBColor(90, 90, 90),
     RGBColor(0, 114, 178),
+    RGBColor(86, 180, 233),
     RGBColor(213, 94, 0),
     RGBColor(0, 158, 115),
 ];
