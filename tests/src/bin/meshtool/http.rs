@@ -189,26 +189,6 @@ fn frames(items: Vec<Frame<Bytes>>) -> Out {
     Frames(items.into()).boxed()
 }
 
-/// A request body with trailers (gRPC's shape): `data`, then `x-request-trailer: done`.
-struct WithTrailers {
-    data: Option<Bytes>,
-    trailers: Option<HeaderMap>,
-}
-
-impl Body for WithTrailers {
-    type Data = Bytes;
-    type Error = Infallible;
-    fn poll_frame(
-        mut self: Pin<&mut Self>,
-        _: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, Infallible>>> {
-        if let Some(d) = self.data.take() {
-            return Poll::Ready(Some(Ok(Frame::data(d))));
-        }
-        Poll::Ready(self.trailers.take().map(|t| Ok(Frame::trailers(t))))
-    }
-}
-
 /// `http-probe`: one case against `target` (an address the task dials), with `Host`
 /// `host`. Prints a JSON report; exits non-zero only for local errors.
 pub fn probe(target: SocketAddr, host: &str, case: &str) -> anyhow::Result<Value> {
@@ -336,14 +316,15 @@ async fn probe_case(target: SocketAddr, host: &str, case: &str) -> anyhow::Resul
             tokio::spawn(conn);
             let mut t = HeaderMap::new();
             t.insert("x-request-trailer", "done".parse().unwrap());
-            let body = WithTrailers {
-                data: Some(Bytes::from_static(b"\x00\x00\x00\x00\x05hello")),
-                trailers: Some(t),
-            };
+            // gRPC's shape: one length-prefixed message, then trailers.
+            let body = frames(vec![
+                Frame::data(Bytes::from_static(b"\x00\x00\x00\x00\x05hello")),
+                Frame::trailers(t),
+            ]);
             let req = Request::post(format!("http://{host}/pkg.Service/Method"))
                 .header(header::CONTENT_TYPE, "application/grpc")
                 .header(header::TE, "trailers")
-                .body(body.boxed())
+                .body(body)
                 .unwrap();
             Ok(response_json(s.send_request(req).await?).await?)
         }
