@@ -165,6 +165,38 @@ fn common_text(opts: &ProxyOptions) -> String {
         )
 }
 
+/// The config as an older `ecsmesh` accepts it: top-level fields its `check-config`
+/// reports as unknown are left out (they are features the older binary does not have;
+/// each is printed). Panics when the config fails for another reason.
+pub fn compatible_config(bin: &Path, workdir: &Path, mut text: String) -> String {
+    let path = workdir.join("compat-check.toml");
+    for _ in 0..32 {
+        std::fs::write(&path, &text).expect("write config");
+        let out = Command::new(bin)
+            .arg("check-config")
+            .arg("--config")
+            .arg(&path)
+            .output()
+            .expect("run check-config");
+        if out.status.success() {
+            return text;
+        }
+        let err = String::from_utf8_lossy(&out.stderr).into_owned();
+        let field = err
+            .split("unknown field `")
+            .nth(1)
+            .and_then(|rest| rest.split('`').next())
+            .unwrap_or_else(|| panic!("{} rejects the config: {err}", bin.display()));
+        println!("{}: leaving out `{field}` (unknown to it)", bin.display());
+        text = text
+            .lines()
+            .filter(|l| !l.trim_start().starts_with(&format!("{field} =")))
+            .map(|l| format!("{l}\n"))
+            .collect();
+    }
+    panic!("{}: config still rejected after 32 fields", bin.display());
+}
+
 /// One `[[tasks]]` entry of a proxy config.
 fn task_text(task: &Task, network_mode: &str) -> String {
     let cgroups: Vec<String> = task
@@ -234,6 +266,9 @@ pub struct ProxyOptions {
     /// `dns_resolvers` (empty by default: the harness has no resolver, and the host's
     /// resolv.conf must not leak into tests).
     pub dns_resolvers: Vec<std::net::IpAddr>,
+    /// Run this `ecsmesh` binary instead of the world's (the benchmark's baseline build).
+    /// Config fields it does not know are left out (see `compatible_config`).
+    pub binary: Option<PathBuf>,
 }
 
 /// Identity material of one instance, made by `World::enable_mesh`.
@@ -426,9 +461,18 @@ impl Instance {
 
     /// Write a config file and return the `ecsmesh run` command, placed in the proxy cgroup.
     pub fn proxy_command(&self, config_text: &str, cgroup: Option<&Path>) -> (Command, PathBuf) {
+        self.proxy_command_of(&self.tools.ecsmesh, config_text, cgroup)
+    }
+
+    fn proxy_command_of(
+        &self,
+        bin: &Path,
+        config_text: &str,
+        cgroup: Option<&Path>,
+    ) -> (Command, PathBuf) {
         let config = self.workdir.join(format!("{}.toml", self.name));
         std::fs::write(&config, config_text).expect("write config");
-        let mut cmd = Command::new(&self.tools.ecsmesh);
+        let mut cmd = Command::new(bin);
         cmd.arg("run")
             .arg("--config")
             .arg(&config)
@@ -445,8 +489,12 @@ impl Instance {
         if opts.admin_on_fabric {
             self.admin = self.addr(15000);
         }
-        let text = self.config_text(opts);
-        let (mut cmd, config) = self.proxy_command(&text, opts.cgroup.as_deref());
+        let mut text = self.config_text(opts);
+        if let Some(bin) = &opts.binary {
+            text = compatible_config(bin, &self.workdir, text);
+        }
+        let bin = opts.binary.as_deref().unwrap_or(&self.tools.ecsmesh);
+        let (mut cmd, config) = self.proxy_command_of(bin, &text, opts.cgroup.as_deref());
         if let Some(n) = opts.workers {
             cmd.arg("--workers").arg(n.to_string());
         }

@@ -13,6 +13,7 @@
 //!   0.3 cores during it.
 //!
 //! Results: `target/bench/report.{md,json,png}`.
+mod baseline;
 mod measure;
 mod plot;
 mod report;
@@ -33,8 +34,11 @@ use crate::{build, setup, workspace_root};
 
 /// `node-http` is the node proxy on a port that is not opaque: requests go through protocol
 /// detection and the HTTP path (one HTTP/2 request per task request through the tunnel);
-/// `node` is the same proxy on an opaque port (raw TCP through a CONNECT stream).
-pub const MODES: [&str; 5] = ["direct", "node", "node-http", "sidecar", "peer"];
+/// `node` is the same proxy on an opaque port (raw TCP through a CONNECT stream);
+/// `node-base` (only with `--baseline <rev>`) is node mode run by the binary built from
+/// another commit, on a second pair of instances pinned like the first, so a change's cost
+/// is measured side by side in one run.
+pub const MODES: [&str; 6] = ["direct", "node", "node-http", "sidecar", "peer", "node-base"];
 const TRUST_DOMAIN: &str = "bench.test";
 const SERVER_PORT: u16 = 8080;
 /// Where the servers also listen for the `node-http` mode (not in the opaque ports).
@@ -67,13 +71,25 @@ pub struct Settings {
     /// No cell is measured again after this many seconds (bounds the run time).
     pub retry_budget_s: u64,
     pub peer: String,
+    /// The modes of this run (`node-base` only with a baseline).
+    #[serde(default)]
+    pub modes: Vec<String>,
+    /// The baseline build of `node-base`: the commit it was built from.
+    #[serde(default)]
+    pub baseline: Option<String>,
 }
 
 impl Settings {
-    fn new(quick: bool) -> Self {
+    fn new(quick: bool, baseline: Option<String>) -> Self {
         let full = !quick;
         Self {
             quick,
+            modes: MODES
+                .iter()
+                .filter(|m| **m != "node-base" || baseline.is_some())
+                .map(|m| m.to_string())
+                .collect(),
+            baseline,
             rates: if full {
                 vec![200.0, 500.0, 1000.0]
             } else {
@@ -208,7 +224,7 @@ pub fn out_dir() -> PathBuf {
     workspace_root().join("target/bench")
 }
 
-pub fn run(quick: bool) -> Result<()> {
+pub fn run(quick: bool, baseline: Option<String>) -> Result<()> {
     let started = Instant::now();
     if !nix::unistd::geteuid().is_root() {
         bail!("the benchmark builds namespaces, cgroups and eBPF programs: run it as root");
@@ -230,11 +246,15 @@ pub fn run(quick: bool) -> Result<()> {
             }
         }
     };
-    let settings = Settings::new(quick);
+    let base = match &baseline {
+        Some(rev) => Some(baseline::build(rev)?),
+        None => None,
+    };
+    let settings = Settings::new(quick, base.as_ref().map(|b| b.describe()));
     println!(
         "xtask bench{}: modes {}, rates {:?} req/s, {} round(s)",
         if quick { " --quick" } else { "" },
-        MODES.join("/"),
+        settings.modes.join("/"),
         settings.rates,
         settings.rounds
     );
@@ -243,7 +263,7 @@ pub fn run(quick: bool) -> Result<()> {
         .output()
         .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_owned())
         .unwrap_or_default();
-    let mut bench = Bench::new(tools.clone(), settings.clone())?;
+    let mut bench = Bench::new(tools.clone(), settings.clone(), base.map(|b| b.ecsmesh))?;
     bench.latency_rounds()?;
     bench.bulk_rounds()?;
     bench.sweep()?;
@@ -313,7 +333,13 @@ pub fn smoke() -> Result<()> {
     let v: serde_json::Value =
         serde_json::from_str(&text).with_context(|| format!("{}: not JSON", path.display()))?;
     let mut checked = 0;
-    for mode in MODES {
+    let modes: Vec<&str> = v["settings"]["modes"]
+        .as_array()
+        .context("report.json: no settings.modes")?
+        .iter()
+        .filter_map(|m| m.as_str())
+        .collect();
+    for mode in modes {
         let rates = v["modes"][mode]
             .as_object()
             .with_context(|| format!("report.json: no results for mode {mode}"))?;
@@ -356,9 +382,12 @@ pub fn smoke() -> Result<()> {
     Ok(())
 }
 
-/// One pair of tasks per mode: client on instance 0, server on instance 1.
+/// One pair of tasks per mode: client on instance 0, server on instance 1 (`node-base`:
+/// on instances 2 and 3, which run the baseline binary).
 struct Pair {
+    client_inst: usize,
     client: usize,
+    server_inst: usize,
     server: usize,
 }
 
@@ -376,6 +405,10 @@ struct Bench {
     sweep_cells: Vec<SweepCell>,
     marker: String,
     started: Instant,
+    /// The modes of this run, in `MODES` order.
+    modes: Vec<&'static str>,
+    /// The baseline `ecsmesh` of `node-base`.
+    baseline: Option<PathBuf>,
 }
 
 impl Drop for Bench {
@@ -389,18 +422,40 @@ fn strings(args: &[&str]) -> Vec<String> {
 }
 
 impl Bench {
-    fn new(tools: Tools, s: Settings) -> Result<Self> {
-        let mut w = World::new(tools, 2);
-        w.pin(0, 0);
-        w.pin(1, 1);
+    fn new(tools: Tools, s: Settings, baseline: Option<PathBuf>) -> Result<Self> {
+        let modes: Vec<&'static str> = MODES
+            .iter()
+            .copied()
+            .filter(|m| s.modes.iter().any(|x| x == m))
+            .collect();
+        let mut w = World::new(tools, if baseline.is_some() { 4 } else { 2 });
+        for i in 0..w.instances.len() {
+            w.pin(i, i % 2);
+        }
         w.enable_mesh(TRUST_DOMAIN);
         let marker = format!("ecsmesh-test/{}", w.id);
         let mut pairs = Vec::new();
-        for _ in MODES {
-            let client = w.add_task(0, NetworkMode::Bridge, 1);
-            let server = w.add_task(1, NetworkMode::Bridge, 1);
-            w.instances[1].tasks[server].server(0, &http_server_args(&s));
-            pairs.push(Pair { client, server });
+        for mode in MODES {
+            // Every mode keeps its index; a mode not in this run gets no tasks.
+            let (ci, si) = if mode == "node-base" { (2, 3) } else { (0, 1) };
+            if !modes.contains(&mode) {
+                pairs.push(Pair {
+                    client_inst: ci,
+                    client: usize::MAX,
+                    server_inst: si,
+                    server: usize::MAX,
+                });
+                continue;
+            }
+            let client = w.add_task(ci, NetworkMode::Bridge, 1);
+            let server = w.add_task(si, NetworkMode::Bridge, 1);
+            w.instances[si].tasks[server].server(0, &http_server_args(&s));
+            pairs.push(Pair {
+                client_inst: ci,
+                client,
+                server_inst: si,
+                server,
+            });
         }
         let mut b = Self {
             w,
@@ -414,6 +469,8 @@ impl Bench {
             sweep_cells: Vec::new(),
             marker,
             started: Instant::now(),
+            modes,
+            baseline,
         };
         b.write_discovery(false);
         b.restart_node_proxies()?;
@@ -424,7 +481,7 @@ impl Bench {
         b.w.instances[0].start_sidecar(c, &opts);
         b.start_peer()?;
         // Every mode answers before anything is measured.
-        for mode in MODES {
+        for mode in b.modes.clone() {
             let r = b.run_load(mode, 50.0, 2, 200, 300, false)?;
             if r.ok == 0 || r.errors != 0 {
                 bail!("bench: {mode} does not carry traffic: {r:?}");
@@ -474,6 +531,17 @@ impl Bench {
             http.family.clone(),
             Some(b.tunnel_addr()),
         ));
+        if self.modes.contains(&"node-base") {
+            let p = &self.pairs[mode_index("node-base")];
+            let base = &self.w.instances[p.server_inst];
+            let server = &base.tasks[p.server];
+            eps.push((
+                "bench-node-base".into(),
+                server.addr(SERVER_PORT),
+                server.family.clone(),
+                Some(base.tunnel_addr()),
+            ));
+        }
         let sc = &b.tasks[self.pairs[mode_index("sidecar")].server];
         eps.push((
             "bench-sidecar".into(),
@@ -524,6 +592,20 @@ impl Bench {
                 ..self.proxy_opts()
             };
             self.w.instances[i].start_proxy(&opts);
+        }
+        // The baseline's node proxies (instances 2 and 3) start once and keep running.
+        if let Some(bin) = &self.baseline
+            && self.w.instances[3].proxy.is_none()
+        {
+            let p = &self.pairs[mode_index("node-base")];
+            for (inst, task) in [(p.server_inst, p.server), (p.client_inst, p.client)] {
+                let opts = ProxyOptions {
+                    enrol: Some(vec![task]),
+                    binary: Some(bin.clone()),
+                    ..self.proxy_opts()
+                };
+                self.w.instances[inst].start_proxy(&opts);
+            }
         }
         Ok(())
     }
@@ -622,6 +704,13 @@ impl Bench {
     fn mesh_of(&self, mode: &str) -> (Vec<i32>, Vec<PathBuf>) {
         let (a, b) = (&self.w.instances[0], &self.w.instances[1]);
         match mode {
+            "node-base" => {
+                let (a, b) = (&self.w.instances[2], &self.w.instances[3]);
+                (
+                    a.proxy_pid().into_iter().chain(b.proxy_pid()).collect(),
+                    vec![a.proxy_cgroup(), b.proxy_cgroup()],
+                )
+            }
             "node" | "node-http" => (
                 a.proxy_pid().into_iter().chain(b.proxy_pid()).collect(),
                 vec![a.proxy_cgroup(), b.proxy_cgroup()],
@@ -645,9 +734,16 @@ impl Bench {
         }
     }
 
+    /// The client task of a mode's pair.
+    fn client(&self, mode: &str) -> &harness::Task {
+        let p = &self.pairs[mode_index(mode)];
+        &self.w.instances[p.client_inst].tasks[p.client]
+    }
+
     /// The load generator's target for a mode: the server task, or the local stunnel.
     fn target(&self, mode: &str) -> SocketAddr {
-        let server = &self.w.instances[1].tasks[self.pairs[mode_index(mode)].server];
+        let p = &self.pairs[mode_index(mode)];
+        let server = &self.w.instances[p.server_inst].tasks[p.server];
         match mode {
             "peer" => PEER_LOCAL.parse().unwrap(),
             "node-http" => server.addr(HTTP_PORT),
@@ -694,7 +790,7 @@ impl Bench {
         if new_connection {
             args.push("--new-connection".into());
         }
-        let task = &self.w.instances[0].tasks[self.pairs[mode_index(mode)].client];
+        let task = self.client(mode);
         parse_load(process::run(task.meshtool(0, &args)))
     }
 
@@ -719,7 +815,7 @@ impl Bench {
             if new_connection {
                 args.push("--new-connection".into());
             }
-            let task = &self.w.instances[0].tasks[self.pairs[mode_index(mode)].client];
+            let task = self.client(mode);
             let mut cmd = task.meshtool(0, &args);
             let child = cmd
                 .stdin(Stdio::null())
@@ -772,9 +868,8 @@ impl Bench {
         for round in 0..self.s.rounds {
             println!("round {}/{}", round + 1, self.s.rounds);
             // Rotate the order so no mode always runs right after another.
-            let order: Vec<&str> = (0..MODES.len())
-                .map(|i| MODES[(i + round) % MODES.len()])
-                .collect();
+            let n = self.modes.len();
+            let order: Vec<&str> = (0..n).map(|i| self.modes[(i + round) % n]).collect();
             for &rate in &rates {
                 for mode in &order {
                     self.cell("keepalive", mode, round, rate)?;
@@ -790,8 +885,8 @@ impl Bench {
     fn bulk_rounds(&mut self) -> Result<()> {
         println!("single-connection throughput");
         for round in 0..self.s.rounds {
-            for i in 0..MODES.len() {
-                let mode = MODES[(i + round) % MODES.len()];
+            for i in 0..self.modes.len() {
+                let mode = self.modes[(i + round) % self.modes.len()];
                 let (_, cgroups) = self.mesh_of(mode);
                 let mut attempts = 0;
                 loop {
@@ -805,7 +900,7 @@ impl Bench {
                         "--seconds",
                         &self.s.bulk_secs.to_string(),
                     ]);
-                    let task = &self.w.instances[0].tasks[self.pairs[mode_index(mode)].client];
+                    let task = self.client(mode);
                     let out = process::run(task.meshtool(0, &args));
                     let wall = t0.elapsed().as_secs_f64();
                     let cpu = (measure::cgroups_cpu_usec(&cgroups) - cpu0) as f64 / 1e6 / wall;

@@ -41,6 +41,10 @@ enum Cmd {
         /// Short cells, one round, one rate, a small sweep (the CI smoke run, < 5 min).
         #[arg(long)]
         quick: bool,
+        /// Also run node mode with the binary built from this commit (`node-base`), side
+        /// by side, and check this build's node mode against it.
+        #[arg(long, value_name = "REV")]
+        baseline: Option<String>,
     },
     /// Validate deploy/ offline: JSON/YAML, cfn-lint, task definitions against the ECS API
     /// model, IAM policy, systemd unit (installs the Python tools into target/pyenv).
@@ -56,7 +60,7 @@ fn main() -> Result<()> {
         Cmd::Build { release } => build::all(release).map(|_| ()),
         Cmd::Test => test(),
         Cmd::Demo => demo::run(),
-        Cmd::Bench { quick } => bench::run(quick),
+        Cmd::Bench { quick, baseline } => bench::run(quick, baseline),
         Cmd::DeployCheck { dir } => deploy_check::run(dir),
     }
 }
@@ -103,7 +107,7 @@ fn test() -> Result<()> {
     ])?;
     // The benchmark's smoke run: it completes, its JSON is well formed and every mode
     // carried traffic without errors.
-    bench::run(true)?;
+    bench::run(true, None)?;
     bench::smoke()?;
     println!("xtask test: all checks passed in {:.0?}", started.elapsed());
     Ok(())

@@ -12,13 +12,15 @@ use super::{
 };
 use crate::setup::PLOT_FONT;
 
-/// One colour per mode, in `MODES` order (direct, node, node-http, sidecar, peer).
+/// One colour per mode, in `MODES` order (direct, node, node-http, sidecar, peer,
+/// node-base).
 const COLORS: [RGBColor; super::MODES.len()] = [
     RGBColor(90, 90, 90),
     RGBColor(0, 114, 178),
     RGBColor(86, 180, 233),
     RGBColor(213, 94, 0),
     RGBColor(0, 158, 115),
+    RGBColor(204, 121, 167),
 ];
 
 fn register_font() -> Result<()> {

@@ -126,6 +126,9 @@ fn throughput(bulk: &[BulkCell]) -> BTreeMap<String, Throughput> {
     let mut out = BTreeMap::new();
     for mode in MODES {
         let mine: Vec<&BulkCell> = bulk.iter().filter(|b| b.mode == mode).collect();
+        if mine.is_empty() {
+            continue;
+        }
         let ratio = median(
             mine.iter()
                 .filter_map(|b| {
@@ -286,6 +289,30 @@ fn targets(
             by: miss_by((ratio - 0.10) * 100.0, "percentage points"),
         });
     }
+    for v in super::baseline::compare(keep) {
+        t.push(Target {
+            name: format!(
+                "node vs node-base (baseline build): added p50 at {} req/s",
+                v.rate
+            ),
+            target: "≤ +15 µs".into(),
+            measured: format!("{:+.0} µs", v.p50_delta_us),
+            ratio: v.p50_delta_us / 15.0,
+            pass: v.p50_delta_us <= 15.0,
+            by: miss_by(v.p50_delta_us - 15.0, "µs"),
+        });
+        t.push(Target {
+            name: format!(
+                "node vs node-base (baseline build): mesh CPU at {} req/s",
+                v.rate
+            ),
+            target: "≤ 1.10×".into(),
+            measured: format!("{:.2}×", v.cpu_ratio),
+            ratio: v.cpu_ratio / 1.1,
+            pass: v.cpu_ratio <= 1.1,
+            by: miss_by((v.cpu_ratio - 1.1) * 100.0, "percentage points"),
+        });
+    }
     if let Some(n) = tp.get("node") {
         t.push(Target {
             name: "single-connection mTLS throughput, node vs direct".into(),
@@ -428,7 +455,7 @@ fn markdown(
     let rows = [
         (
             "modes",
-            "direct (no mesh), node (`ecsmesh run` on both instances, mTLS tunnel), sidecar (`ecsmesh sidecar` in the client task and in the server task), peer (stunnel client in the client task, stunnel server in the server task, mTLS)".to_string(),
+            "direct (no mesh), node (`ecsmesh run` on both instances, mTLS tunnel, opaque port: raw TCP in a CONNECT stream), node-http (the same node proxies on a port that is not opaque: protocol detection, each request as HTTP/2 through the tunnel), node-base (with a baseline: node mode of the baseline build), sidecar (`ecsmesh sidecar` in the client task and in the server task), peer (stunnel client in the client task, stunnel server in the server task, mTLS)".to_string(),
         ),
         ("task layout", "bridge-mode tasks: one client task on instance 0, one server task on instance 1, a separate pair per mode (same layout)".into()),
         ("rates (keep-alive)", format!("{:?} req/s", s.rates)),
@@ -444,6 +471,13 @@ fn markdown(
         ("proxy worker threads", format!("{} per process (node proxies and sidecars alike: `--workers {}`)", s.workers, s.workers)),
         ("CPU layout", s.cpu_layout.clone()),
         ("peer reference", s.peer.clone()),
+        (
+            "baseline (node-base)",
+            s.baseline.clone().map_or_else(
+                || "none (`--baseline <rev>` adds it)".into(),
+                |b| format!("node mode run by the release build of {b}, on instances 2 (CPU 0) and 3 (CPU 1); config fields it does not know left out"),
+            ),
+        ),
         ("CPU measurement", "cgroup cpu.stat usage_usec of the mesh processes' cgroups over the cell (warm-up included)".into()),
         ("memory", "sum over mesh processes: VmRSS sampled at 80 % of the cell (steady), VmHWM reset at cell start (peak), Pss from smaps_rollup".into()),
         ("neighbour watch", format!("cell measured again (≤ {} times, only in the run's first {} s) when other processes used > {} cores (per-process /proc/<pid>/stat deltas)", s.max_retries, s.retry_budget_s, s.neighbour_limit_cores)),
@@ -561,7 +595,7 @@ fn markdown(
             s.errors
         );
     }
-    let _ = writeln!(m, "\n## Targets (issue #5)\n");
+    let _ = writeln!(m, "\n## Targets\n");
     let _ = writeln!(
         m,
         "| target | wanted | measured | ratio | verdict |\n|---|---|---|---|---|"
