@@ -1,9 +1,11 @@
 //! The mTLS tunnel between node proxies, HBONE-style: TLS 1.3 with workload certificates
 //! on both sides, then one HTTP/2 `CONNECT <endpoint ip:port>` stream per task connection,
 //! many streams per TLS connection.
+mod admission;
 mod inbound;
 mod pool;
 
+pub use admission::Admission;
 pub use inbound::Inbound;
 pub use pool::TunnelPool;
 

@@ -38,7 +38,14 @@ use crate::{build, setup, workspace_root};
 /// `node-base` (only with `--baseline <rev>`) is node mode run by the binary built from
 /// another commit, on a second pair of instances pinned like the first, so a change's cost
 /// is measured side by side in one run.
-pub const MODES: [&str; 6] = ["direct", "node", "node-http", "sidecar", "peer", "node-base"];
+pub const MODES: [&str; 6] = [
+    "direct",
+    "node",
+    "node-http",
+    "sidecar",
+    "peer",
+    "node-base",
+];
 const TRUST_DOMAIN: &str = "bench.test";
 const SERVER_PORT: u16 = 8080;
 /// Where the servers also listen for the `node-http` mode (not in the opaque ports).

@@ -11,7 +11,7 @@ use crate::{
     metrics::Metrics,
     proxy::{ExpectedIdentity, Mesh},
     tasks::TaskTable,
-    tunnel::{Inbound, TunnelPool},
+    tunnel::{Admission, Inbound, TunnelPool},
 };
 
 pub(super) struct MeshParts {
@@ -72,9 +72,12 @@ pub(super) fn parts(
     });
     let inbound = Arc::new(Inbound {
         identities: identities.clone(),
-        tasks: tasks.clone(),
-        discovery,
-        policy: config.authorization.clone(),
+        admission: Admission {
+            tasks: tasks.clone(),
+            discovery,
+            policy: config.authorization.clone(),
+            metrics: metrics.clone(),
+        },
         metrics: metrics.clone(),
         socket_mark: config.socket_mark,
         stream_cap: config.tunnel_stream_cap,

@@ -3,7 +3,6 @@
 //! open relay) and only where the authorization policy allows.
 use std::{convert::Infallible, net::SocketAddr, sync::Arc};
 
-use arc_swap::ArcSwap;
 use http_body_util::BodyExt;
 use hyper::{Method, Request, Response, StatusCode, body::Incoming, service::service_fn};
 use hyper_util::rt::{TokioExecutor, TokioIo};
@@ -11,25 +10,23 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio_rustls::TlsAcceptor;
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
 
-use super::{HANDSHAKE_TIMEOUT, MAX_HEADER_LIST, handshake_reason};
+use super::{
+    HANDSHAKE_TIMEOUT, MAX_HEADER_LIST,
+    admission::{Admission, Admitted, Denied},
+    handshake_reason,
+};
 use crate::{
-    authz::Policy,
     copy,
-    discovery::{Discovery, Endpoint},
     identity::{IdentityManager, SpiffeId, peer_identity},
     l7::{self, AppClients, Body, OrigProto, proxy_error},
     metrics::{HandshakeLabels, HttpLabels, Metrics, StreamLabels},
-    tasks::TaskTable,
     types::normalise,
 };
 
 pub struct Inbound {
     pub identities: Arc<IdentityManager>,
-    /// Tasks enrolled here: which identities this instance may present, and whether the
-    /// task behind an endpoint takes new connections.
-    pub tasks: Arc<TaskTable>,
-    pub discovery: Arc<ArcSwap<Discovery>>,
-    pub policy: Policy,
+    /// Tasks enrolled here (the identities this instance may present), discovery, policy.
+    pub admission: Admission,
     pub metrics: Arc<Metrics>,
     pub socket_mark: u32,
     pub stream_cap: usize,
@@ -42,15 +39,6 @@ fn status(code: StatusCode) -> Response<Body> {
         .status(code)
         .body(l7::empty())
         .expect("valid response")
-}
-
-/// A refusal: the status and the `ecsmesh-proxy-error` reason.
-struct Denied(StatusCode, &'static str);
-
-/// An endpoint that passed every check, and the drain token of its task.
-struct Admitted {
-    ep: Endpoint,
-    drain: tokio_util::sync::CancellationToken,
 }
 
 impl Inbound {
@@ -109,7 +97,7 @@ impl Inbound {
         let source = session.peer_certificates().and_then(peer_identity);
         let served = session
             .server_name()
-            .and_then(|sni| self.tasks.family_for_sni(sni));
+            .and_then(|sni| self.admission.tasks.family_for_sni(sni));
         let (Some(source), Some((served_id, served_family))) = (source, served) else {
             // Unreachable with our verifier and resolver, but never serve an anonymous peer.
             self.metrics.reject("server", "no_certificate");
@@ -143,57 +131,6 @@ impl Inbound {
         }
     }
 
-    fn deny(&self, reason: &'static str, source: &SpiffeId, target: &str, family: &str) -> Denied {
-        self.metrics.reject("server", reason);
-        tracing::warn!(source_identity = %source, destination_family = family, %target, reason, "tunnel stream denied");
-        Denied(StatusCode::FORBIDDEN, reason)
-    }
-
-    /// The checks every stream and request passes: `target` is an endpoint of a task
-    /// enrolled here of exactly the family whose identity this TLS connection presented
-    /// (a client can never verify one workload and reach another), the policy allows the
-    /// caller, and the health gate is open.
-    fn admit(
-        &self,
-        target: SocketAddr,
-        source: &SpiffeId,
-        family: &str,
-        local: SocketAddr,
-    ) -> Result<Admitted, Denied> {
-        let shown = target.to_string();
-        let target = normalise(target);
-        let local_ip = normalise(local).ip();
-        let discovery = self.discovery.load();
-        let Some(ep) = discovery
-            .endpoint(target)
-            .filter(|ep| normalise(ep.tunnel).ip() == local_ip)
-        else {
-            return Err(self.deny("not_local_endpoint", source, &shown, family));
-        };
-        if ep.family != family {
-            return Err(self.deny("identity_mismatch", source, &shown, &ep.family));
-        }
-        if !self.policy.allows(source, &ep.family, target.port()) {
-            return Err(self.deny("authorization_denied", source, &shown, &ep.family));
-        }
-        // Health gate: a task that is starting, unhealthy or stopping takes no new streams.
-        if !self.tasks.serving(&ep.family, ep.task.as_ref()) {
-            self.metrics.reject("server", "not_serving");
-            tracing::info!(source_identity = %source, %target, family = %ep.family, "endpoint not serving (health gate)");
-            return Err(Denied(StatusCode::SERVICE_UNAVAILABLE, "not_serving"));
-        }
-        let drain = ep
-            .task
-            .as_ref()
-            .and_then(|id| self.tasks.find(id))
-            .map(|(_, t)| t.drain.clone())
-            .unwrap_or_default();
-        Ok(Admitted {
-            ep: ep.clone(),
-            drain,
-        })
-    }
-
     /// One stream: a CONNECT (opaque bytes to the endpoint) or an HTTP request.
     async fn stream(
         &self,
@@ -214,7 +151,7 @@ impl Inbound {
             self.metrics.reject("server", "bad_target");
             return status(StatusCode::BAD_REQUEST);
         };
-        let Admitted { ep, drain } = match self.admit(target, &source, &family, local) {
+        let Admitted { ep, drain } = match self.admission.admit(target, &source, &family, local) {
             Ok(a) => a,
             Err(Denied(code, reason)) => return proxy_error(code, reason),
         };
@@ -299,7 +236,7 @@ impl Inbound {
                 proxy_error(StatusCode::BAD_REQUEST, "bad_target"),
             );
         };
-        let Admitted { ep, drain } = match self.admit(target, &source, &family, local) {
+        let Admitted { ep, drain } = match self.admission.admit(target, &source, &family, local) {
             Ok(a) => a,
             Err(Denied(code, reason)) => return (String::new(), proxy_error(code, reason)),
         };

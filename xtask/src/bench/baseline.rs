@@ -50,7 +50,10 @@ pub fn build(rev: &str) -> Result<Baseline> {
     let ecsmesh = src.join("target/release/ecsmesh");
     let built = std::fs::read_to_string(&stamp).is_ok_and(|s| s.trim() == commit);
     if !(built && ecsmesh.exists()) {
-        println!("xtask bench: building the baseline {commit} in {}", src.display());
+        println!(
+            "xtask bench: building the baseline {commit} in {}",
+            src.display()
+        );
         // Keep the export's target/ (an incremental rebuild), replace its sources.
         for entry in std::fs::read_dir(&src).into_iter().flatten().flatten() {
             if entry.file_name() != "target" {
