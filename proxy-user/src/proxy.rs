@@ -62,6 +62,16 @@ pub struct Mesh {
     pub expected: Arc<ExpectedIdentity>,
 }
 
+/// Where an opaque stream goes: the identities the task presents and the endpoint must
+/// present, the destination proxy, and the address the task dialled.
+#[derive(Clone, Copy)]
+struct TunnelStream<'a> {
+    source: &'a SpiffeId,
+    expected: &'a SpiffeId,
+    tunnel: SocketAddr,
+    target: SocketAddr,
+}
+
 pub struct Outbound {
     pub orig_dst: Arc<dyn OrigDstSource>,
     pub tasks: Arc<TaskTable>,
@@ -181,14 +191,6 @@ impl Outbound {
         dst: OrigDst,
         labels: &TaskLabels,
     ) -> io::Result<()> {
-        if self.opaque_ports.contains(&dst.0.port()) {
-            return self.tunnel(client, mesh, task, ep, dst, labels).await;
-        }
-        let (protocol, read) = detect::detect(&mut client, self.detect_timeout).await?;
-        let client = prefixed::Prefixed::new(read, client);
-        if protocol == detect::Protocol::Opaque {
-            return self.tunnel(client, mesh, task, ep, dst, labels).await;
-        }
         let (Some(source), Some(expected)) =
             (task.identity.clone(), mesh.expected.for_endpoint(ep))
         else {
@@ -197,6 +199,20 @@ impl Outbound {
                 "no identity for the source task or the endpoint",
             ));
         };
+        let stream = TunnelStream {
+            source: &source,
+            expected: &expected,
+            tunnel: ep.tunnel,
+            target: dst.0,
+        };
+        if self.opaque_ports.contains(&dst.0.port()) {
+            return self.tunnel(client, mesh, task, stream, labels).await;
+        }
+        let (protocol, read) = detect::detect(&mut client, self.detect_timeout).await?;
+        let client = prefixed::Prefixed::new(read, client);
+        if protocol == detect::Protocol::Opaque {
+            return self.tunnel(client, mesh, task, stream, labels).await;
+        }
         let flow = Arc::new(http::HttpFlow {
             mesh: mesh.clone(),
             metrics: self.metrics.clone(),
@@ -210,29 +226,27 @@ impl Outbound {
         Ok(())
     }
 
+    /// One opaque stream through the tunnel.
     async fn tunnel<C>(
         &self,
         client: C,
         mesh: &Mesh,
         task: &TaskRef,
-        ep: &Endpoint,
-        dst: OrigDst,
+        stream: TunnelStream<'_>,
         labels: &TaskLabels,
     ) -> io::Result<()>
     where
         C: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
     {
-        let (Some(source), Some(expected)) =
-            (task.identity.as_ref(), mesh.expected.for_endpoint(ep))
-        else {
-            self.metrics.fail("no_identity");
-            return Err(io::Error::other(
-                "no identity for the source task or the endpoint",
-            ));
-        };
+        let TunnelStream {
+            source,
+            expected,
+            tunnel,
+            target: dst,
+        } = stream;
         let opened = tokio::time::timeout(
             CONNECT_TIMEOUT,
-            mesh.pool.open(source, &expected, ep.tunnel, dst.0),
+            mesh.pool.open(source, expected, tunnel, dst),
         )
         .await;
         let (stream, lease) = match opened {
