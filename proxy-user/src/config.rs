@@ -15,7 +15,7 @@ use ipnet::IpNet;
 use crate::{
     authz::Policy,
     discovery::Discovery,
-    identity::{SpiffeId, TrustDomain},
+    identity::{IdentityTemplate, SpiffeId, TrustDomain},
     types::TaskId,
 };
 
@@ -104,14 +104,15 @@ pub struct IdentitySettings {
     pub bundle: PathBuf,
     pub issuer_dir: PathBuf,
     pub svid_lifetime: Duration,
-    pub template: String,
+    pub template: IdentityTemplate,
     pub allowed_trust_domains: Vec<TrustDomain>,
 }
 
 /// Where local tasks come from when they are not listed in the config: the ECS agent.
 #[derive(Debug, Clone, serde::Serialize)]
 pub struct EcsSettings {
-    pub agent_url: String,
+    #[serde(serialize_with = "display")]
+    pub agent_url: http::Uri,
     /// Docker Engine API socket for container health; no health gating without it.
     pub docker_socket: Option<PathBuf>,
     /// Root of the host's cgroup filesystem as mounted in the proxy's container.
@@ -310,4 +311,8 @@ pub fn resolv_conf_nameservers(text: &str) -> Vec<IpAddr> {
         .filter_map(|rest| rest.split_whitespace().next())
         .filter_map(|a| a.split('%').next()?.parse().ok())
         .collect()
+}
+
+fn display<T: std::fmt::Display, S: serde::Serializer>(v: &T, s: S) -> Result<S::Ok, S::Error> {
+    s.collect_str(v)
 }

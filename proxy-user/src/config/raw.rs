@@ -135,9 +135,12 @@ impl RawEcs {
         let agent_url = self
             .agent_url
             .unwrap_or_else(|| crate::ecs::DEFAULT_AGENT_URL.to_owned());
-        agent_url
+        let agent_url = agent_url
             .parse::<http::Uri>()
             .map_err(|e| invalid("ecs.agent_url", format!("{agent_url:?}: {e}")))?;
+        // What the agent client accepts (plain http, a host), checked now.
+        crate::ecs::EcsAgent::new(agent_url.clone())
+            .map_err(|e| invalid("ecs.agent_url", e.to_string()))?;
         if !self.cgroup_root.is_dir() {
             return Err(invalid(
                 "ecs.cgroup_root",
@@ -289,13 +292,7 @@ impl RawConfig {
             return Err(invalid("cluster", "must not be empty"));
         }
         let identity = self.identity.map(|i| i.validate()).transpose()?;
-        let template = identity
-            .as_ref()
-            .map(|i| {
-                IdentityTemplate::new(&i.template)
-                    .map_err(|e| invalid("identity.template", e.to_string()))
-            })
-            .transpose()?;
+        let template = identity.as_ref().map(|i| i.template.clone());
         let inbound_addr = self.inbound_addr;
         let inbound_port = inbound_addr.map_or(DEFAULT_INBOUND_PORT, |a| a.port());
         let tunnel_stream_cap = self.tunnel_stream_cap.unwrap_or(DEFAULT_STREAM_CAP);
@@ -452,7 +449,8 @@ impl RawIdentity {
             bundle: self.bundle,
             issuer_dir: self.issuer_dir,
             svid_lifetime: std::time::Duration::from_secs(lifetime),
-            template: self.template.unwrap_or_else(|| DEFAULT_TEMPLATE.to_owned()),
+            template: IdentityTemplate::new(self.template.as_deref().unwrap_or(DEFAULT_TEMPLATE))
+                .map_err(|e| invalid("identity.template", e.to_string()))?,
             allowed_trust_domains,
         })
     }

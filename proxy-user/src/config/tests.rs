@@ -87,3 +87,26 @@ fn type_errors_quote_the_line_with_the_field() {
     assert!(e.starts_with("test.toml:4:"), "{e}");
     assert!(e.contains("outbound_port"), "{e}");
 }
+
+#[test]
+fn an_agent_url_the_client_cannot_use_fails_at_load() {
+    for (url, why) in [
+        ("not a uri", "invalid"),
+        ("https://127.0.0.1:51678", "scheme must be http"),
+    ] {
+        let e = parse(&format!(
+            "{MINIMAL}[ecs]\ncgroup_root = \"/\"\nagent_url = \"{url}\"\n"
+        ))
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains("ecs.agent_url") && e.contains(why), "{url}: {e}");
+    }
+    let c = parse(&format!(
+        "{MINIMAL}[ecs]\ncgroup_root = \"/\"\nagent_url = \"http://127.0.0.1:51678\"\n"
+    ))
+    .unwrap();
+    assert_eq!(
+        c.ecs.unwrap().agent_url,
+        "http://127.0.0.1:51678".parse::<http::Uri>().unwrap()
+    );
+}

@@ -242,6 +242,12 @@ pub struct IdentityTemplate {
     pieces: Vec<Piece>,
 }
 
+impl serde::Serialize for IdentityTemplate {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&self.source)
+    }
+}
+
 impl IdentityTemplate {
     pub fn new(template: &str) -> Result<Self, IdentityError> {
         let err = |reason: String| IdentityError::InvalidTemplate {

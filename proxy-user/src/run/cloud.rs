@@ -64,13 +64,7 @@ pub(super) struct ReadyAttribute {
 
 impl ReadyAttribute {
     pub async fn publish(settings: &EcsSettings) -> Result<Self, String> {
-        let agent = EcsAgent::new(
-            settings
-                .agent_url
-                .parse()
-                .map_err(|e| format!("ecs.agent_url: {e}"))?,
-        )
-        .map_err(|e| e.to_string())?;
+        let agent = EcsAgent::new(settings.agent_url.clone()).map_err(|e| e.to_string())?;
         let meta = agent.metadata().await.map_err(|e| e.to_string())?;
         let instance = meta
             .container_instance_arn

@@ -87,13 +87,9 @@ impl Reconciler {
         identities: Option<(Arc<IdentityManager>, Arc<ExpectedIdentity>)>,
         metrics: Arc<Metrics>,
     ) -> Result<Self, EcsError> {
-        let uri = settings.agent_url.parse().map_err(|_| EcsError::BadUrl {
-            url: settings.agent_url.clone(),
-            reason: "not a URI",
-        })?;
         let layout = settings.layout;
         Ok(Self {
-            agent: EcsAgent::new(uri)?,
+            agent: EcsAgent::new(settings.agent_url.clone())?,
             docker: settings.docker_socket.as_ref().map(DockerHealth::new),
             cgroup_root: settings.cgroup_root.clone(),
             attach_root: node.attach_root,

@@ -7,7 +7,7 @@ use tokio::net::TcpListener;
 use super::{RunError, bind};
 use crate::{
     config::Config,
-    identity::{IdentityConfig, IdentityManager, IdentityTemplate},
+    identity::{IdentityConfig, IdentityManager},
     metrics::Metrics,
     proxy::{ExpectedIdentity, Mesh},
     tasks::TaskTable,
@@ -65,7 +65,7 @@ pub(super) fn parts(
             config.socket_mark,
         ),
         expected: Arc::new(ExpectedIdentity {
-            template: IdentityTemplate::new(&idn.template)?,
+            template: idn.template.clone(),
             trust_domain: idn.trust_domain.clone(),
             cluster: config.cluster.clone(),
         }),
