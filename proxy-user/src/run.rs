@@ -1,26 +1,21 @@
-//! `ecsmesh run`: bind, install the redirect, serve, and on SIGTERM/SIGINT detach first
-//! (so tasks stop being steered at a proxy that is going away), then drain.
-use std::{
-    net::SocketAddr,
-    sync::{Arc, atomic::Ordering},
-    time::Duration,
-};
+//! `ecsmesh run`: the node lifecycle (bind, install, serve, drain; the steps are in
+//! `node.rs`), and what the steps share: errors, binding, the install helpers.
+use std::{net::SocketAddr, sync::Arc, time::Duration};
 
 use tokio::net::{TcpListener, TcpSocket};
-use tokio_util::{sync::CancellationToken, task::TaskTracker};
+use tokio_util::sync::CancellationToken;
 
 mod cloud;
 mod ecs;
 mod mesh;
+mod node;
 
 use crate::{
-    admin::{self, AdminState},
     config::Config,
     ebpf::{self, EbpfError, PinError, Redirect},
     identity::IdentityError,
     metrics::Metrics,
-    proxy::Outbound,
-    tasks::{TaskRef, TaskTable},
+    tasks::TaskTable,
 };
 
 /// How long open connections may finish after the redirect is detached.
@@ -101,180 +96,26 @@ pub(crate) fn bind(field: &'static str, addr: SocketAddr) -> Result<TcpListener,
     socket.listen(1024).map_err(err)
 }
 
+/// The node lifecycle: bind (everything that can fail on user input), install (load,
+/// enrol what is known, attach — taking over from a previous proxy without a gap), serve
+/// (accept loops; ready once discovery synced), drain on SIGTERM/SIGINT.
 pub async fn run(config: Arc<Config>) -> Result<(), RunError> {
     tracing::info!(
         config = %serde_json::to_string(&*config).unwrap_or_default(),
         "configuration loaded"
     );
-    // Everything that can fail on user input is checked before anything is attached.
-    let admin_listener = bind("admin_addr", config.admin_addr)?;
-    let admin_socket =
-        admin::bind_socket(&config.admin_socket).map_err(|source| RunError::AdminSocket {
-            path: config.admin_socket.clone(),
-            source,
-        })?;
-    let outbound: Vec<_> = config
-        .outbound_listen_addrs()
-        .into_iter()
-        .map(|addr| bind("outbound_port", addr))
-        .collect::<Result<_, _>>()?;
     let mut sigterm = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
         .map_err(RunError::Signal)?;
-    let cloudmap_metrics = crate::cloudmap::CloudMapMetrics::default();
-    let metrics = Arc::new(Metrics::with_extra(|registry| {
-        if config.cloudmap.is_some() {
-            cloudmap_metrics.register(registry);
-        }
-    }));
-    // Static tasks get the first indexes; their certificates are issued before ready.
-    let tasks = Arc::new(TaskTable::default());
-    let initial: Vec<(u32, &crate::config::TaskConfig)> = config
-        .tasks
-        .iter()
-        .map(|t| {
-            let task = TaskRef::new(t.id.clone(), t.family.clone(), t.identity.clone(), true);
-            (tasks.insert(task), t)
-        })
-        .collect();
-    let mesh = mesh::parts(&config, &metrics, &tasks)?;
-    let shutdown = CancellationToken::new();
-    let tracker = TaskTracker::new();
-    let state = Arc::new(AdminState {
-        ready: Default::default(),
-        metrics: metrics.clone(),
-        identities: mesh.as_ref().map(|m| m.identities.clone()),
-    });
-    tokio::spawn(admin::serve(
-        admin_listener,
-        admin::Caller::Network,
-        state.clone(),
-        shutdown.clone(),
-    ));
-    tokio::spawn(admin::serve(
-        admin_socket,
-        admin::Caller::Operator,
-        state.clone(),
-        shutdown.clone(),
-    ));
-
-    // Install, step 1: load, configure, enrol what is known (static tasks, and the ECS
-    // tasks of the last run from the state file), before anything is attached.
-    let takeover = ebpf::attached(&config.pin_dir);
-    let mesh_handles = mesh
-        .as_ref()
-        .map(|parts| (parts.identities.clone(), parts.mesh.expected.clone()));
-    let (prepared, reconciler) = match prepare(&config, &initial, &tasks, &mesh_handles, &metrics) {
-        Ok(x) => x,
-        Err(e) => return Err(install_failed(&config, takeover, e)),
+    let bound = node::Bound::bind(&config)?;
+    let installed = bound.install(&config)?;
+    let Some(serving) = installed.serve(&config, &mut sigterm).await? else {
+        return Ok(());
     };
-    // Step 2: attach (taking over from a previous proxy's programs without a gap).
-    let (redirect, orig_dst) = match prepared.attach() {
-        Ok(x) => x,
-        Err(e) => return Err(install_failed(&config, takeover, e.into())),
-    };
-    metrics.kernel.set(redirect.stats_handle());
-    let orig_dst = Arc::new(orig_dst);
-    tokio::spawn(sweep(orig_dst.clone(), metrics.clone(), shutdown.clone()));
-    let mesh_discovery = mesh.as_ref().map(|m| m.mesh.discovery.clone());
-    let proxy = Arc::new(Outbound {
-        orig_dst,
-        tasks: tasks.clone(),
-        metrics: metrics.clone(),
-        socket_mark: config.socket_mark,
-        mode: config.mode,
-        mesh: mesh.as_ref().map(|m| m.mesh.clone()),
-        opaque_ports: config.opaque_ports.clone(),
-        detect_timeout: config.detect_timeout,
-    });
-    if let Some(parts) = mesh {
-        parts.identities.spawn_background(shutdown.clone());
-        for listener in parts.listeners {
-            tracing::info!(addr = ?listener.local_addr().ok(), endpoints = config.discovery.len(), "tunnel listener ready");
-            tokio::spawn(
-                parts
-                    .inbound
-                    .clone()
-                    .serve(listener, shutdown.clone(), tracker.clone()),
-            );
-        }
-    }
-    for listener in outbound {
-        tracing::info!(addr = ?listener.local_addr().ok(), "outbound listener ready");
-        tokio::spawn(
-            proxy
-                .clone()
-                .serve(listener, shutdown.clone(), tracker.clone()),
-        );
-    }
-    if let (Some(settings), Some(mut reconciler)) = (&config.ecs, reconciler) {
-        // Ready means discovery synced once: wait (bounded by shutdown) for a first
-        // successful poll of the agent.
-        loop {
-            match reconciler.sync().await {
-                Ok(()) => break,
-                Err(e) => tracing::warn!(error = %e, "waiting for the ECS agent"),
-            }
-            tokio::select! {
-                () = tokio::time::sleep(settings.poll_interval) => {}
-                _ = sigterm.recv() => return shutdown_now(redirect),
-            }
-        }
-        tokio::spawn(reconciler.run(settings.poll_interval, shutdown.clone()));
-    }
-    if let (Some(settings), Some(discovery)) = (&config.cloudmap, mesh_discovery.as_ref()) {
-        let mut synced = cloud::start_cloudmap(
-            settings,
-            config.discovery.clone(),
-            discovery.clone(),
-            config.inbound_port(),
-            cloudmap_metrics.clone(),
-            shutdown.clone(),
-        )
-        .await
-        .map_err(RunError::CloudMap)?;
-        // Ready means discovery synced once.
-        tokio::select! {
-            r = synced.wait_for(|s| *s) => { let _ = r; }
-            _ = sigterm.recv() => return shutdown_now(redirect),
-        }
-    }
-    state.ready.store(true, Ordering::Release);
-    let ready_attribute = match config.ecs.as_ref().filter(|e| e.publish_ready_attribute) {
-        Some(settings) => match cloud::ReadyAttribute::publish(settings).await {
-            Ok(a) => Some(a),
-            Err(e) => {
-                tracing::warn!(error = %e, "could not publish ecsmesh.ready; placement constraints will not see this instance");
-                None
-            }
-        },
-        None => None,
-    };
-    tracing::info!(instance = %config.instance, "ready");
-
     tokio::select! {
         _ = sigterm.recv() => tracing::info!("SIGTERM: draining; the redirect stays attached until the next proxy takes over"),
         _ = tokio::signal::ctrl_c() => tracing::info!("SIGINT: draining; the redirect stays attached until the next proxy takes over"),
     }
-    state.ready.store(false, Ordering::Release);
-    if let Some(attribute) = &ready_attribute {
-        attribute.withdraw().await;
-    }
-    let kernel = redirect.kernel_stats();
-    // Only `ecsmesh uninstall` detaches: tasks wait (fail-closed) for the next proxy.
-    redirect.release();
-    tracing::info!(?kernel, "redirect left attached and pinned");
-    shutdown.cancel();
-    tracker.close();
-    if tokio::time::timeout(DRAIN_TIMEOUT, tracker.wait())
-        .await
-        .is_err()
-    {
-        tracing::warn!(
-            open = tracker.len(),
-            "drain timeout; closing remaining connections"
-        );
-    }
-    let _ = std::fs::remove_file(&config.admin_socket);
+    serving.drain(&config).await;
     Ok(())
 }
 
