@@ -106,6 +106,23 @@ pub async fn run(config: Arc<Config>) -> Result<(), RunError> {
         config = %serde_json::to_string(&*config).unwrap_or_default(),
         "configuration loaded"
     );
+    // Two sockets per proxied connection: the usual soft limit of 1024 would cap the
+    // node at a few hundred connections.
+    let nofile = match crate::rlimit::raise_nofile() {
+        Ok(n) => {
+            tracing::info!(
+                soft_before = n.before,
+                soft = n.after,
+                hard = n.hard,
+                "open files limit (RLIMIT_NOFILE)"
+            );
+            Some(n.after)
+        }
+        Err(e) => {
+            tracing::warn!(error = %e, "could not raise the open files limit (RLIMIT_NOFILE)");
+            None
+        }
+    };
     // Everything that can fail on user input is checked before anything is attached.
     let admin_listener = bind("admin_addr", config.admin_addr)?;
     let admin_socket =
@@ -126,6 +143,11 @@ pub async fn run(config: Arc<Config>) -> Result<(), RunError> {
             cloudmap_metrics.register(registry);
         }
     }));
+    if let Some(n) = nofile {
+        metrics
+            .open_files_limit
+            .set(n.try_into().unwrap_or(i64::MAX));
+    }
     // Static tasks get the first indexes; their certificates are issued before ready.
     let tasks = Arc::new(TaskTable::default());
     let initial: Vec<(u32, &crate::config::TaskConfig)> = config
@@ -185,6 +207,8 @@ pub async fn run(config: Arc<Config>) -> Result<(), RunError> {
         mesh: mesh.as_ref().map(|m| m.mesh.clone()),
         opaque_ports: config.opaque_ports.clone(),
         detect_timeout: config.detect_timeout,
+        max_connections_per_task: config.limits.max_connections_per_task,
+        tcp_idle_timeout: config.limits.tcp_idle_timeout,
     });
     if let Some(parts) = mesh {
         parts.identities.spawn_background(shutdown.clone());
