@@ -2,10 +2,11 @@
 //! destination identity, destination proxy). A connection carries up to `stream_cap`
 //! concurrent streams; beyond that another one opens.
 //!
-//! Dialling: one dial per key at a time, shared by every flow that needs it (a burst of
-//! task connections shares one handshake), and no lock is held while it runs: the dial
-//! is a task of its own, bounded by the connect timeout, and waiters watch its outcome. A
-//! failed dial hands its error to every waiter; the next flow dials again.
+//! Dialling: a dial is shared by up to `stream_cap` flows waiting for it (a burst of
+//! task connections shares one handshake; a burst beyond the cap dials as many
+//! connections as it needs, at once), and no lock is held while it runs: the dial is a
+//! task of its own, bounded by the connect timeout, and waiters watch its outcome. A
+//! failed dial hands its error to its waiters; the next flow dials again.
 //!
 //! Dead peers: HTTP/2 PINGs (keepalive, also while idle) close a connection whose peer
 //! stopped answering; a closed connection leaves the pool and new flows dial a new one.
@@ -99,11 +100,17 @@ impl Drop for StreamLease {
 /// Outcome of a shared dial: the connection itself went into the group.
 type Dialled = Option<Result<(), Arc<TunnelError>>>;
 
+/// A dial in flight and how many flows wait for it.
+struct Dialing {
+    id: u64,
+    outcome: watch::Receiver<Dialled>,
+    waiters: usize,
+}
+
 #[derive(Default)]
 struct Group {
     conns: Vec<Arc<Conn>>,
-    /// The dial in flight for this key, if any.
-    dialing: Option<watch::Receiver<Dialled>>,
+    dialing: Vec<Dialing>,
 }
 
 struct Shared<D> {
@@ -111,15 +118,12 @@ struct Shared<D> {
     metrics: Arc<Metrics>,
     settings: PoolSettings,
     groups: Mutex<HashMap<PoolKey, Group>>,
+    next_dial: std::sync::atomic::AtomicU64,
 }
 
 pub struct TunnelPool<D: Dial = TlsDialer> {
     inner: Arc<Shared<D>>,
 }
-
-/// Rounds of "dial finished, try to lease again" before giving up (each round waits for
-/// a dial that completed; only a burst far above the stream cap needs more than one).
-const LEASE_ROUNDS: usize = 8;
 
 impl<D: Dial> TunnelPool<D> {
     pub fn new(dialer: D, metrics: Arc<Metrics>, settings: PoolSettings) -> Self {
@@ -129,6 +133,7 @@ impl<D: Dial> TunnelPool<D> {
                 metrics,
                 settings,
                 groups: Mutex::default(),
+                next_dial: Default::default(),
             }),
         }
     }
@@ -194,10 +199,12 @@ impl<D: Dial> TunnelPool<D> {
         Ok((resp, lease))
     }
 
-    /// A stream slot on a usable connection, dialling (or joining the dial in flight)
-    /// when every connection is full. The map lock is only held to look and to count.
+    /// A stream slot on a usable connection, dialling (or joining a dial in flight that
+    /// has room) when every connection is full. The map lock is only held to look and to
+    /// count. Each round waits for a dial to finish; callers bound the whole (a flow that
+    /// keeps losing the race for the new slots dials again).
     async fn lease(&self, key: &PoolKey) -> Result<StreamLease, TunnelError> {
-        for _ in 0..LEASE_ROUNDS {
+        loop {
             let mut waiter = {
                 let mut groups = self.inner.groups.lock().unwrap_or_else(|p| p.into_inner());
                 let generation = self.inner.dialer.generation(&key.source);
@@ -215,17 +222,22 @@ impl<D: Dial> TunnelPool<D> {
                     c.set_idle_since(None);
                     return Ok(StreamLease(c.clone()));
                 }
-                match &group.dialing {
-                    Some(rx) => rx.clone(),
+                match group.dialing.iter_mut().find(|d| d.waiters < cap) {
+                    Some(d) => {
+                        d.waiters += 1;
+                        d.outcome.clone()
+                    }
                     None => {
                         let (tx, rx) = watch::channel(None);
-                        group.dialing = Some(rx.clone());
-                        tokio::spawn(Shared::dial(
-                            self.inner.clone(),
-                            key.clone(),
-                            generation,
-                            tx,
-                        ));
+                        let id = self.inner.next_dial.fetch_add(1, Ordering::Relaxed);
+                        group.dialing.push(Dialing {
+                            id,
+                            outcome: rx.clone(),
+                            waiters: 1,
+                        });
+                        let dial =
+                            Shared::dial(self.inner.clone(), key.clone(), id, generation, tx);
+                        tokio::spawn(dial);
                         rx
                     }
                 }
@@ -241,7 +253,6 @@ impl<D: Dial> TunnelPool<D> {
                 Err(_) => return Err(TunnelError::Timeout { addr: key.tunnel }),
             }
         }
-        Err(TunnelError::Timeout { addr: key.tunnel })
     }
 
     /// Connections in the pool for `key` (tests).
@@ -257,7 +268,13 @@ impl<D: Dial> TunnelPool<D> {
 impl<D: Dial> Shared<D> {
     /// The shared dial of `key`: bounded by the connect timeout, then the outcome goes to
     /// every waiter (the connection into the group first).
-    async fn dial(self: Arc<Self>, key: PoolKey, generation: String, tx: watch::Sender<Dialled>) {
+    async fn dial(
+        self: Arc<Self>,
+        key: PoolKey,
+        id: u64,
+        generation: String,
+        tx: watch::Sender<Dialled>,
+    ) {
         let addr = key.tunnel;
         let result = match tokio::time::timeout(
             self.settings.connect_timeout,
@@ -276,7 +293,7 @@ impl<D: Dial> Shared<D> {
         {
             let mut groups = self.groups.lock().unwrap_or_else(|p| p.into_inner());
             let group = groups.entry(key).or_default();
-            group.dialing = None;
+            group.dialing.retain(|d| d.id != id);
             if let Ok(conn) = &result {
                 group.conns.push(conn.clone());
             }
@@ -364,7 +381,7 @@ where
     let mut groups = shared.groups.lock().unwrap_or_else(|p| p.into_inner());
     if let Some(group) = groups.get_mut(&key) {
         group.conns.retain(|c| !Arc::ptr_eq(c, &conn));
-        if group.conns.is_empty() && group.dialing.is_none() {
+        if group.conns.is_empty() && group.dialing.is_empty() {
             groups.remove(&key);
         }
     }

@@ -170,6 +170,7 @@ async fn a_burst_shares_one_dial_and_the_stream_cap_opens_more() {
         },
         5,
     );
+    let started = Instant::now();
     let burst: Vec<_> = (0..12)
         .map(|_| {
             let pool = pool.clone();
@@ -186,6 +187,11 @@ async fn a_burst_shares_one_dial_and_the_stream_cap_opens_more() {
         dialer(&pool).dials(1),
         3,
         "12 concurrent streams, cap 5: three connections"
+    );
+    assert_eq!(
+        started.elapsed(),
+        Duration::from_millis(100),
+        "the three dials ran at once, not one after another"
     );
     drop(held);
     let burst: Vec<_> = (0..5)
