@@ -16,10 +16,13 @@ use std::{
 use http_body_util::Full;
 use hyper::{Request, Response, StatusCode, body::Bytes, service::service_fn};
 use hyper_util::rt::TokioIo;
-use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
-use crate::{identity::IdentityManager, metrics::Metrics};
+use crate::{
+    accept::{Acceptor, Listener},
+    identity::IdentityManager,
+    metrics::Metrics,
+};
 
 pub struct AdminState {
     /// True once programs are attached, certificates issued and listeners bound.
@@ -129,23 +132,23 @@ fn route_get(state: &AdminState, path: &str) -> Response<Full<Bytes>> {
 }
 
 /// Serves the admin routes on `listener` until `shutdown`; `caller` says which routes.
-pub async fn serve<L: Listener>(
+pub async fn serve<L>(
     listener: L,
     caller: Caller,
     state: Arc<AdminState>,
     shutdown: CancellationToken,
-) {
+) where
+    L: Listener,
+    L::Stream: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+{
+    let name = match caller {
+        Caller::Network => "admin",
+        Caller::Operator => "admin_socket",
+    };
+    let mut acceptor = Acceptor::new(name, state.metrics.clone());
     loop {
-        let stream = tokio::select! {
-            r = listener.accept_stream() => match r {
-                Ok(stream) => stream,
-                Err(e) => {
-                    tracing::warn!(error = %e, "admin accept failed");
-                    // EMFILE and friends: do not spin.
-                    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
-                    continue;
-                }
-            },
+        let (stream, _) = tokio::select! {
+            conn = acceptor.accept(&listener) => conn,
             () = shutdown.cancelled() => return,
         };
         let state = state.clone();
@@ -161,28 +164,6 @@ pub async fn serve<L: Listener>(
                 tracing::debug!(error = %e, "admin connection ended with error");
             }
         });
-    }
-}
-
-/// A listener the admin routes can be served on (TCP or Unix).
-pub trait Listener: Send + 'static {
-    type Stream: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static;
-    fn accept_stream(
-        &self,
-    ) -> impl std::future::Future<Output = std::io::Result<Self::Stream>> + Send;
-}
-
-impl Listener for TcpListener {
-    type Stream = tokio::net::TcpStream;
-    async fn accept_stream(&self) -> std::io::Result<Self::Stream> {
-        self.accept().await.map(|(s, _)| s)
-    }
-}
-
-impl Listener for tokio::net::UnixListener {
-    type Stream = tokio::net::UnixStream;
-    async fn accept_stream(&self) -> std::io::Result<Self::Stream> {
-        self.accept().await.map(|(s, _)| s)
     }
 }
 

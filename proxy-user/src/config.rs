@@ -1,7 +1,10 @@
 //! Node proxy configuration: TOML, parsed and validated once at start into an `Arc<Config>`.
 //! Every error names the file position and the field, on one line, because operators read
 //! these in `journalctl`/CloudWatch where multi-line snippets get mangled.
+mod limits;
 mod raw;
+
+pub use limits::Limits;
 
 use std::{
     net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr},
@@ -164,6 +167,8 @@ pub struct Config {
     pub inbound_addr: Option<SocketAddr>,
     /// Streams per pooled tunnel connection before another connection opens.
     pub tunnel_stream_cap: usize,
+    /// Keepalive, timeouts and caps against dead peers and noisy tasks.
+    pub limits: Limits,
     /// Meshed endpoints; empty without `discovery_file`.
     #[serde(skip)]
     pub discovery: Discovery,

@@ -215,8 +215,6 @@ pub enum AppError {
     Http(SocketAddr, hyper::Error),
 }
 
-const APP_CONNECT_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
-
 impl AppClients {
     /// Sends `req` to the application at `target` in `proto`.
     pub async fn send(
@@ -272,10 +270,13 @@ impl AppClients {
     }
 
     async fn connect(&self, target: SocketAddr, proto: OrigProto) -> Result<AppSender, AppError> {
-        let tcp = tokio::time::timeout(APP_CONNECT_TIMEOUT, tokio::net::TcpStream::connect(target))
-            .await
-            .map_err(|_| AppError::ConnectTimeout(target))?
-            .map_err(|e| AppError::Connect(target, e))?;
+        let tcp = tokio::time::timeout(
+            crate::copy::UPSTREAM_CONNECT_TIMEOUT,
+            tokio::net::TcpStream::connect(target),
+        )
+        .await
+        .map_err(|_| AppError::ConnectTimeout(target))?
+        .map_err(|e| AppError::Connect(target, e))?;
         let _ = tcp.set_nodelay(true);
         let io = TokioIo::new(tcp);
         let http = |e| AppError::Http(target, e);

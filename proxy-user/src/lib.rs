@@ -1,4 +1,5 @@
 //! ecsmesh: one proxy per ECS container instance, fed by eBPF connect() redirection.
+pub mod accept;
 pub mod admin;
 pub mod authz;
 pub mod aws;
@@ -14,6 +15,7 @@ pub mod identity;
 pub(crate) mod l7;
 pub mod metrics;
 pub mod proxy;
+pub(crate) mod rlimit;
 pub mod run;
 pub mod tasks;
 pub mod tunnel;

@@ -59,6 +59,14 @@ pub struct HttpLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct AcceptLabels {
+    /// `outbound`, `tunnel`, `admin` or `admin_socket`.
+    pub listener: &'static str,
+    /// `emfile`, `enfile`, `enobufs`, `enomem` (accepting paused) or `other` (retried).
+    pub error: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct AnchorLabels {
     pub fingerprint: String,
 }
@@ -102,6 +110,16 @@ pub struct Metrics {
     pub received: Family<TaskLabels, Counter>,
     /// Connections the proxy accepted but could not forward, by reason.
     pub failed: Family<ReasonLabels, Counter>,
+    /// Accept errors by listener and error; resource errors pause accepting.
+    pub accept_errors: Family<AcceptLabels, Counter>,
+    /// Pooled (outbound side) tunnel connections closed, by reason.
+    pub tunnel_closed: Family<ReasonLabels, Counter>,
+    /// Inbound TLS handshakes holding a slot of `tunnel_handshake_cap`.
+    pub handshakes_in_progress: Gauge,
+    /// Opaque TCP connections closed by `tcp_idle_timeout_secs`.
+    pub tcp_idle_timeouts: Counter,
+    /// The soft `RLIMIT_NOFILE` the proxy runs with.
+    pub open_files_limit: Gauge,
 }
 
 impl Default for Metrics {
@@ -132,6 +150,11 @@ impl Metrics {
             trust_anchors: Family::default(),
             issuer: Family::default(),
             http_requests: Family::default(),
+            accept_errors: Family::default(),
+            tunnel_closed: Family::default(),
+            handshakes_in_progress: Gauge::default(),
+            tcp_idle_timeouts: Counter::default(),
+            open_files_limit: Gauge::default(),
             kernel: KernelCounters::default(),
             registry: Registry::default(),
         };
@@ -206,6 +229,31 @@ impl Metrics {
             "tcp_connections_failed",
             "Accepted connections that could not be forwarded",
             m.failed.clone(),
+        );
+        registry.register(
+            "accept_errors",
+            "Accept errors by listener and error (emfile, enfile, enobufs, enomem pause accepting; other is retried)",
+            m.accept_errors.clone(),
+        );
+        registry.register(
+            "tunnel_connections_closed",
+            "Pooled tunnel connections closed on the dialling side, by reason",
+            m.tunnel_closed.clone(),
+        );
+        registry.register(
+            "tunnel_handshakes_in_progress",
+            "Inbound tunnel TLS handshakes holding a slot of tunnel_handshake_cap",
+            m.handshakes_in_progress.clone(),
+        );
+        registry.register(
+            "tcp_idle_timeouts",
+            "Opaque TCP connections closed by tcp_idle_timeout_secs",
+            m.tcp_idle_timeouts.clone(),
+        );
+        registry.register(
+            "open_files_limit",
+            "The soft RLIMIT_NOFILE the proxy runs with",
+            m.open_files_limit.clone(),
         );
         Self { registry, ..m }
     }

@@ -12,6 +12,7 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
 
 use crate::{
+    accept::Acceptor,
     config::Mode,
     copy,
     discovery::{Discovery, Endpoint},
@@ -19,7 +20,7 @@ use crate::{
     identity::{IdentityTemplate, SpiffeId, TemplateVars, TrustDomain},
     metrics::{Metrics, TaskLabels},
     tasks::{TaskRef, TaskTable},
-    tunnel::{TunnelError, TunnelPool},
+    tunnel::TunnelPool,
     types::{OrigDst, normalise},
 };
 
@@ -83,6 +84,10 @@ pub struct Outbound {
     /// Meshed destination ports carried opaque without detection.
     pub opaque_ports: Vec<u16>,
     pub detect_timeout: Duration,
+    /// Open connections per source task; beyond it a connection is closed at once.
+    pub max_connections_per_task: usize,
+    /// Opaque TCP connections idle this long are closed (`None`: never).
+    pub tcp_idle_timeout: Option<Duration>,
 }
 
 impl Outbound {
@@ -92,15 +97,10 @@ impl Outbound {
         shutdown: CancellationToken,
         tracker: TaskTracker,
     ) {
+        let mut acceptor = Acceptor::new("outbound", self.metrics.clone());
         loop {
             let (stream, peer) = tokio::select! {
-                r = listener.accept() => match r {
-                    Ok(x) => x,
-                    Err(e) => {
-                        tracing::warn!(error = %e, "outbound accept failed");
-                        continue;
-                    }
-                },
+                conn = acceptor.accept(&listener) => conn,
                 () = shutdown.cancelled() => return,
             };
             let this = self.clone();
@@ -117,6 +117,13 @@ impl Outbound {
         let Some(task) = self.tasks.get(task_index) else {
             self.metrics.fail("unknown_task");
             tracing::warn!(%peer, task_index, "connection from an unknown task index; closing");
+            return;
+        };
+        // One noisy task cannot take every socket of the node: beyond its cap a connection
+        // is closed at once (the client sees EOF before any byte).
+        let Some(_slot) = task.try_open(self.max_connections_per_task) else {
+            self.metrics.fail("task_connection_limit");
+            tracing::debug!(task = %task.id, %dst, cap = self.max_connections_per_task, "task at its connection cap; closing");
             return;
         };
         if dst.0.ip().is_unspecified() {
@@ -252,11 +259,7 @@ impl Outbound {
         let (stream, lease) = match opened {
             Ok(Ok(x)) => x,
             Ok(Err(e)) => {
-                self.metrics.fail(match &e {
-                    TunnelError::Refused { .. } => "tunnel_refused",
-                    TunnelError::Handshake { .. } => "tunnel_handshake",
-                    _ => "tunnel_connect",
-                });
+                self.metrics.fail(e.reason());
                 tracing::warn!(task = %task.id, source_identity = %source, expected = %expected, %dst, error = %e, "tunnel failed");
                 return Err(io::Error::other(e));
             }
@@ -284,8 +287,15 @@ impl Outbound {
     {
         let sent = self.metrics.sent.get_or_create(labels).clone();
         let received = self.metrics.received.get_or_create(labels).clone();
+        let copy = copy::bidirectional(client, upstream, &sent, &received, self.tcp_idle_timeout);
         tokio::select! {
-            r = copy::bidirectional(client, upstream, &sent, &received) => r,
+            r = copy => match r? {
+                copy::Ended::Done => Ok(()),
+                copy::Ended::Idle => {
+                    self.metrics.tcp_idle_timeouts.inc();
+                    Err(io::Error::new(io::ErrorKind::TimedOut, "idle timeout"))
+                }
+            },
             () = task.drain.cancelled() => Err(io::Error::other("task stopped: connection drained")),
         }
     }

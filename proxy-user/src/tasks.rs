@@ -3,7 +3,7 @@
 //! are reused after a task leaves, so indexes stay small and the table bounded.
 use std::sync::{
     Arc, RwLock,
-    atomic::{AtomicBool, Ordering},
+    atomic::{AtomicBool, AtomicUsize, Ordering},
 };
 
 use tokio_util::sync::CancellationToken;
@@ -19,6 +19,18 @@ pub struct TaskRef {
     pub drain: CancellationToken,
     /// Health gate: whether the task takes new mesh connections.
     serving: AtomicBool,
+    /// Outbound connections of this task open in the proxy (see `try_open`).
+    open: AtomicUsize,
+}
+
+/// One open outbound connection of a task; released on drop.
+#[derive(Debug)]
+pub struct OpenSlot(Arc<TaskRef>);
+
+impl Drop for OpenSlot {
+    fn drop(&mut self) {
+        self.0.open.fetch_sub(1, Ordering::AcqRel);
+    }
 }
 
 impl TaskRef {
@@ -29,7 +41,23 @@ impl TaskRef {
             identity,
             drain: CancellationToken::new(),
             serving: AtomicBool::new(serving),
+            open: AtomicUsize::new(0),
         }
+    }
+
+    /// Count one more open connection unless the task already has `cap`.
+    pub fn try_open(self: &Arc<Self>, cap: usize) -> Option<OpenSlot> {
+        self.open
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
+                (n < cap).then_some(n + 1)
+            })
+            .ok()
+            .map(|_| OpenSlot(self.clone()))
+    }
+
+    /// Outbound connections of this task open now.
+    pub fn open_connections(&self) -> usize {
+        self.open.load(Ordering::Acquire)
     }
 
     pub fn serving(&self) -> bool {
@@ -123,6 +151,34 @@ impl TaskTable {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn per_task_cap_counts_open_slots_and_releases_them() {
+        let a = Arc::new(TaskRef::new(
+            TaskId::new("a").unwrap(),
+            "f".into(),
+            None,
+            true,
+        ));
+        let b = Arc::new(TaskRef::new(
+            TaskId::new("b").unwrap(),
+            "f".into(),
+            None,
+            true,
+        ));
+        let mut held: Vec<_> = (0..3)
+            .map(|_| a.try_open(3).expect("under the cap"))
+            .collect();
+        assert!(a.try_open(3).is_none(), "the 4th is refused");
+        assert_eq!(a.open_connections(), 3, "a refusal takes no slot");
+        assert!(b.try_open(3).is_some(), "another task is not affected");
+        drop(held.pop());
+        assert_eq!(a.open_connections(), 2);
+        let again = a.try_open(3).expect("a slot was released");
+        assert!(a.try_open(3).is_none());
+        drop(again);
+        assert_eq!(a.open_connections(), 2);
+    }
+
     use super::*;
 
     fn task(id: &str, family: &str) -> TaskRef {

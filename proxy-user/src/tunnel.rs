@@ -2,12 +2,14 @@
 //! on both sides, then one HTTP/2 `CONNECT <endpoint ip:port>` stream per task connection,
 //! many streams per TLS connection.
 mod admission;
+mod dial;
 mod inbound;
 mod pool;
 
 pub use admission::Admission;
+pub use dial::{Dial, PoolKey, TlsDialer};
 pub use inbound::Inbound;
-pub use pool::TunnelPool;
+pub use pool::{PoolSettings, StreamLease, TunnelPool};
 
 use std::io;
 
@@ -40,10 +42,28 @@ pub enum TunnelError {
         target: std::net::SocketAddr,
         status: http::StatusCode,
     },
+    #[error("connecting to {addr}: timed out")]
+    Timeout { addr: std::net::SocketAddr },
+    /// A dial shared by several flows failed (each waiter gets the same error).
+    #[error(transparent)]
+    Dial(std::sync::Arc<TunnelError>),
     #[error("no certificate for {0}")]
     NoIdentity(String),
     #[error("invalid SNI for {0}")]
     Sni(String),
+}
+
+impl TunnelError {
+    /// The `reason` label (`ecsmesh_tcp_connections_failed_total`, `ecsmesh-proxy-error`).
+    pub fn reason(&self) -> &'static str {
+        match self {
+            TunnelError::Refused { .. } => "tunnel_refused",
+            TunnelError::Handshake { .. } => "tunnel_handshake",
+            TunnelError::Timeout { .. } => "tunnel_timeout",
+            TunnelError::Dial(inner) => inner.reason(),
+            _ => "tunnel_connect",
+        }
+    }
 }
 
 /// The metric label for a failed handshake: our verifier's reason when it was ours.

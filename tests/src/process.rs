@@ -48,6 +48,51 @@ pub fn place(cmd: &mut Command, at: &Placement) {
     }
 }
 
+/// Start `cmd` with soft `RLIMIT_NOFILE` = `soft` (like `ulimit -n`), the hard limit
+/// unchanged.
+pub fn set_nofile_soft(cmd: &mut Command, soft: u64) {
+    use nix::sys::resource::{Resource, getrlimit, setrlimit};
+    // SAFETY: getrlimit/setrlimit are plain syscalls, async-signal-safe.
+    unsafe {
+        cmd.pre_exec(move || {
+            let (_, hard) = getrlimit(Resource::RLIMIT_NOFILE).map_err(std::io::Error::from)?;
+            setrlimit(Resource::RLIMIT_NOFILE, soft.min(hard), hard)
+                .map_err(std::io::Error::from)?;
+            Ok(())
+        });
+    }
+}
+
+/// The hard `RLIMIT_NOFILE` of this process (what children may raise their soft limit to).
+pub fn nofile_hard() -> u64 {
+    nix::sys::resource::getrlimit(nix::sys::resource::Resource::RLIMIT_NOFILE)
+        .expect("getrlimit")
+        .1
+}
+
+/// A stopped (SIGSTOP) process, continued (SIGCONT) when dropped, also when a test fails.
+pub struct Frozen(pub i32);
+
+impl Frozen {
+    pub fn stop(pid: i32) -> Self {
+        nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(pid),
+            nix::sys::signal::Signal::SIGSTOP,
+        )
+        .expect("SIGSTOP");
+        Self(pid)
+    }
+}
+
+impl Drop for Frozen {
+    fn drop(&mut self) {
+        let _ = nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(self.0),
+            nix::sys::signal::Signal::SIGCONT,
+        );
+    }
+}
+
 /// A background process; SIGKILLed and reaped on drop.
 pub struct Proc {
     pub child: Child,

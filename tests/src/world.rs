@@ -153,7 +153,8 @@ fn common_text(opts: &ProxyOptions) -> String {
         .detect_timeout_ms
         .map(|ms| format!("detect_timeout_ms = {ms}\n"))
         .unwrap_or_default();
-    detect
+    opts.top_level_toml.clone()
+        + &detect
         + &format!(
             "opaque_ports = [{}]\nmode = \"{}\"\n",
             opaque
@@ -269,6 +270,12 @@ pub struct ProxyOptions {
     /// Run this `ecsmesh` binary instead of the world's (the benchmark's baseline build).
     /// Config fields it does not know are left out (see `compatible_config`).
     pub binary: Option<PathBuf>,
+    /// Raw TOML placed among the top-level keys, before any table (e.g.
+    /// `tunnel_keepalive_interval_secs = 1\n`); `extra_toml` goes at the end.
+    pub top_level_toml: String,
+    /// Start the proxy with this soft `RLIMIT_NOFILE` (`ulimit -n`); the hard limit is
+    /// kept.
+    pub nofile_soft: Option<u64>,
 }
 
 /// Identity material of one instance, made by `World::enable_mesh`.
@@ -497,6 +504,9 @@ impl Instance {
         let (mut cmd, config) = self.proxy_command_of(bin, &text, opts.cgroup.as_deref());
         if let Some(n) = opts.workers {
             cmd.arg("--workers").arg(n.to_string());
+        }
+        if let Some(soft) = opts.nofile_soft {
+            process::set_nofile_soft(&mut cmd, soft);
         }
         let log = self.workdir.join(format!("{}-proxy.log", self.name));
         let proc = process::spawn_logged(cmd, "ecsmesh", &log);

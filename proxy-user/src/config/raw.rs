@@ -19,7 +19,7 @@ use crate::{
     types::TaskId,
 };
 
-type Invalid = (String, String);
+pub(super) type Invalid = (String, String);
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -60,6 +60,20 @@ pub(super) struct RawConfig {
     inbound_addr: Option<SocketAddr>,
     #[serde(default)]
     tunnel_stream_cap: Option<usize>,
+    #[serde(default)]
+    tunnel_keepalive_interval_secs: Option<u64>,
+    #[serde(default)]
+    tunnel_keepalive_timeout_secs: Option<u64>,
+    #[serde(default)]
+    tunnel_idle_timeout_secs: Option<u64>,
+    #[serde(default)]
+    tunnel_connect_timeout_secs: Option<u64>,
+    #[serde(default)]
+    tunnel_handshake_cap: Option<usize>,
+    #[serde(default)]
+    max_connections_per_task: Option<usize>,
+    #[serde(default)]
+    tcp_idle_timeout_secs: Option<u64>,
     #[serde(default)]
     discovery_file: Option<PathBuf>,
     #[serde(default)]
@@ -299,6 +313,16 @@ impl RawConfig {
         if tunnel_stream_cap == 0 {
             return Err(invalid("tunnel_stream_cap", "must be at least 1"));
         }
+        let limits = super::limits::RawLimits {
+            tunnel_keepalive_interval_secs: self.tunnel_keepalive_interval_secs,
+            tunnel_keepalive_timeout_secs: self.tunnel_keepalive_timeout_secs,
+            tunnel_idle_timeout_secs: self.tunnel_idle_timeout_secs,
+            tunnel_connect_timeout_secs: self.tunnel_connect_timeout_secs,
+            tunnel_handshake_cap: self.tunnel_handshake_cap,
+            max_connections_per_task: self.max_connections_per_task,
+            tcp_idle_timeout_secs: self.tcp_idle_timeout_secs,
+        }
+        .validate()?;
         let discovery = match &self.discovery_file {
             Some(path) => Discovery::load(path, inbound_port)
                 .map_err(|e| invalid("discovery_file", e.to_string()))?,
@@ -401,6 +425,7 @@ impl RawConfig {
             mode: self.mode,
             inbound_addr,
             tunnel_stream_cap,
+            limits,
             discovery,
             discovery_file: self.discovery_file,
             identity,

@@ -110,3 +110,57 @@ fn an_agent_url_the_client_cannot_use_fails_at_load() {
         "http://127.0.0.1:51678".parse::<http::Uri>().unwrap()
     );
 }
+
+#[test]
+fn limits_default_and_parse_into_durations() {
+    let c = parse(MINIMAL).unwrap();
+    assert_eq!(c.limits, Limits::default());
+    assert_eq!(c.limits.tunnel_keepalive_interval, Duration::from_secs(10));
+    assert_eq!(c.limits.tunnel_keepalive_timeout, Duration::from_secs(5));
+    assert_eq!(c.limits.tunnel_idle_timeout, Duration::from_secs(300));
+    assert_eq!(
+        c.limits.tcp_idle_timeout, None,
+        "no TCP idle timeout by default"
+    );
+    let c = parse(&format!(
+        "tunnel_keepalive_interval_secs = 1\ntunnel_keepalive_timeout_secs = 2\n\
+         tcp_idle_timeout_secs = 3600\ntunnel_handshake_cap = 8\nmax_connections_per_task = 10\n{MINIMAL}"
+    ))
+    .unwrap();
+    assert_eq!(c.limits.tunnel_keepalive_interval, Duration::from_secs(1));
+    assert_eq!(c.limits.tunnel_keepalive_timeout, Duration::from_secs(2));
+    assert_eq!(c.limits.tcp_idle_timeout, Some(Duration::from_secs(3600)));
+    assert_eq!(c.limits.tunnel_handshake_cap, 8);
+    assert_eq!(c.limits.max_connections_per_task, 10);
+}
+
+#[test]
+fn zero_or_bad_limits_are_rejected_by_name() {
+    for field in [
+        "tunnel_keepalive_interval_secs",
+        "tunnel_keepalive_timeout_secs",
+        "tunnel_idle_timeout_secs",
+        "tunnel_connect_timeout_secs",
+        "tunnel_handshake_cap",
+        "max_connections_per_task",
+        "tcp_idle_timeout_secs",
+    ] {
+        let e = parse(&format!("{field} = 0\n{MINIMAL}"))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains(field) && e.contains("at least 1"),
+            "{field}: {e}"
+        );
+        let e = parse(&format!("{field} = -5\n{MINIMAL}"))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains(field), "{field}: {e}");
+    }
+    let e = parse(&format!(
+        "tunnel_keepalive_interval_secs = \"10s\"\n{MINIMAL}"
+    ))
+    .unwrap_err()
+    .to_string();
+    assert!(e.contains("tunnel_keepalive_interval_secs"), "{e}");
+}

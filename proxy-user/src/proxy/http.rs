@@ -124,11 +124,7 @@ impl HttpFlow {
     }
 
     fn tunnel_error(&self, e: &TunnelError) -> Response<Body> {
-        let reason = match e {
-            TunnelError::Refused { .. } => "tunnel_refused",
-            TunnelError::Handshake { .. } => "tunnel_handshake",
-            _ => "tunnel_connect",
-        };
+        let reason = e.reason();
         self.metrics.fail(reason);
         tracing::warn!(target = %self.target, error = %e, "request not delivered");
         proxy_error(StatusCode::BAD_GATEWAY, reason)

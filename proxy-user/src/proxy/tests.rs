@@ -45,6 +45,13 @@ async fn start(table: Arc<FakeTable>) -> (SocketAddr, Arc<Metrics>, Cancellation
 async fn start_with_tasks(
     table: Arc<FakeTable>,
 ) -> (SocketAddr, Arc<Metrics>, CancellationToken, Arc<TaskTable>) {
+    start_capped(table, 4096).await
+}
+
+async fn start_capped(
+    table: Arc<FakeTable>,
+    max_connections_per_task: usize,
+) -> (SocketAddr, Arc<Metrics>, CancellationToken, Arc<TaskTable>) {
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     let metrics = Arc::new(Metrics::default());
@@ -64,6 +71,8 @@ async fn start_with_tasks(
         mesh: None,
         opaque_ports: Vec::new(),
         detect_timeout: std::time::Duration::from_secs(10),
+        max_connections_per_task,
+        tcp_idle_timeout: None,
     });
     let stop = CancellationToken::new();
     tokio::spawn(proxy.serve(listener, stop.clone(), TaskTracker::new()));
@@ -187,4 +196,72 @@ async fn unenrolling_a_task_drains_its_open_connections() {
             .encode()
             .contains("ecsmesh_tcp_connections_closed_total{source_task=\"task-a\"} 1")
     );
+}
+
+/// Connect to the proxy as task 0 going to `dst`.
+async fn connect_as_task(table: &FakeTable, proxy: SocketAddr, dst: SocketAddr) -> TcpStream {
+    let client = tokio::net::TcpSocket::new_v4().unwrap();
+    client.bind("127.0.0.1:0".parse().unwrap()).unwrap();
+    table
+        .0
+        .lock()
+        .unwrap()
+        .insert(client.local_addr().unwrap(), (OrigDst(dst), 0));
+    client.connect(proxy).await.unwrap()
+}
+
+async fn echoes(s: &mut TcpStream) -> bool {
+    if s.write_all(b"ping").await.is_err() {
+        return false;
+    }
+    let mut buf = [0u8; 4];
+    matches!(
+        tokio::time::timeout(Duration::from_secs(5), s.read_exact(&mut buf)).await,
+        Ok(Ok(_))
+    ) && &buf == b"ping"
+}
+
+#[tokio::test]
+async fn connections_beyond_the_task_cap_are_closed_and_counted() {
+    let echo = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let echo_addr = echo.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((s, _)) = echo.accept().await {
+            tokio::spawn(async move {
+                let (mut r, mut w) = s.into_split();
+                let _ = tokio::io::copy(&mut r, &mut w).await;
+            });
+        }
+    });
+    let table = Arc::new(FakeTable::default());
+    let (proxy, metrics, _stop, _tasks) = start_capped(table.clone(), 3).await;
+    let mut held = Vec::new();
+    for _ in 0..3 {
+        let mut s = connect_as_task(&table, proxy, echo_addr).await;
+        assert!(echoes(&mut s).await, "under the cap");
+        held.push(s);
+    }
+    let mut over = connect_as_task(&table, proxy, echo_addr).await;
+    assert!(
+        !echoes(&mut over).await,
+        "the 4th connection is closed at once"
+    );
+    assert!(
+        metrics
+            .encode()
+            .contains("ecsmesh_tcp_connections_failed_total{reason=\"task_connection_limit\"} 1"),
+        "{}",
+        metrics.encode()
+    );
+    // A closed connection gives its slot back.
+    drop(held.pop());
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    loop {
+        let mut s = connect_as_task(&table, proxy, echo_addr).await;
+        if echoes(&mut s).await {
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "slot never released");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
 }

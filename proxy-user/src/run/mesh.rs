@@ -11,7 +11,7 @@ use crate::{
     metrics::Metrics,
     proxy::{ExpectedIdentity, Mesh},
     tasks::TaskTable,
-    tunnel::{Admission, Inbound, TunnelPool},
+    tunnel::{Admission, Inbound, PoolSettings, TlsDialer, TunnelPool},
 };
 
 pub(super) struct MeshParts {
@@ -59,10 +59,13 @@ pub(super) fn parts(
     let mesh = Arc::new(Mesh {
         discovery: discovery.clone(),
         pool: TunnelPool::new(
-            identities.clone(),
+            TlsDialer {
+                identities: identities.clone(),
+                metrics: metrics.clone(),
+                socket_mark: config.socket_mark,
+            },
             metrics.clone(),
-            config.tunnel_stream_cap,
-            config.socket_mark,
+            PoolSettings::new(config.tunnel_stream_cap, &config.limits),
         ),
         expected: Arc::new(ExpectedIdentity {
             template: idn.template.clone(),
@@ -82,6 +85,10 @@ pub(super) fn parts(
         socket_mark: config.socket_mark,
         stream_cap: config.tunnel_stream_cap,
         apps: Default::default(),
+        limits: config.limits.clone(),
+        handshake_slots: Arc::new(tokio::sync::Semaphore::new(
+            config.limits.tunnel_handshake_cap,
+        )),
     });
     Ok(Some(MeshParts {
         identities,

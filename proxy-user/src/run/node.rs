@@ -58,6 +58,11 @@ impl Bound {
                 cloudmap_metrics.register(registry);
             }
         }));
+        if let Some(n) = raise_open_files() {
+            metrics
+                .open_files_limit
+                .set(n.try_into().unwrap_or(i64::MAX));
+        }
         // Static tasks get the first indexes; their certificates are issued before ready.
         let tasks = Arc::new(TaskTable::default());
         let static_tasks = config
@@ -147,6 +152,8 @@ impl Bound {
             mesh: self.mesh.as_ref().map(|m| m.mesh.clone()),
             opaque_ports: config.opaque_ports.clone(),
             detect_timeout: config.detect_timeout,
+            max_connections_per_task: config.limits.max_connections_per_task,
+            tcp_idle_timeout: config.limits.tcp_idle_timeout,
         });
         Ok(Installed {
             core,
@@ -156,6 +163,26 @@ impl Bound {
             listeners: self.outbound,
             mesh: self.mesh,
         })
+    }
+}
+
+/// Two sockets per proxied connection: the usual soft limit of 1024 would cap the node at
+/// a few hundred connections. The new soft limit, when raised.
+fn raise_open_files() -> Option<u64> {
+    match crate::rlimit::raise_nofile() {
+        Ok(n) => {
+            tracing::info!(
+                soft_before = n.before,
+                soft = n.after,
+                hard = n.hard,
+                "open files limit (RLIMIT_NOFILE)"
+            );
+            Some(n.after)
+        }
+        Err(e) => {
+            tracing::warn!(error = %e, "could not raise the open files limit (RLIMIT_NOFILE)");
+            None
+        }
     }
 }
 

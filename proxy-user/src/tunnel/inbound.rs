@@ -5,9 +5,12 @@ use std::{convert::Infallible, net::SocketAddr, sync::Arc};
 
 use http_body_util::BodyExt;
 use hyper::{Method, Request, Response, StatusCode, body::Incoming, service::service_fn};
-use hyper_util::rt::{TokioExecutor, TokioIo};
-use tokio::net::{TcpListener, TcpStream};
-use tokio_rustls::TlsAcceptor;
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use tokio::{
+    net::{TcpListener, TcpStream},
+    sync::Semaphore,
+};
+use tokio_rustls::{LazyConfigAcceptor, server::TlsStream};
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
 
 use super::{
@@ -16,6 +19,8 @@ use super::{
     handshake_reason,
 };
 use crate::{
+    accept::Acceptor,
+    config::Limits,
     copy,
     identity::{IdentityManager, SpiffeId, peer_identity},
     l7::{self, AppClients, Body, OrigProto, proxy_error},
@@ -32,6 +37,19 @@ pub struct Inbound {
     pub stream_cap: usize,
     /// Connections to local applications for HTTP requests.
     pub apps: Arc<AppClients>,
+    /// Keepalive (dead clients), `tcp_idle_timeout`.
+    pub limits: Limits,
+    /// Slots for TLS handshakes past the ClientHello (`tunnel_handshake_cap`).
+    pub handshake_slots: Arc<Semaphore>,
+}
+
+/// Counts a handshake holding a slot in `ecsmesh_tunnel_handshakes_in_progress`.
+struct InProgress<'a>(&'a Metrics);
+
+impl Drop for InProgress<'_> {
+    fn drop(&mut self) {
+        self.0.handshakes_in_progress.dec();
+    }
 }
 
 fn status(code: StatusCode) -> Response<Body> {
@@ -48,28 +66,61 @@ impl Inbound {
         shutdown: CancellationToken,
         tracker: TaskTracker,
     ) {
-        let acceptor = TlsAcceptor::from(self.identities.server_config());
+        let config = self.identities.server_config();
+        let mut acceptor = Acceptor::new("tunnel", self.metrics.clone());
         loop {
             let (tcp, peer) = tokio::select! {
-                r = listener.accept() => match r {
-                    Ok(x) => x,
-                    Err(e) => {
-                        tracing::warn!(error = %e, "inbound accept failed");
-                        continue;
-                    }
-                },
+                conn = acceptor.accept(&listener) => conn,
                 () = shutdown.cancelled() => return,
             };
             let this = self.clone();
-            let acceptor = acceptor.clone();
+            let config = config.clone();
             let shutdown = shutdown.clone();
-            tracker.spawn(async move { this.connection(acceptor, tcp, peer, shutdown).await });
+            tracker.spawn(async move { this.connection(config, tcp, peer, shutdown).await });
+        }
+    }
+
+    /// The server side of the TLS handshake, within `HANDSHAKE_TIMEOUT` of accept. The
+    /// ClientHello is read without a slot, so peers that send nothing or half a hello
+    /// hold only their socket until the timeout; the expensive part (key exchange,
+    /// signing, verifying the client chain) runs in one of `tunnel_handshake_cap` slots.
+    async fn handshake(
+        &self,
+        config: Arc<rustls::ServerConfig>,
+        tcp: TcpStream,
+        peer: SocketAddr,
+    ) -> Option<TlsStream<TcpStream>> {
+        let deadline = tokio::time::Instant::now() + HANDSHAKE_TIMEOUT;
+        let fail = |reason: &'static str, error: Option<&std::io::Error>| {
+            self.metrics.reject("server", reason);
+            match error {
+                Some(e) => tracing::warn!(%peer, reason, error = %e, "tunnel handshake rejected"),
+                None => tracing::warn!(%peer, reason, "tunnel handshake did not finish in time"),
+            }
+            None
+        };
+        let lazy = LazyConfigAcceptor::new(rustls::server::Acceptor::default(), tcp);
+        let start = match tokio::time::timeout_at(deadline, lazy).await {
+            Ok(Ok(start)) => start,
+            Ok(Err(e)) => return fail(handshake_reason(&e), Some(&e)),
+            Err(_) => return fail("timeout", None),
+        };
+        let slot = tokio::time::timeout_at(deadline, self.handshake_slots.acquire()).await;
+        let Ok(Ok(_slot)) = slot else {
+            return fail("handshake_cap", None);
+        };
+        self.metrics.handshakes_in_progress.inc();
+        let _in_progress = InProgress(&self.metrics);
+        match tokio::time::timeout_at(deadline, start.into_stream(config)).await {
+            Ok(Ok(tls)) => Some(tls),
+            Ok(Err(e)) => fail(handshake_reason(&e), Some(&e)),
+            Err(_) => fail("timeout", None),
         }
     }
 
     async fn connection(
         self: Arc<Self>,
-        acceptor: TlsAcceptor,
+        config: Arc<rustls::ServerConfig>,
         tcp: TcpStream,
         peer: SocketAddr,
         shutdown: CancellationToken,
@@ -79,19 +130,8 @@ impl Inbound {
         // each response waited for the next request on the connection.
         let _ = tcp.set_nodelay(true);
         let Ok(local) = tcp.local_addr() else { return };
-        let tls = match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
-            Ok(Ok(tls)) => tls,
-            Ok(Err(e)) => {
-                let reason = handshake_reason(&e);
-                self.metrics.reject("server", reason);
-                tracing::warn!(%peer, reason, error = %e, "tunnel handshake rejected");
-                return;
-            }
-            Err(_) => {
-                self.metrics.reject("server", "timeout");
-                tracing::warn!(%peer, "tunnel handshake timed out");
-                return;
-            }
+        let Some(tls) = self.handshake(config, tcp, peer).await else {
+            return;
         };
         let (_, session) = tls.get_ref();
         let source = session.peer_certificates().and_then(peer_identity);
@@ -117,7 +157,11 @@ impl Inbound {
             let (source, family) = (source.clone(), served_family.clone());
             async move { Ok::<_, Infallible>(this.stream(req, source, family, local).await) }
         });
+        // Keepalive PINGs drop a client that went away without closing (its streams end).
         let conn = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
+            .timer(TokioTimer::new())
+            .keep_alive_interval(self.limits.tunnel_keepalive_interval)
+            .keep_alive_timeout(self.limits.tunnel_keepalive_timeout)
             .max_concurrent_streams(self.stream_cap as u32)
             .max_header_list_size(MAX_HEADER_LIST)
             .serve_connection(TokioIo::new(tls), svc);
@@ -156,12 +200,18 @@ impl Inbound {
             Err(Denied(code, reason)) => return proxy_error(code, reason),
         };
         let target = normalise(target);
-        let upstream = match copy::connect_marked(target, self.socket_mark).await {
-            Ok(s) => s,
-            Err(e) => {
+        let connect = copy::connect_marked(target, self.socket_mark);
+        let upstream = match tokio::time::timeout(copy::UPSTREAM_CONNECT_TIMEOUT, connect).await {
+            Ok(Ok(s)) => s,
+            Ok(Err(e)) => {
                 self.metrics.reject("server", "upstream_connect");
                 tracing::warn!(%target, error = %e, "tunnel upstream connect failed");
                 return status(StatusCode::BAD_GATEWAY);
+            }
+            Err(_) => {
+                self.metrics.reject("server", "upstream_connect_timeout");
+                tracing::warn!(%target, "tunnel upstream connect timed out");
+                return status(StatusCode::GATEWAY_TIMEOUT);
             }
         };
         let labels = StreamLabels {
@@ -175,13 +225,20 @@ impl Inbound {
             .inbound_from_task
             .get_or_create(&labels)
             .clone();
+        let (idle, metrics) = (self.limits.tcp_idle_timeout, self.metrics.clone());
         tokio::spawn(async move {
             match hyper::upgrade::on(req).await {
                 Ok(up) => {
-                    let copy = copy::bidirectional(TokioIo::new(up), upstream, &sent, &received);
+                    let copy =
+                        copy::bidirectional(TokioIo::new(up), upstream, &sent, &received, idle);
                     tokio::select! {
-                        r = copy => if let Err(e) = r {
-                            tracing::debug!(%target, error = %e, "tunnel stream ended with error");
+                        r = copy => match r {
+                            Ok(copy::Ended::Done) => {}
+                            Ok(copy::Ended::Idle) => {
+                                metrics.tcp_idle_timeouts.inc();
+                                tracing::debug!(%target, "tunnel stream closed: idle timeout");
+                            }
+                            Err(e) => tracing::debug!(%target, error = %e, "tunnel stream ended with error"),
                         },
                         () = drain.cancelled() => tracing::debug!(%target, "task stopped: stream drained"),
                     }

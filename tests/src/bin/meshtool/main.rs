@@ -5,6 +5,7 @@
 //!
 //! The mTLS probes (`tunnel`, `tls-server`, `raw`) use rustls/h2 directly, independent of
 //! the proxy's own TLS code.
+mod flood;
 mod http;
 mod load;
 mod raw;
@@ -61,6 +62,31 @@ enum Cmd {
         count: usize,
         /// Keep every connection open this long before closing them all.
         #[arg(long, default_value_t = 0)]
+        hold_ms: u64,
+    },
+    /// Open `count` connections to an `echo` server and keep them all open, then one echo
+    /// round trip of `bytes` on each: {"connected","echoed","errors",...}.
+    Flood {
+        target: SocketAddr,
+        #[arg(long, value_parser = clap::value_parser!(u64).range(1..=20_000))]
+        count: u64,
+        #[arg(long, default_value_t = 64)]
+        bytes: usize,
+    },
+    /// Connections to a TLS port that stall: `--silent` send nothing, `--partial` half a
+    /// ClientHello, `--full` a whole one (SNI `--sni`) and nothing more. Prints READY once
+    /// all are open, holds them `--hold-ms`, then {"opened","failed","closed_by_peer"}.
+    HalfOpen {
+        target: SocketAddr,
+        #[arg(long, default_value_t = 0, value_parser = clap::value_parser!(u64).range(0..=5_000))]
+        silent: u64,
+        #[arg(long, default_value_t = 0, value_parser = clap::value_parser!(u64).range(0..=5_000))]
+        partial: u64,
+        #[arg(long, default_value_t = 0, value_parser = clap::value_parser!(u64).range(0..=5_000))]
+        full: u64,
+        #[arg(long, default_value = "probe.invalid")]
+        sni: String,
+        #[arg(long, default_value_t = 30_000)]
         hold_ms: u64,
     },
     /// Fire-and-forget: connect, write `bytes`, close without reading; `count` times.
@@ -234,7 +260,37 @@ struct ConnReport {
 fn main() {
     let cli = Cli::parse();
     match cli.cmd {
-        Cmd::Echo { listen } => echo(listen),
+        Cmd::Echo { listen } => {
+            // Thousands of held connections in the limits tests.
+            flood::raise_nofile();
+            echo(listen)
+        }
+        Cmd::Flood {
+            target,
+            count,
+            bytes,
+        } => println!(
+            "{}",
+            serde_json::to_string(&flood::flood(target, count as usize, bytes)).unwrap()
+        ),
+        Cmd::HalfOpen {
+            target,
+            silent,
+            partial,
+            full,
+            sni,
+            hold_ms,
+        } => println!(
+            "{}",
+            flood::half_open(
+                target,
+                silent as usize,
+                partial as usize,
+                full as usize,
+                &sni,
+                Duration::from_millis(hold_ms)
+            )
+        ),
         Cmd::Client {
             targets,
             repeat,

@@ -30,9 +30,14 @@ pub enum Probe {
 
 /// A TLS 1.3 ClientHello (SNI `probe.invalid`, ALPN h2) as produced by rustls.
 fn client_hello() -> Result<Vec<u8>, String> {
+    client_hello_for("probe.invalid")
+}
+
+/// A TLS 1.3 ClientHello with SNI `sni` (ALPN h2) as produced by rustls.
+pub fn client_hello_for(sni: &str) -> Result<Vec<u8>, String> {
     let provider = tls::provider();
     let config = tls::client_config(tls::ServerCheck::any(&provider), None)?;
-    let name = tls::dns_name("probe.invalid")?;
+    let name = tls::dns_name(sni)?;
     let mut conn = rustls::ClientConnection::new(Arc::new(config), name)
         .map_err(|e| format!("ClientConnection: {e}"))?;
     let mut hello = Vec::new();
