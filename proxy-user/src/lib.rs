@@ -18,5 +18,4 @@ pub mod proxy;
 pub(crate) mod rlimit;
 pub mod run;
 pub mod tasks;
-pub mod tunnel;
 pub mod types;

@@ -1,30 +1,33 @@
-//! The outbound listener: accepts connections the kernel redirected, recovers where each
-//! was going and for which task, then either sends them through the mTLS tunnel to the
-//! destination's node proxy (meshed endpoint: HTTP request by request, anything else as
-//! an opaque stream — see `detect`), forwards them as plain TCP (unknown destination,
-//! permissive mode), or closes them (unknown destination, strict mode).
+//! The data path, in ztunnel's layout: `outbound` accepts the connections the kernel
+//! redirected and sends them through the mTLS tunnel (`pool`, `dial`) to the destination's
+//! node proxy, whose `inbound` side checks each stream or request (`admission`) and hands
+//! it to the local task. HTTP is detected on the outbound side (`detect`) and carried
+//! request by request (`http`); everything else is an opaque stream. HBONE-style: TLS 1.3
+//! with workload certificates on both sides, then HTTP/2 (`CONNECT <endpoint ip:port>`
+//! streams or requests), many streams per TLS connection.
+mod admission;
 pub(crate) mod detect;
+mod dial;
 mod http;
+mod inbound;
+mod outbound;
+mod pool;
 mod prefixed;
-use std::{io, net::SocketAddr, sync::Arc, time::Duration};
+mod tunnel;
 
-use tokio::net::{TcpListener, TcpStream};
-use tokio_util::{sync::CancellationToken, task::TaskTracker};
+use std::sync::Arc;
+
+pub use admission::Admission;
+pub use dial::{Dial, PoolKey, TlsDialer};
+pub use inbound::Inbound;
+pub use outbound::Outbound;
+pub use pool::{PoolSettings, StreamLease, TunnelPool};
+pub use tunnel::{HANDSHAKE_TIMEOUT, MAX_HEADER_LIST, TunnelError};
 
 use crate::{
-    accept::Acceptor,
-    config::Mode,
-    copy,
     discovery::{Discovery, Endpoint},
-    ebpf::OrigDstSource,
     identity::{IdentityTemplate, SpiffeId, TemplateVars, TrustDomain},
-    metrics::{Metrics, TaskLabels},
-    tasks::{TaskRef, TaskTable},
-    tunnel::TunnelPool,
-    types::{OrigDst, normalise},
 };
-
-const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// The identity a meshed endpoint must prove, derived the same way its own node derives it.
 pub struct ExpectedIdentity {
@@ -62,244 +65,3 @@ pub struct Mesh {
     pub pool: TunnelPool,
     pub expected: Arc<ExpectedIdentity>,
 }
-
-/// Where an opaque stream goes: the identities the task presents and the endpoint must
-/// present, the destination proxy, and the address the task dialled.
-#[derive(Clone, Copy)]
-struct TunnelStream<'a> {
-    source: &'a SpiffeId,
-    expected: &'a SpiffeId,
-    tunnel: SocketAddr,
-    target: SocketAddr,
-}
-
-pub struct Outbound {
-    pub orig_dst: Arc<dyn OrigDstSource>,
-    pub tasks: Arc<TaskTable>,
-    pub metrics: Arc<Metrics>,
-    /// SO_MARK for upstream sockets, so the redirect never loops them back to us.
-    pub socket_mark: u32,
-    pub mode: Mode,
-    pub mesh: Option<Arc<Mesh>>,
-    /// Meshed destination ports carried opaque without detection.
-    pub opaque_ports: Vec<u16>,
-    pub detect_timeout: Duration,
-    /// Open connections per source task; beyond it a connection is closed at once.
-    pub max_connections_per_task: usize,
-    /// Opaque TCP connections idle this long are closed (`None`: never).
-    pub tcp_idle_timeout: Option<Duration>,
-}
-
-impl Outbound {
-    pub async fn serve(
-        self: Arc<Self>,
-        listener: TcpListener,
-        shutdown: CancellationToken,
-        tracker: TaskTracker,
-    ) {
-        let mut acceptor = Acceptor::new("outbound", self.metrics.clone());
-        loop {
-            let (stream, peer) = tokio::select! {
-                conn = acceptor.accept(&listener) => conn,
-                () = shutdown.cancelled() => return,
-            };
-            let this = self.clone();
-            tracker.spawn(async move { this.handle(stream, normalise(peer)).await });
-        }
-    }
-
-    async fn handle(&self, client: TcpStream, peer: SocketAddr) {
-        let Some((dst, task_index)) = self.orig_dst.claim(peer) else {
-            self.metrics.fail("no_original_destination");
-            tracing::warn!(%peer, "no original destination recorded; closing");
-            return;
-        };
-        let Some(task) = self.tasks.get(task_index) else {
-            self.metrics.fail("unknown_task");
-            tracing::warn!(%peer, task_index, "connection from an unknown task index; closing");
-            return;
-        };
-        // One noisy task cannot take every socket of the node: beyond its cap a connection
-        // is closed at once (the client sees EOF before any byte).
-        let Some(_slot) = task.try_open(self.max_connections_per_task) else {
-            self.metrics.fail("task_connection_limit");
-            tracing::debug!(task = %task.id, %dst, cap = self.max_connections_per_task, "task at its connection cap; closing");
-            return;
-        };
-        if dst.0.ip().is_unspecified() {
-            // The kernel refuses these for tasks with their own netns; never dial one from
-            // the host netns, where it means the host's loopback.
-            self.metrics.fail("unspecified_destination");
-            tracing::warn!(task = %task.id, %dst, "unspecified destination; closing");
-            return;
-        }
-        let meshed = self.mesh.as_ref().and_then(|m| {
-            m.discovery
-                .load()
-                .endpoint(dst.0)
-                .cloned()
-                .map(|ep| (m, ep))
-        });
-        if meshed.is_none() && self.mode == Mode::Strict {
-            self.metrics.fail("unknown_destination");
-            tracing::warn!(task = %task.id, %dst, "strict mode: destination is not a meshed endpoint; closing");
-            return;
-        }
-        let labels = Metrics::task(task.id.as_str());
-        self.metrics.opened.get_or_create(&labels).inc();
-        let _ = client.set_nodelay(true);
-        let result = match meshed {
-            Some((mesh, ep)) => self.meshed(client, mesh, &task, &ep, dst, &labels).await,
-            None => self.forward(client, &task, dst, &labels).await,
-        };
-        self.metrics.closed.get_or_create(&labels).inc();
-        match result {
-            Ok(()) => tracing::debug!(%peer, %dst, task = %task.id, "connection closed"),
-            Err(e) => {
-                tracing::debug!(%peer, %dst, task = %task.id, error = %e, "connection ended with error")
-            }
-        }
-    }
-
-    async fn forward(
-        &self,
-        client: TcpStream,
-        task: &TaskRef,
-        dst: OrigDst,
-        labels: &TaskLabels,
-    ) -> io::Result<()> {
-        let upstream = match tokio::time::timeout(
-            CONNECT_TIMEOUT,
-            copy::connect_marked(dst.0, self.socket_mark),
-        )
-        .await
-        {
-            Ok(Ok(s)) => s,
-            Ok(Err(e)) => {
-                self.metrics.fail("upstream_connect");
-                return Err(e);
-            }
-            Err(_) => {
-                self.metrics.fail("upstream_connect_timeout");
-                return Err(io::ErrorKind::TimedOut.into());
-            }
-        };
-        self.copy(client, upstream, task, labels).await
-    }
-
-    /// A meshed destination: detect the protocol (unless the port is opaque), then HTTP
-    /// request by request or one opaque tunnel stream.
-    async fn meshed(
-        &self,
-        mut client: TcpStream,
-        mesh: &Arc<Mesh>,
-        task: &Arc<TaskRef>,
-        ep: &Endpoint,
-        dst: OrigDst,
-        labels: &TaskLabels,
-    ) -> io::Result<()> {
-        let (Some(source), Some(expected)) =
-            (task.identity.clone(), mesh.expected.for_endpoint(ep))
-        else {
-            self.metrics.fail("no_identity");
-            return Err(io::Error::other(
-                "no identity for the source task or the endpoint",
-            ));
-        };
-        let stream = TunnelStream {
-            source: &source,
-            expected: &expected,
-            tunnel: ep.tunnel,
-            target: dst.0,
-        };
-        if self.opaque_ports.contains(&dst.0.port()) {
-            return self.tunnel(client, mesh, task, stream, labels).await;
-        }
-        let (protocol, read) = detect::detect(&mut client, self.detect_timeout).await?;
-        let client = prefixed::Prefixed::new(read, client);
-        if protocol == detect::Protocol::Opaque {
-            return self.tunnel(client, mesh, task, stream, labels).await;
-        }
-        let flow = Arc::new(http::HttpFlow {
-            mesh: mesh.clone(),
-            metrics: self.metrics.clone(),
-            source,
-            expected,
-            tunnel: ep.tunnel,
-            target: dst.0,
-            service: ep.service.clone(),
-        });
-        flow.serve(client, protocol, task.drain.clone()).await;
-        Ok(())
-    }
-
-    /// One opaque stream through the tunnel.
-    async fn tunnel<C>(
-        &self,
-        client: C,
-        mesh: &Mesh,
-        task: &TaskRef,
-        stream: TunnelStream<'_>,
-        labels: &TaskLabels,
-    ) -> io::Result<()>
-    where
-        C: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
-    {
-        let TunnelStream {
-            source,
-            expected,
-            tunnel,
-            target: dst,
-        } = stream;
-        let opened = tokio::time::timeout(
-            CONNECT_TIMEOUT,
-            mesh.pool.open(source, expected, tunnel, dst),
-        )
-        .await;
-        let (stream, lease) = match opened {
-            Ok(Ok(x)) => x,
-            Ok(Err(e)) => {
-                self.metrics.fail(e.reason());
-                tracing::warn!(task = %task.id, source_identity = %source, expected = %expected, %dst, error = %e, "tunnel failed");
-                return Err(io::Error::other(e));
-            }
-            Err(_) => {
-                self.metrics.fail("tunnel_timeout");
-                return Err(io::ErrorKind::TimedOut.into());
-            }
-        };
-        let result = self.copy(client, stream, task, labels).await;
-        drop(lease);
-        result
-    }
-
-    /// Copy until both directions end, or until the task is unenrolled (drained).
-    async fn copy<C, U>(
-        &self,
-        client: C,
-        upstream: U,
-        task: &TaskRef,
-        labels: &TaskLabels,
-    ) -> io::Result<()>
-    where
-        C: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
-        U: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
-    {
-        let sent = self.metrics.sent.get_or_create(labels).clone();
-        let received = self.metrics.received.get_or_create(labels).clone();
-        let copy = copy::bidirectional(client, upstream, &sent, &received, self.tcp_idle_timeout);
-        tokio::select! {
-            r = copy => match r? {
-                copy::Ended::Done => Ok(()),
-                copy::Ended::Idle => {
-                    self.metrics.tcp_idle_timeouts.inc();
-                    Err(io::Error::new(io::ErrorKind::TimedOut, "idle timeout"))
-                }
-            },
-            () = task.drain.cancelled() => Err(io::Error::other("task stopped: connection drained")),
-        }
-    }
-}
-
-#[cfg(test)]
-mod tests;

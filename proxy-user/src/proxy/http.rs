@@ -16,12 +16,11 @@ use hyper_util::rt::{TokioExecutor, TokioIo};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio_util::sync::CancellationToken;
 
-use super::{Mesh, detect::Protocol};
+use super::{Mesh, TunnelError, detect::Protocol};
 use crate::{
     identity::SpiffeId,
     l7::{self, Body, Guarded, OrigProto, proxy_error},
     metrics::{HttpLabels, Metrics},
-    tunnel::TunnelError,
 };
 
 /// Largest request head a task may send (request line + headers); beyond it the client

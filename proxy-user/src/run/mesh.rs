@@ -9,9 +9,8 @@ use crate::{
     config::Config,
     identity::{IdentityConfig, IdentityManager},
     metrics::Metrics,
-    proxy::{ExpectedIdentity, Mesh},
+    proxy::{Admission, ExpectedIdentity, Inbound, Mesh, PoolSettings, TlsDialer, TunnelPool},
     tasks::TaskTable,
-    tunnel::{Admission, Inbound, PoolSettings, TlsDialer, TunnelPool},
 };
 
 pub(super) struct MeshParts {

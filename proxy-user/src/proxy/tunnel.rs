@@ -1,16 +1,4 @@
-//! The mTLS tunnel between node proxies, HBONE-style: TLS 1.3 with workload certificates
-//! on both sides, then one HTTP/2 `CONNECT <endpoint ip:port>` stream per task connection,
-//! many streams per TLS connection.
-mod admission;
-mod dial;
-mod inbound;
-mod pool;
-
-pub use admission::Admission;
-pub use dial::{Dial, PoolKey, TlsDialer};
-pub use inbound::Inbound;
-pub use pool::{PoolSettings, StreamLease, TunnelPool};
-
+//! What both ends of the tunnel share: its limits and its errors.
 use std::io;
 
 /// Limit on the HTTP/2 header block a peer may send (`SETTINGS_MAX_HEADER_LIST_SIZE`): a

@@ -28,8 +28,8 @@ use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use tokio::{sync::watch, time::Instant};
 
 use super::{
-    TunnelError,
     dial::{Dial, PoolKey, TlsDialer},
+    tunnel::{MAX_HEADER_LIST, TunnelError},
 };
 use crate::{
     config::Limits,
@@ -313,7 +313,7 @@ impl<D: Dial> Shared<D> {
             .keep_alive_interval(self.settings.keepalive_interval)
             .keep_alive_timeout(self.settings.keepalive_timeout)
             .keep_alive_while_idle(true)
-            .max_header_list_size(super::MAX_HEADER_LIST)
+            .max_header_list_size(MAX_HEADER_LIST)
             .handshake(TokioIo::new(io))
             .await
             .map_err(|source| TunnelError::Http { addr, source })?;

@@ -9,7 +9,7 @@ use tokio::{
 };
 use tokio_rustls::{TlsConnector, client::TlsStream};
 
-use super::{TunnelError, handshake_reason};
+use super::tunnel::{TunnelError, handshake_reason};
 use crate::{
     copy::connect_marked,
     identity::{IdentityManager, SpiffeId},

@@ -14,9 +14,8 @@ use tokio_rustls::{LazyConfigAcceptor, server::TlsStream};
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
 
 use super::{
-    HANDSHAKE_TIMEOUT, MAX_HEADER_LIST,
     admission::{Admission, Admitted, Denied},
-    handshake_reason,
+    tunnel::{HANDSHAKE_TIMEOUT, MAX_HEADER_LIST, handshake_reason},
 };
 use crate::{
     accept::Acceptor,
