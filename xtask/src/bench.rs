@@ -1011,7 +1011,8 @@ impl Bench {
         }
         let mut pids = Vec::new();
         let mut cgroups = Vec::new();
-        for inst in &self.w.instances {
+        // Sweep tasks live on instances 0 and 1 (2 and 3 hold only the baseline pair).
+        for inst in &self.w.instances[..2] {
             for &t in &self.sweep_tasks[..n] {
                 if let Some(sc) = &inst.tasks[t].sidecar {
                     pids.push(sc.proc.pid());
