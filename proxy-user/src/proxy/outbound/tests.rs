@@ -85,14 +85,7 @@ async fn forwards_to_the_original_destination_with_half_close() {
     let table = Arc::new(FakeTable::default());
     let (proxy, metrics, _stop) = start(table.clone()).await;
 
-    let client = tokio::net::TcpSocket::new_v4().unwrap();
-    client.bind("127.0.0.1:0".parse().unwrap()).unwrap();
-    table
-        .0
-        .lock()
-        .unwrap()
-        .insert(client.local_addr().unwrap(), (OrigDst(upstream), 0));
-    let mut s: TcpStream = client.connect(proxy).await.unwrap();
+    let mut s = connect_as_task(&table, proxy, upstream).await;
     s.write_all(b"hello mesh").await.unwrap();
     s.shutdown().await.unwrap();
     let mut back = Vec::new();
@@ -147,14 +140,7 @@ async fn refused_upstream_closes_the_client_and_counts() {
         .unwrap();
     let table = Arc::new(FakeTable::default());
     let (proxy, metrics, _stop) = start(table.clone()).await;
-    let client = tokio::net::TcpSocket::new_v4().unwrap();
-    client.bind("127.0.0.1:0".parse().unwrap()).unwrap();
-    table
-        .0
-        .lock()
-        .unwrap()
-        .insert(client.local_addr().unwrap(), (OrigDst(closed), 0));
-    let mut s = client.connect(proxy).await.unwrap();
+    let mut s = connect_as_task(&table, proxy, closed).await;
     let mut buf = [0u8; 1];
     let n = tokio::time::timeout(Duration::from_secs(5), s.read(&mut buf))
         .await
@@ -171,14 +157,7 @@ async fn unenrolling_a_task_drains_its_open_connections() {
     let held = tokio::spawn(async move { upstream.accept().await.map(|(s, _)| s) });
     let table = Arc::new(FakeTable::default());
     let (proxy, metrics, _stop, tasks) = start_with_tasks(table.clone()).await;
-    let client = tokio::net::TcpSocket::new_v4().unwrap();
-    client.bind("127.0.0.1:0".parse().unwrap()).unwrap();
-    table
-        .0
-        .lock()
-        .unwrap()
-        .insert(client.local_addr().unwrap(), (OrigDst(upstream_addr), 0));
-    let mut s = client.connect(proxy).await.unwrap();
+    let mut s = connect_as_task(&table, proxy, upstream_addr).await;
     s.write_all(b"x").await.unwrap();
     let _upstream_side = held.await.unwrap().unwrap();
     tasks.remove(0).expect("task enrolled");
