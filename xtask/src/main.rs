@@ -101,6 +101,7 @@ fn test() -> Result<()> {
             "the eBPF and namespace tests need root (CI runs as root); run `sudo -E cargo xtask test`"
         );
     }
+    raise_open_files();
     testrun::run_all(&[
         ("ECSMESH_BIN", &built.ecsmesh),
         ("ECSMESH_EBPF_OBJECT", &built.ebpf_object),
@@ -111,4 +112,24 @@ fn test() -> Result<()> {
     bench::smoke()?;
     println!("xtask test: all checks passed in {:.0?}", started.elapsed());
     Ok(())
+}
+
+/// The limits tests hold thousands of connections open at once (client, both proxies,
+/// server): as root, make sure the hard and soft `RLIMIT_NOFILE` the test binaries inherit
+/// allow it, whatever the machine's default.
+fn raise_open_files() {
+    use nix::sys::resource::{Resource, getrlimit, setrlimit};
+    const WANTED: u64 = 65_536;
+    let Ok((soft, hard)) = getrlimit(Resource::RLIMIT_NOFILE) else {
+        return;
+    };
+    let (new_soft, new_hard) = (soft.max(WANTED), hard.max(WANTED));
+    if (new_soft, new_hard) != (soft, hard) {
+        match setrlimit(Resource::RLIMIT_NOFILE, new_soft, new_hard) {
+            Ok(()) => println!(
+                "xtask test: RLIMIT_NOFILE raised from {soft}/{hard} to {new_soft}/{new_hard} (soft/hard)"
+            ),
+            Err(e) => println!("xtask test: could not raise RLIMIT_NOFILE ({soft}/{hard}): {e}"),
+        }
+    }
 }
