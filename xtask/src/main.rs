@@ -129,7 +129,8 @@ fn raise_open_files() {
     }
     // Raising the hard limit needs CAP_SYS_RESOURCE, which a root in a container may lack;
     // then the soft limit goes as far as the hard one allows.
-    for (new_soft, new_hard) in [wanted, (hard, hard)] {
+    let fallback = (soft < hard).then_some((hard, hard));
+    for (new_soft, new_hard) in std::iter::once(wanted).chain(fallback) {
         if setrlimit(Resource::RLIMIT_NOFILE, new_soft, new_hard).is_ok() {
             println!(
                 "xtask test: RLIMIT_NOFILE {soft}/{hard} -> {new_soft}/{new_hard} (soft/hard)"
