@@ -264,6 +264,18 @@ impl Metrics {
         }
     }
 
+    /// One HTTP request through the mesh, counted with its response at one side.
+    pub fn http_response<B>(&self, side: &'static str, service: String, resp: &http::Response<B>) {
+        self.http_requests
+            .get_or_create(&HttpLabels {
+                side,
+                service,
+                response_code: resp.status().as_u16(),
+                proxy_error: resp.headers().contains_key(&crate::l7::PROXY_ERROR),
+            })
+            .inc();
+    }
+
     pub fn reject(&self, side: &'static str, reason: &'static str) {
         self.rejected
             .get_or_create(&RejectLabels { side, reason })

@@ -20,7 +20,7 @@ use super::{Mesh, TunnelError, detect::Protocol};
 use crate::{
     identity::SpiffeId,
     l7::{self, Body, Guarded, OrigProto, proxy_error},
-    metrics::{HttpLabels, Metrics},
+    metrics::Metrics,
 };
 
 /// Largest request head a task may send (request line + headers); beyond it the client
@@ -110,15 +110,7 @@ impl HttpFlow {
         } else {
             self.send(req).await
         };
-        self.metrics
-            .http_requests
-            .get_or_create(&HttpLabels {
-                side: "outbound",
-                service,
-                response_code: resp.status().as_u16(),
-                proxy_error: resp.headers().contains_key(&l7::PROXY_ERROR),
-            })
-            .inc();
+        self.metrics.http_response("outbound", service, &resp);
         resp
     }
 

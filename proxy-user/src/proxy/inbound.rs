@@ -23,7 +23,7 @@ use crate::{
     copy,
     identity::{IdentityManager, SpiffeId, peer_identity},
     l7::{self, AppClients, Body, OrigProto, proxy_error},
-    metrics::{HandshakeLabels, HttpLabels, Metrics, StreamLabels},
+    metrics::{HandshakeLabels, Metrics, StreamLabels},
     types::normalise,
 };
 
@@ -257,15 +257,7 @@ impl Inbound {
         local: SocketAddr,
     ) -> Response<Body> {
         let (service, resp) = self.forward(req, source, family, local).await;
-        self.metrics
-            .http_requests
-            .get_or_create(&HttpLabels {
-                side: "inbound",
-                service,
-                response_code: resp.status().as_u16(),
-                proxy_error: resp.headers().contains_key(&l7::PROXY_ERROR),
-            })
-            .inc();
+        self.metrics.http_response("inbound", service, &resp);
         resp
     }
 
