@@ -65,7 +65,14 @@ impl Activity {
     }
 }
 
-async fn pump<R, W>(mut from: R, mut to: W, bytes: &Counter, activity: &Activity) -> io::Result<()>
+/// `activity` is stamped only when an idle timeout watches it (the default has none, and
+/// the clock read per chunk is then not worth paying).
+async fn pump<R, W>(
+    mut from: R,
+    mut to: W,
+    bytes: &Counter,
+    activity: Option<&Activity>,
+) -> io::Result<()>
 where
     R: AsyncRead + Unpin,
     W: AsyncWrite + Unpin,
@@ -73,12 +80,12 @@ where
     let mut buf = vec![0u8; COPY_BUFFER];
     loop {
         let n = from.read(&mut buf).await?;
-        activity.touch();
+        activity.inspect(|a| a.touch());
         if n == 0 {
             return to.shutdown().await;
         }
         to.write_all(&buf[..n]).await?;
-        activity.touch();
+        activity.inspect(|a| a.touch());
         bytes.inc_by(n as u64);
     }
 }
@@ -99,16 +106,16 @@ where
 {
     let (ar, aw) = tokio::io::split(a);
     let (br, bw) = tokio::io::split(b);
+    let Some(idle) = idle else {
+        tokio::try_join!(pump(ar, bw, a_to_b, None), pump(br, aw, b_to_a, None))?;
+        return Ok(Ended::Done);
+    };
     let activity = Activity::new();
     let copy = async {
         tokio::try_join!(
-            pump(ar, bw, a_to_b, &activity),
-            pump(br, aw, b_to_a, &activity)
+            pump(ar, bw, a_to_b, Some(&activity)),
+            pump(br, aw, b_to_a, Some(&activity))
         )
-    };
-    let Some(idle) = idle else {
-        copy.await?;
-        return Ok(Ended::Done);
     };
     tokio::select! {
         r = copy => r.map(|_| Ended::Done),
