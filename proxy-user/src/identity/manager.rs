@@ -324,7 +324,12 @@ impl IdentityManager {
         let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
         let watched = self.watched_files();
         let mut watcher = notify::recommended_watcher(move |ev: notify::Result<notify::Event>| {
+            // Only changes count. inotify also reports opens and closes of the files
+            // (`Access`), and a reload opens them: reacting to those made every reload
+            // schedule the next one, 5 times a second for ever, once anything (a sidecar,
+            // `ca status`, the reload itself) had read the files.
             if let Ok(ev) = ev
+                && !matches!(ev.kind, notify::EventKind::Access(_))
                 && ev.paths.iter().any(|p| watched.iter().any(|w| w == p))
             {
                 let _ = tx.send(());

@@ -7,6 +7,10 @@ use crate::identity::{Ca, IdentityConfig, IdentityError, IdentityManager};
 
 const HOUR: Duration = Duration::from_secs(3600);
 
+/// `sighup_reloads` raises SIGHUP in this test process, which reloads every manager
+/// running in it: tests that count reloads hold this lock, as does that one.
+static SIGHUP: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
 #[test]
 fn ensure_issues_once_and_remove_forgets() {
     let pki = Pki::new("example.org");
@@ -133,6 +137,47 @@ async fn background_watcher_reloads_on_file_change() {
 }
 
 #[tokio::test]
+async fn reading_the_watched_files_does_not_reload() {
+    let _no_sighup = SIGHUP.lock().await;
+    let pki = Pki::new("example.org");
+    let m = pki.manager(HOUR);
+    let reloads = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let count = reloads.clone();
+    // Called once now, then once per reload.
+    m.observe_trust(move |_| {
+        count.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+    });
+    let reloads_since =
+        |r: &std::sync::atomic::AtomicUsize| r.load(std::sync::atomic::Ordering::SeqCst) - 1;
+    let shutdown = CancellationToken::new();
+    m.spawn_background(shutdown.clone());
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    // What a sidecar on the same instance, `ca status` or a backup does: read the files.
+    for f in ["bundle.pem", "issuer.pem", "issuer.key"] {
+        std::fs::read(pki.node.join(f)).unwrap();
+    }
+    // Well past the debounce: a reload would have happened (and, before the fix, kept
+    // happening, since each reload reads the files again).
+    tokio::time::sleep(Duration::from_millis(1000)).await;
+    let n = reloads_since(&reloads);
+    assert_eq!(n, 0, "reading the files triggered {n} reload(s)");
+    // A change still reloads, once.
+    let mut ca = Ca::open(&pki.tmp.path().join("ca")).unwrap();
+    ca.rotate().unwrap();
+    wait_for("reload after a change", || {
+        m.bundle_handle().load().len() == 2
+    })
+    .await;
+    tokio::time::sleep(Duration::from_millis(1000)).await;
+    let n = reloads_since(&reloads);
+    assert!(
+        (1..=2).contains(&n),
+        "one change (the bundle, maybe seen in two debounce windows) gave {n} reloads"
+    );
+    shutdown.cancel();
+}
+
+#[tokio::test]
 async fn background_refresher_reissues_before_expiry() {
     let pki = Pki::new("example.org");
     let id = pki.id("/ecs/prod/a");
@@ -146,6 +191,7 @@ async fn background_refresher_reissues_before_expiry() {
 
 #[tokio::test]
 async fn sighup_reloads() {
+    let _only_me = SIGHUP.lock().await;
     let pki = Pki::new("example.org");
     let m = pki.manager(HOUR);
     // Change the files before anything watches them: only SIGHUP can notice.
