@@ -81,21 +81,83 @@ pub struct Settings {
     /// The modes of this run (`node-base` only with a baseline).
     #[serde(default)]
     pub modes: Vec<String>,
+    /// The modes whose cells are measured (all of `modes` unless focused).
+    #[serde(default)]
+    pub measured: Vec<String>,
+    /// Latency cells only (a focused A/B run).
+    #[serde(default)]
+    pub latency_only: bool,
     /// The baseline build of `node-base`: the commit it was built from.
     #[serde(default)]
     pub baseline: Option<String>,
 }
 
+/// A narrower run for an A/B of one change: fewer cells, same method. Every mode is
+/// still set up (so the proxies carry the same warm-up traffic), only the chosen cells are
+/// measured; `direct` is always measured, it is what "added" is relative to.
+#[derive(Clone, Debug, Default, clap::Args)]
+pub struct Focus {
+    /// Measure only these modes' latency cells (comma-separated), e.g. `node,node-base`.
+    #[arg(long, value_delimiter = ',')]
+    pub modes: Vec<String>,
+    /// Only these rates (req/s, comma-separated) for the keep-alive cells.
+    #[arg(long, value_delimiter = ',')]
+    pub rates: Vec<f64>,
+    /// Number of rounds.
+    #[arg(long)]
+    pub rounds: Option<usize>,
+    /// Latency cells only: no new-connection cells, no throughput, no sweep.
+    #[arg(long)]
+    pub latency_only: bool,
+}
+
 impl Settings {
-    fn new(quick: bool, baseline: Option<String>) -> Self {
+    fn new(quick: bool, baseline: Option<String>, focus: &Focus) -> Result<Self> {
+        for m in &focus.modes {
+            if !MODES.contains(&m.as_str()) || (m == "node-base" && baseline.is_none()) {
+                bail!(
+                    "--modes: unknown mode {m:?} (modes: {}; node-base needs --baseline)",
+                    MODES.join(", ")
+                );
+            }
+        }
+        if focus.rates.iter().any(|r| !(r.is_finite() && *r > 0.0)) {
+            bail!("--rates: every rate must be a positive number of requests per second");
+        }
+        if focus.rounds == Some(0) {
+            bail!("--rounds: at least one round");
+        }
+        let mut s = Self::defaults(quick, baseline);
+        if !focus.modes.is_empty() {
+            s.measured = s
+                .modes
+                .iter()
+                .filter(|m| *m == "direct" || focus.modes.contains(m))
+                .cloned()
+                .collect();
+        }
+        if !focus.rates.is_empty() {
+            s.rates = focus.rates.clone();
+        }
+        if let Some(r) = focus.rounds {
+            s.rounds = r;
+        }
+        s.latency_only = focus.latency_only;
+        Ok(s)
+    }
+
+    fn defaults(quick: bool, baseline: Option<String>) -> Self {
         let full = !quick;
+        let modes: Vec<String> = MODES
+            .iter()
+            .filter(|m| **m != "node-base" || baseline.is_some())
+            .map(|m| m.to_string())
+            .collect();
         Self {
             quick,
-            modes: MODES
-                .iter()
-                .filter(|m| **m != "node-base" || baseline.is_some())
-                .map(|m| m.to_string())
-                .collect(),
+            measured: modes.clone(),
+            modes,
+            latency_only: false,
             baseline,
             rates: if full {
                 vec![200.0, 500.0, 1000.0]
@@ -231,7 +293,7 @@ pub fn out_dir() -> PathBuf {
     workspace_root().join("target/bench")
 }
 
-pub fn run(quick: bool, baseline: Option<String>) -> Result<()> {
+pub fn run(quick: bool, baseline: Option<String>, focus: Focus) -> Result<()> {
     let started = Instant::now();
     if !nix::unistd::geteuid().is_root() {
         bail!("the benchmark builds namespaces, cgroups and eBPF programs: run it as root");
@@ -257,11 +319,11 @@ pub fn run(quick: bool, baseline: Option<String>) -> Result<()> {
         Some(rev) => Some(baseline::build(rev)?),
         None => None,
     };
-    let settings = Settings::new(quick, base.as_ref().map(|b| b.describe()));
+    let settings = Settings::new(quick, base.as_ref().map(|b| b.describe()), &focus)?;
     println!(
         "xtask bench{}: modes {}, rates {:?} req/s, {} round(s)",
         if quick { " --quick" } else { "" },
-        settings.modes.join("/"),
+        settings.measured.join("/"),
         settings.rates,
         settings.rounds
     );
@@ -272,8 +334,10 @@ pub fn run(quick: bool, baseline: Option<String>) -> Result<()> {
         .unwrap_or_default();
     let mut bench = Bench::new(tools.clone(), settings.clone(), base.map(|b| b.ecsmesh))?;
     bench.latency_rounds()?;
-    bench.bulk_rounds()?;
-    bench.sweep()?;
+    if !bench.s.latency_only {
+        bench.bulk_rounds()?;
+        bench.sweep()?;
+    }
     let raw = Raw {
         settings,
         cells: std::mem::take(&mut bench.cells),
@@ -875,12 +939,21 @@ impl Bench {
         for round in 0..self.s.rounds {
             println!("round {}/{}", round + 1, self.s.rounds);
             // Rotate the order so no mode always runs right after another.
-            let n = self.modes.len();
-            let order: Vec<&str> = (0..n).map(|i| self.modes[(i + round) % n]).collect();
+            let measured: Vec<&'static str> = self
+                .modes
+                .iter()
+                .copied()
+                .filter(|m| self.s.measured.iter().any(|x| x == m))
+                .collect();
+            let n = measured.len();
+            let order: Vec<&str> = (0..n).map(|i| measured[(i + round) % n]).collect();
             for &rate in &rates {
                 for mode in &order {
                     self.cell("keepalive", mode, round, rate)?;
                 }
+            }
+            if self.s.latency_only {
+                continue;
             }
             for mode in &order {
                 self.cell("new_connection", mode, round, self.s.new_connection_rate)?;

@@ -45,6 +45,8 @@ enum Cmd {
         /// by side, and check this build's node mode against it.
         #[arg(long, value_name = "REV")]
         baseline: Option<String>,
+        #[command(flatten)]
+        focus: bench::Focus,
     },
     /// Validate deploy/ offline: JSON/YAML, cfn-lint, task definitions against the ECS API
     /// model, IAM policy, systemd unit (installs the Python tools into target/pyenv).
@@ -60,7 +62,11 @@ fn main() -> Result<()> {
         Cmd::Build { release } => build::all(release).map(|_| ()),
         Cmd::Test => test(),
         Cmd::Demo => demo::run(),
-        Cmd::Bench { quick, baseline } => bench::run(quick, baseline),
+        Cmd::Bench {
+            quick,
+            baseline,
+            focus,
+        } => bench::run(quick, baseline, focus),
         Cmd::DeployCheck { dir } => deploy_check::run(dir),
     }
 }
@@ -108,7 +114,7 @@ fn test() -> Result<()> {
     ])?;
     // The benchmark's smoke run: it completes, its JSON is well formed and every mode
     // carried traffic without errors.
-    bench::run(true, None)?;
+    bench::run(true, None, bench::Focus::default())?;
     bench::smoke()?;
     println!("xtask test: all checks passed in {:.0?}", started.elapsed());
     Ok(())
