@@ -31,6 +31,8 @@ pub struct AdminState {
     /// Present when the mesh (mTLS) is configured: `POST /reload` re-reads the trust
     /// bundle and issuer, `/identities` lists the certificates held.
     pub identities: Option<Arc<IdentityManager>>,
+    /// Present with the mesh: `POST /reload` also re-reads the discovery file.
+    pub discovery: Option<Arc<crate::discovery::Sources>>,
 }
 
 fn respond(status: StatusCode, content_type: &str, body: String) -> Response<Full<Bytes>> {
@@ -60,20 +62,24 @@ fn route(
             "text/plain",
             "POST /reload is served on the admin socket only (see admin_socket)\n".into(),
         ),
-        (&hyper::Method::POST, "/reload") => match &state.identities {
-            Some(ids) => match ids.reload() {
-                Ok(()) => respond(StatusCode::OK, "text/plain", "reloaded\n".into()),
-                Err(e) => respond(
-                    StatusCode::INTERNAL_SERVER_ERROR,
-                    "text/plain",
-                    format!("{e}\n"),
-                ),
-            },
-            None => respond(
+        (&hyper::Method::POST, "/reload") => match (&state.identities, &state.discovery) {
+            (None, None) => respond(
                 StatusCode::NOT_FOUND,
                 "text/plain",
                 "no identity configured\n".into(),
             ),
+            (ids, discovery) => {
+                let ids = ids.as_ref().map(|i| i.reload().map_err(|e| e.to_string()));
+                let eps = discovery.as_ref().map(|d| d.reload_file());
+                match (ids.transpose(), eps.transpose()) {
+                    (Ok(_), Ok(_)) => respond(StatusCode::OK, "text/plain", "reloaded\n".into()),
+                    (Err(e), _) | (_, Err(e)) => respond(
+                        StatusCode::INTERNAL_SERVER_ERROR,
+                        "text/plain",
+                        format!("{e}\n"),
+                    ),
+                }
+            }
         },
         (_, "/trust") => match &state.identities {
             Some(ids) => respond(

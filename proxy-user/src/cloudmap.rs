@@ -53,8 +53,12 @@ pub const ATTR_IPV6: &str = "AWS_INSTANCE_IPV6";
 pub const ATTR_PORT: &str = "AWS_INSTANCE_PORT";
 /// The task family: decides the workload identity the endpoint must present.
 pub const ATTR_FAMILY: &str = "ECS_TASK_DEFINITION_FAMILY";
-/// Optional custom attribute for weighted traffic shifting; default 1.
+/// Optional custom attribute for weighted traffic shifting: the weight of the instance's
+/// subset (0: no new requests); default 1.
 pub const ATTR_WEIGHT: &str = "ecsmesh.weight";
+/// Optional custom attribute: the subset the instance belongs to (say, the task
+/// definition revision) for traffic shifting.
+pub const ATTR_SUBSET: &str = "ecsmesh.subset";
 
 /// The most instances one `DiscoverInstances` call returns (the API's maximum; the call
 /// has no pagination, the default would be 100).
@@ -387,10 +391,10 @@ fn endpoint_of(
     let weight = match attr(ATTR_WEIGHT) {
         None => 1,
         Some(w) => match w.parse::<u32>() {
-            Ok(w) if w > 0 => w,
+            Ok(w) => w,
             _ => {
                 defaulted.push(format!(
-                    "Cloud Map instance {service}/{id}: {ATTR_WEIGHT} {w:?} is not a positive integer; using 1"
+                    "Cloud Map instance {service}/{id}: {ATTR_WEIGHT} {w:?} is not a whole number; using 1"
                 ));
                 1
             }
@@ -402,6 +406,9 @@ fn endpoint_of(
             addr: SocketAddr::new(ip, port),
             family,
             weight,
+            subset: attr(ATTR_SUBSET)
+                .filter(|s| !s.is_empty())
+                .map(str::to_owned),
             tunnel: SocketAddr::new(ip, inbound_port),
             task,
         },

@@ -3,8 +3,10 @@
 //! these in `journalctl`/CloudWatch where multi-line snippets get mangled.
 mod limits;
 mod raw;
+mod traffic;
 
 pub use limits::Limits;
+pub use traffic::{ServicePolicy, Traffic};
 
 use std::{
     net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr},
@@ -169,6 +171,8 @@ pub struct Config {
     pub tunnel_stream_cap: usize,
     /// Keepalive, timeouts and caps against dead peers and noisy tasks.
     pub limits: Limits,
+    /// Retries, budget, timeouts and balancing, per service.
+    pub traffic: Traffic,
     /// Meshed endpoints; empty without `discovery_file`.
     #[serde(skip)]
     pub discovery: Discovery,

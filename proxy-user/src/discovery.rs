@@ -11,6 +11,9 @@ use serde::Deserialize;
 
 use crate::types::TaskId;
 
+mod sources;
+pub use sources::Sources;
+
 #[derive(Debug, thiserror::Error)]
 pub enum DiscoveryError {
     #[error("{path}: {source}")]
@@ -36,7 +39,11 @@ pub struct Endpoint {
     pub addr: SocketAddr,
     /// Task family: decides the identity the endpoint must present.
     pub family: String,
+    /// The weight of the endpoint's subset for traffic shifting (0: no new requests).
     pub weight: u32,
+    /// The subset (say, the task definition revision) the endpoint belongs to; a
+    /// service's requests are split between its subsets by weight.
+    pub subset: Option<String>,
     /// The destination instance's proxy inbound (tunnel) address.
     pub tunnel: SocketAddr,
     /// The ECS task behind the endpoint, when the source knows it (Cloud Map instance ids
@@ -72,6 +79,8 @@ struct RawEndpoint {
     family: String,
     #[serde(default)]
     weight: Option<u32>,
+    #[serde(default)]
+    subset: Option<String>,
     /// Tunnel address; defaults to the endpoint IP on the inbound port.
     #[serde(default)]
     tunnel: Option<SocketAddr>,
@@ -115,11 +124,10 @@ impl Discovery {
                         "must not be empty".into(),
                     ));
                 }
-                let weight = ep.weight.unwrap_or(1);
-                if weight == 0 {
+                if ep.subset.as_deref() == Some("") {
                     return Err(invalid(
-                        format!("{field}.weight"),
-                        "must be at least 1".into(),
+                        format!("{field}.subset"),
+                        "must not be empty (leave it out for no subset)".into(),
                     ));
                 }
                 let task = ep
@@ -133,7 +141,8 @@ impl Discovery {
                     service: svc.name.clone(),
                     addr: ep.address,
                     family: ep.family,
-                    weight,
+                    weight: ep.weight.unwrap_or(1),
+                    subset: ep.subset,
                     tunnel: ep
                         .tunnel
                         .unwrap_or(SocketAddr::new(ep.address.ip(), inbound_port)),
@@ -267,14 +276,23 @@ tunnel = "10.0.1.3:15008"
     fn bad_files_name_the_field() {
         let e = Discovery::parse(
             Path::new("d.toml"),
-            &FILE.replace("weight = 3", "weight = 0"),
+            &FILE.replace("weight = 3", "subset = \"\""),
             15008,
         );
         assert!(
             e.unwrap_err()
                 .to_string()
-                .contains("services[0].endpoints[1].weight")
+                .contains("services[0].endpoints[1].subset")
         );
+        // Weight 0 is valid: that endpoint's subset gets no new requests.
+        let d = Discovery::parse(
+            Path::new("d.toml"),
+            &FILE.replace("weight = 3", "weight = 0\nsubset = \"v2\""),
+            15008,
+        )
+        .unwrap();
+        let ep = d.endpoint("10.0.0.3:8080".parse().unwrap()).unwrap();
+        assert_eq!((ep.weight, ep.subset.as_deref()), (0, Some("v2")));
         let e = Discovery::parse(
             Path::new("d.toml"),
             "[[services]]\nname = \"x\"\nbogus = 1\n",

@@ -2,6 +2,7 @@
 pub mod accept;
 pub mod admin;
 pub mod authz;
+pub mod balance;
 pub mod aws;
 pub mod ca_cli;
 pub mod cgroup;
@@ -19,3 +20,4 @@ pub(crate) mod rlimit;
 pub mod run;
 pub mod tasks;
 pub mod types;
+pub(crate) mod watch;

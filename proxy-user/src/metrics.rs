@@ -78,8 +78,31 @@ pub struct IssuerLabels {
     pub anchor_fingerprint: String,
 }
 
+/// Per service, with a reason or kind (retries, timeouts).
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ServiceReasonLabels {
+    pub service: String,
+    pub reason: &'static str,
+}
+
+/// Requests a balancer sent to one endpoint of a service.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct EndpointLabels {
+    pub service: String,
+    pub endpoint: String,
+}
+
 pub struct Metrics {
     registry: Registry,
+    /// Retried attempts, by service and what failed (status, connect, reset, unavailable,
+    /// per_try_timeout).
+    pub retries: Family<ServiceReasonLabels, Counter>,
+    /// Retries the budget refused, by service.
+    pub retry_budget_exhausted: Family<ServiceReasonLabels, Counter>,
+    /// Timeouts by service and kind: connect, per_try, request.
+    pub timeouts: Family<ServiceReasonLabels, Counter>,
+    /// Attempts per endpoint chosen by the balancer.
+    pub endpoint_requests: Family<EndpointLabels, Counter>,
     /// Filled once the eBPF programs are installed.
     pub kernel: KernelCounters,
     /// HTTP requests through the mesh, by side, service and response code.
@@ -135,6 +158,10 @@ impl Metrics {
         let mut registry = Registry::with_prefix("ecsmesh");
         extra(&mut registry);
         let m = Self {
+            retries: Family::default(),
+            retry_budget_exhausted: Family::default(),
+            timeouts: Family::default(),
+            endpoint_requests: Family::default(),
             opened: Family::default(),
             closed: Family::default(),
             sent: Family::default(),
@@ -204,6 +231,26 @@ impl Metrics {
             "tunnel_inbound_sent_bytes",
             "Bytes from local tasks back to tunnel callers",
             m.inbound_from_task.clone(),
+        );
+        registry.register(
+            "retries",
+            "Retried attempts (HTTP requests, balanced TCP connects), by service and the failure retried",
+            m.retries.clone(),
+        );
+        registry.register(
+            "retry_budget_exhausted",
+            "Retries refused because the service's retry budget was spent",
+            m.retry_budget_exhausted.clone(),
+        );
+        registry.register(
+            "timeouts",
+            "Timeouts by service and kind (connect, per_try, request)",
+            m.timeouts.clone(),
+        );
+        registry.register(
+            "endpoint_requests",
+            "Attempts the balancer sent to each endpoint of a service",
+            m.endpoint_requests.clone(),
         );
         registry.register(
             "tcp_connections_opened",

@@ -13,6 +13,7 @@ mod inbound;
 mod outbound;
 mod pool;
 mod prefixed;
+mod route;
 mod tunnel;
 
 use std::sync::Arc;
@@ -21,7 +22,7 @@ pub use admission::Admission;
 pub use dial::{Dial, PoolKey, TlsDialer};
 pub use inbound::Inbound;
 pub use outbound::Outbound;
-pub use pool::{PoolSettings, StreamLease, TunnelPool};
+pub use pool::{PoolSettings, Sender, StreamLease, TunnelPool};
 pub use tunnel::{HANDSHAKE_TIMEOUT, MAX_HEADER_LIST, TunnelError};
 
 use crate::{
@@ -64,4 +65,8 @@ pub struct Mesh {
     pub discovery: Arc<arc_swap::ArcSwap<Discovery>>,
     pub pool: TunnelPool,
     pub expected: Arc<ExpectedIdentity>,
+    /// Per-service balancing state and retry budgets.
+    pub balancer: crate::balance::Balancer,
+    /// Per-service retries, timeouts and balancing.
+    pub traffic: Arc<crate::config::Traffic>,
 }

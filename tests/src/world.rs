@@ -94,6 +94,11 @@ impl Task {
         self.servers.push(process::spawn_ready(cmd, &args[0]));
     }
 
+    /// Kills server `i` (in start order) of this task, as a crashed application.
+    pub fn kill_server(&mut self, i: usize) {
+        drop(self.servers.remove(i));
+    }
+
     /// The sidecar's /metrics, read inside the task netns.
     pub fn sidecar_metrics(&self) -> prometheus_parse::Scrape {
         let ns = self

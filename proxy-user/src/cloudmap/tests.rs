@@ -41,6 +41,7 @@ fn ecs_attributes_map_to_an_endpoint() {
                 addr: "10.0.0.2:8080".parse().unwrap(),
                 family: "orders-v2".into(),
                 weight: 1,
+                subset: None,
                 tunnel: "10.0.0.2:15008".parse().unwrap(),
                 task: Some(TaskId::new(TASK).unwrap()),
             }
@@ -68,7 +69,7 @@ fn family_and_weight_fall_back_with_a_warning() {
             &[
                 (ATTR_IPV4, "10.0.0.2"),
                 (ATTR_PORT, "8080"),
-                (ATTR_WEIGHT, "0"),
+                (ATTR_WEIGHT, "-1"),
             ],
         ),
         15008,
@@ -87,7 +88,8 @@ fn family_and_weight_fall_back_with_a_warning() {
             &[
                 (ATTR_IPV6, "fd00::2"),
                 (ATTR_PORT, "80"),
-                (ATTR_WEIGHT, "5"),
+                (ATTR_WEIGHT, "0"),
+                (ATTR_SUBSET, "v7"),
             ],
         ),
         15008,
@@ -95,7 +97,14 @@ fn family_and_weight_fall_back_with_a_warning() {
     .unwrap();
     assert_eq!(m.endpoint.addr, "[fd00::2]:80".parse().unwrap());
     assert_eq!(m.endpoint.tunnel, "[fd00::2]:15008".parse().unwrap());
-    assert_eq!(m.endpoint.weight, 5);
+    // Weight 0 is kept (the subset gets no new requests), not turned into 1.
+    assert_eq!(m.endpoint.weight, 0);
+    assert_eq!(m.endpoint.subset.as_deref(), Some("v7"));
+    assert!(
+        !m.defaulted.iter().any(|d| d.contains(ATTR_WEIGHT)),
+        "{:?}",
+        m.defaulted
+    );
 }
 
 #[test]

@@ -84,6 +84,10 @@ pub(super) struct RawConfig {
     ecs: Option<RawEcs>,
     #[serde(default)]
     cloudmap: Option<RawCloudMap>,
+    #[serde(default)]
+    traffic: Option<super::traffic::RawPolicy>,
+    #[serde(default)]
+    services: std::collections::BTreeMap<String, super::traffic::RawPolicy>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -323,6 +327,7 @@ impl RawConfig {
             tcp_idle_timeout_secs: self.tcp_idle_timeout_secs,
         }
         .validate()?;
+        let traffic = super::traffic::validate(self.traffic, self.services)?;
         let discovery = match &self.discovery_file {
             Some(path) => Discovery::load(path, inbound_port)
                 .map_err(|e| invalid("discovery_file", e.to_string()))?,
@@ -426,6 +431,7 @@ impl RawConfig {
             inbound_addr,
             tunnel_stream_cap,
             limits,
+            traffic,
             discovery,
             discovery_file: self.discovery_file,
             identity,

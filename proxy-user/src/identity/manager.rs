@@ -6,7 +6,7 @@
 //! the resolvers and verifiers read the current state on every handshake.
 use std::{
     collections::HashMap,
-    path::{Path, PathBuf},
+    path::PathBuf,
     sync::{Arc, RwLock},
     time::{Duration, SystemTime},
 };
@@ -29,9 +29,6 @@ use super::{
 /// Called with the new trust state after every successful load or reload.
 type TrustObserver = Box<dyn Fn(&TrustStatus) + Send + Sync>;
 
-/// Quiet time after the last file event before reloading: a CA rotation writes several
-/// files, and reloading between them would only produce transient errors.
-const RELOAD_DEBOUNCE: Duration = Duration::from_millis(200);
 /// How long the refresher waits after a refresh that left SVIDs due (issuance failed).
 const RETRY_AFTER_FAILURE: Duration = Duration::from_secs(1);
 /// Upper bound of one refresher sleep, so a wall-clock jump is noticed.
@@ -252,9 +249,12 @@ impl IdentityManager {
     /// is logged, not fatal: the other reload paths still work.
     pub fn spawn_background(self: &Arc<Self>, shutdown: CancellationToken) {
         tokio::spawn(self.clone().refresher(shutdown.clone()));
-        match self.watcher() {
-            Ok((watcher, rx)) => {
-                tokio::spawn(self.clone().watch_loop(watcher, rx, shutdown.clone()));
+        match crate::watch::files(self.watched_files()) {
+            Ok(watch) => {
+                let this = self.clone();
+                tokio::spawn(
+                    watch.run(shutdown.clone(), move || this.reload_logged("file change")),
+                );
             }
             Err(e) => {
                 tracing::error!(error = %e, "cannot watch identity files; reload on SIGHUP only")
@@ -309,76 +309,13 @@ impl IdentityManager {
         }
     }
 
-    /// Watches the directories holding the bundle and the issuer (not the files: the CA
-    /// replaces files by rename, which a watch on the old file would miss).
-    fn watcher(
-        &self,
-    ) -> Result<
-        (
-            notify::RecommendedWatcher,
-            tokio::sync::mpsc::UnboundedReceiver<()>,
-        ),
-        IdentityError,
-    > {
-        use notify::Watcher;
-        let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
-        let watched = self.watched_files();
-        let mut watcher = notify::recommended_watcher(move |ev: notify::Result<notify::Event>| {
-            // Only changes count. inotify also reports opens and closes of the files
-            // (`Access`), and a reload opens them: reacting to those made every reload
-            // schedule the next one, 5 times a second for ever, once anything (a sidecar,
-            // `ca status`, the reload itself) had read the files.
-            if let Ok(ev) = ev
-                && !matches!(ev.kind, notify::EventKind::Access(_))
-                && ev.paths.iter().any(|p| watched.iter().any(|w| w == p))
-            {
-                let _ = tx.send(());
-            }
-        })?;
-        let mut dirs: Vec<PathBuf> = self
-            .watched_files()
-            .iter()
-            .map(|f| f.parent().unwrap_or(Path::new(".")).to_owned())
-            .collect();
-        dirs.sort();
-        dirs.dedup();
-        for dir in dirs {
-            watcher.watch(&dir, notify::RecursiveMode::NonRecursive)?;
-        }
-        Ok((watcher, rx))
-    }
-
     fn watched_files(&self) -> Vec<PathBuf> {
-        let abs = |p: &Path| std::path::absolute(p).unwrap_or_else(|_| p.to_owned());
+        use crate::watch::absolute;
         vec![
-            abs(&self.cfg.bundle),
-            abs(&self.cfg.issuer_dir.join(super::ca::ISSUER_CERT_FILE)),
-            abs(&self.cfg.issuer_dir.join(super::ca::ISSUER_KEY_FILE)),
+            absolute(&self.cfg.bundle),
+            absolute(&self.cfg.issuer_dir.join(super::ca::ISSUER_CERT_FILE)),
+            absolute(&self.cfg.issuer_dir.join(super::ca::ISSUER_KEY_FILE)),
         ]
-    }
-
-    async fn watch_loop(
-        self: Arc<Self>,
-        watcher: notify::RecommendedWatcher,
-        mut rx: tokio::sync::mpsc::UnboundedReceiver<()>,
-        shutdown: CancellationToken,
-    ) {
-        let _keep_alive = watcher;
-        loop {
-            tokio::select! {
-                _ = shutdown.cancelled() => return,
-                ev = rx.recv() => if ev.is_none() { return },
-            }
-            // Debounce: wait until the files have been quiet for a moment.
-            loop {
-                tokio::select! {
-                    _ = shutdown.cancelled() => return,
-                    _ = tokio::time::sleep(RELOAD_DEBOUNCE) => break,
-                    ev = rx.recv() => if ev.is_none() { return },
-                }
-            }
-            self.reload_logged("file change");
-        }
     }
 
     /// Server side of the tunnel: TLS 1.3, ring, mandatory SPIFFE client auth, SVID chosen

@@ -107,6 +107,7 @@ mod tests {
             addr: addr.parse().unwrap(),
             family: family.into(),
             weight: 1,
+            subset: None,
             tunnel: tunnel.parse().unwrap(),
             task: Some(TaskId::new(task).unwrap()),
         }

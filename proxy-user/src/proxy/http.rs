@@ -16,10 +16,14 @@ use hyper_util::rt::{TokioExecutor, TokioIo};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio_util::sync::CancellationToken;
 
-use super::{Mesh, TunnelError, detect::Protocol};
+use super::{
+    Mesh, TunnelError,
+    detect::Protocol,
+    route::{Head, Routed},
+};
 use crate::{
     identity::SpiffeId,
-    l7::{self, Body, Guarded, OrigProto, proxy_error},
+    l7::{self, Body, OrigProto, proxy_error},
     metrics::Metrics,
 };
 
@@ -108,7 +112,7 @@ impl HttpFlow {
         {
             self.upgrade(req).await
         } else {
-            self.send(req).await
+            self.send(req, &service).await
         };
         self.metrics.http_response("outbound", service, &resp);
         resp
@@ -121,7 +125,9 @@ impl HttpFlow {
         proxy_error(StatusCode::BAD_GATEWAY, reason)
     }
 
-    async fn send(&self, req: Request<Incoming>) -> Response<Body> {
+    /// A request of `service`: balanced over its endpoints, retried and timed out by its
+    /// policy (`route`).
+    async fn send(&self, req: Request<Incoming>, service: &str) -> Response<Body> {
         let proto = OrigProto::of(req.version());
         let (mut parts, body) = req.into_parts();
         let authority = parts
@@ -144,29 +150,24 @@ impl HttpFlow {
         let Ok(uri) = format!("http://{authority}{path}").parse() else {
             return proxy_error(StatusCode::BAD_REQUEST, "bad_request");
         };
-        parts.uri = uri;
-        parts.version = http::Version::HTTP_2;
         l7::strip_hop_by_hop(&mut parts.headers);
         parts.headers.remove(header::HOST);
-        parts.headers.insert(
-            l7::TARGET,
-            HeaderValue::from_str(&self.target.to_string()).expect("an address is a valid value"),
-        );
         parts.headers.insert(l7::ORIG_PROTO, proto.header());
-        let req = Request::from_parts(parts, body.boxed());
-        match self
-            .mesh
-            .pool
-            .request(&self.source, &self.expected, self.tunnel, req)
-            .await
-        {
-            Ok((resp, lease)) => {
-                let (mut parts, body) = resp.into_parts();
-                l7::strip_hop_by_hop(&mut parts.headers);
-                Response::from_parts(parts, Guarded::wrap(body.boxed(), lease))
-            }
-            Err(e) => self.tunnel_error(&e),
-        }
+        let policy = self.mesh.traffic.policy(service);
+        let routed = Routed {
+            mesh: &self.mesh,
+            metrics: &self.metrics,
+            source: &self.source,
+            service,
+            policy,
+            state: self.mesh.balancer.service(service, policy.budget),
+        };
+        let head = Head {
+            method: parts.method,
+            uri,
+            headers: parts.headers,
+        };
+        routed.send(head, body).await
     }
 
     /// `Upgrade` (WebSocket and friends): the request head goes to the application over a
@@ -239,10 +240,10 @@ impl HttpFlow {
     }
 }
 
-type Head = (StatusCode, Vec<(http::HeaderName, HeaderValue)>, Vec<u8>);
+type ResponseHead = (StatusCode, Vec<(http::HeaderName, HeaderValue)>, Vec<u8>);
 
 /// Reads an HTTP/1 response head; returns it and the bytes read past it.
-async fn read_response_head<S: AsyncRead + Unpin>(stream: &mut S) -> Option<Head> {
+async fn read_response_head<S: AsyncRead + Unpin>(stream: &mut S) -> Option<ResponseHead> {
     let mut buf = Vec::with_capacity(1024);
     let read = async {
         loop {

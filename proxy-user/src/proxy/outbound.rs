@@ -172,6 +172,11 @@ impl Outbound {
             tunnel: ep.tunnel,
             target: dst.0,
         };
+        if mesh.traffic.policy(&ep.service).balance {
+            // Opaque TCP balanced per connection (the service opted in): detection would
+            // change nothing, the bytes go to whichever endpoint answers.
+            return self.balanced(client, mesh, task, &source, ep, labels).await;
+        }
         if self.opaque_ports.contains(&dst.0.port()) {
             return self.tunnel(client, mesh, task, stream, labels).await;
         }
@@ -231,6 +236,87 @@ impl Outbound {
         let result = self.copy(client, stream, task, labels).await;
         drop(lease);
         result
+    }
+
+    /// An opaque connection of a service with `balance = true`: each attempt goes to an
+    /// endpoint the balancer picks, a failed stream open (refused, timed out, health gate)
+    /// is retried on another one within the service's budget; nothing was sent yet, so
+    /// the task never notices.
+    async fn balanced(
+        &self,
+        client: TcpStream,
+        mesh: &Mesh,
+        task: &TaskRef,
+        source: &SpiffeId,
+        dialled: &Endpoint,
+        labels: &TaskLabels,
+    ) -> io::Result<()> {
+        let service = dialled.service.as_str();
+        let policy = mesh.traffic.policy(service);
+        let state = mesh.balancer.service(service, policy.budget);
+        state.budget.deposit(std::time::Instant::now());
+        let mut rng = fastrand::Rng::new();
+        let mut tried = Vec::new();
+        for attempt in 1..=policy.max_attempts {
+            let discovery = mesh.discovery.load();
+            let endpoints = discovery.service(service);
+            let Some(flight) = state.pick(endpoints, &tried, std::time::Instant::now(), &mut rng)
+            else {
+                self.metrics.fail("no_endpoints");
+                return Err(io::Error::other("no endpoint with a weight above 0"));
+            };
+            let ep = endpoints
+                .iter()
+                .find(|e| e.addr == flight.addr())
+                .cloned()
+                .expect("the balancer picks among these endpoints");
+            drop(discovery);
+            tried.push(ep.addr);
+            let opened = match mesh.expected.for_endpoint(&ep) {
+                None => Err("no_identity"),
+                Some(expected) => match tokio::time::timeout(
+                    policy.connect_timeout,
+                    mesh.pool.open(source, &expected, ep.tunnel, ep.addr),
+                )
+                .await
+                {
+                    Ok(Ok(x)) => Ok(x),
+                    Ok(Err(e)) => {
+                        tracing::debug!(task = %task.id, endpoint = %ep.addr, error = %e, "tunnel stream failed");
+                        Err(e.reason())
+                    }
+                    Err(_) => Err("connect_timeout"),
+                },
+            };
+            let now = std::time::Instant::now();
+            let rtt = now.saturating_duration_since(flight.started());
+            match opened {
+                Ok((stream, lease)) => {
+                    let result = self.copy(client, stream, task, labels).await;
+                    drop(lease);
+                    flight.finish(crate::balance::Outcome::Success(rtt), now);
+                    return result;
+                }
+                Err(reason) => {
+                    flight.finish(crate::balance::Outcome::Failure(rtt), now);
+                    self.metrics.fail(reason);
+                    let labels = crate::metrics::ServiceReasonLabels {
+                        service: service.to_owned(),
+                        reason,
+                    };
+                    if attempt == policy.max_attempts {
+                        break;
+                    }
+                    if !state.budget.try_withdraw(std::time::Instant::now()) {
+                        self.metrics.retry_budget_exhausted.get_or_create(&labels).inc();
+                        break;
+                    }
+                    self.metrics.retries.get_or_create(&labels).inc();
+                    tokio::time::sleep(crate::balance::backoff(attempt, &mut rng)).await;
+                }
+            }
+        }
+        Err(io::Error::other("no endpoint of the service accepted the connection"))
     }
 
     /// Copy until both directions end, or until the task is unenrolled (drained).

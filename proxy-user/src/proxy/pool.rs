@@ -86,6 +86,9 @@ impl Conn {
     }
 }
 
+
+/// Sends requests on one pooled tunnel connection.
+pub type Sender = SendRequest<Body>;
 /// Holds one stream slot on a pooled connection; released on drop.
 pub struct StreamLease(Arc<Conn>);
 
@@ -176,6 +179,25 @@ impl<D: Dial> TunnelPool<D> {
         tunnel: SocketAddr,
         req: Request<Body>,
     ) -> Result<(Response<hyper::body::Incoming>, StreamLease), TunnelError> {
+        let (mut sender, lease) = self.sender(source, dest, tunnel).await?;
+        let resp = sender
+            .send_request(req)
+            .await
+            .map_err(|source| TunnelError::Http {
+                addr: tunnel,
+                source,
+            })?;
+        Ok((resp, lease))
+    }
+
+    /// A ready request sender on a pooled connection to `tunnel` and its stream slot:
+    /// nothing is sent yet, so an error here means no byte of a request left.
+    pub async fn sender(
+        &self,
+        source: &SpiffeId,
+        dest: &SpiffeId,
+        tunnel: SocketAddr,
+    ) -> Result<(Sender, StreamLease), TunnelError> {
         let key = PoolKey {
             source: source.clone(),
             dest: dest.clone(),
@@ -195,8 +217,7 @@ impl<D: Dial> TunnelPool<D> {
             sender = lease.0.sender.clone();
             sender.ready().await.map_err(http)?;
         }
-        let resp = sender.send_request(req).await.map_err(http)?;
-        Ok((resp, lease))
+        Ok((sender, lease))
     }
 
     /// A stream slot on a usable connection, dialling (or joining a dial in flight that

@@ -2,7 +2,6 @@
 //! `ecsmesh.ready` container-instance attribute that placement constraints use.
 use std::sync::Arc;
 
-use arc_swap::ArcSwap;
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
@@ -10,18 +9,17 @@ use crate::{
     aws,
     cloudmap::{CloudMapConfig, CloudMapMetrics, CloudMapSource},
     config::{CloudMapSettings, EcsSettings},
-    discovery::Discovery,
+    discovery::Sources,
     ecs::EcsAgent,
 };
 
-/// Start the Cloud Map loop. Every update replaces the Cloud Map part of `target`, keeping
-/// the static file's endpoints; the returned receiver turns `true` after the first
+/// Start the Cloud Map loop. Every update replaces the Cloud Map part of `sources`, keeping
+/// the discovery file's endpoints; the returned receiver turns `true` after the first
 /// successful refresh (readiness: "discovery synced once"). A set that cannot be merged
 /// (one address claimed by two families) is refused and the previous set kept.
 pub(super) async fn start_cloudmap(
     settings: &CloudMapSettings,
-    static_file: Discovery,
-    target: Arc<ArcSwap<Discovery>>,
+    sources: Arc<Sources>,
     inbound_port: u16,
     metrics: CloudMapMetrics,
     shutdown: CancellationToken,
@@ -37,16 +35,14 @@ pub(super) async fn start_cloudmap(
     let (synced_tx, synced_rx) = watch::channel(false);
     let on_update = move |endpoints: Vec<crate::discovery::Endpoint>| {
         let n = endpoints.len();
-        let all = static_file.endpoints().cloned().chain(endpoints).collect();
-        match Discovery::from_endpoints(all) {
-            Ok(merged) => {
-                target.store(Arc::new(merged));
+        match sources.set_cloudmap(endpoints) {
+            Ok(_) => {
                 tracing::info!(cloudmap_endpoints = n, "discovery updated from Cloud Map");
                 let _ = synced_tx.send(true);
             }
-            Err((addr, a, b)) => tracing::warn!(
-                %addr, first = %a, second = %b,
-                "Cloud Map lists an address for two families; keeping the previous endpoints"
+            Err(e) => tracing::warn!(
+                error = %e,
+                "Cloud Map endpoints do not merge; keeping the previous endpoints"
             ),
         }
     };

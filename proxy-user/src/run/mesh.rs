@@ -1,12 +1,12 @@
 //! The mTLS side of the proxy, present when the config has an `[identity]` section.
 use std::sync::Arc;
 
-use arc_swap::ArcSwap;
 use tokio::net::TcpListener;
 
 use super::{RunError, bind};
 use crate::{
     config::Config,
+    discovery::Sources,
     identity::{IdentityConfig, IdentityManager},
     metrics::Metrics,
     proxy::{Admission, ExpectedIdentity, Inbound, Mesh, PoolSettings, TlsDialer, TunnelPool},
@@ -15,6 +15,7 @@ use crate::{
 
 pub(super) struct MeshParts {
     pub identities: Arc<IdentityManager>,
+    pub sources: Arc<Sources>,
     pub mesh: Arc<Mesh>,
     pub inbound: Arc<Inbound>,
     pub listeners: Vec<TcpListener>,
@@ -44,7 +45,12 @@ pub(super) fn parts(
             tracing::info!(task = %task.id, identity = %id, serial = %svid.serial, "certificate issued");
         }
     }
-    let discovery = Arc::new(ArcSwap::from_pointee(config.discovery.clone()));
+    let sources = Sources::new(
+        &config.discovery,
+        config.discovery_file.clone(),
+        config.inbound_port(),
+    );
+    let discovery = sources.view();
     let mut listeners = Vec::new();
     for (addr, required) in config.inbound_listen_addrs() {
         match bind("inbound_addr", addr) {
@@ -71,6 +77,8 @@ pub(super) fn parts(
             trust_domain: idn.trust_domain.clone(),
             cluster: config.cluster.clone(),
         }),
+        balancer: Default::default(),
+        traffic: Arc::new(config.traffic.clone()),
     });
     let inbound = Arc::new(Inbound {
         identities: identities.clone(),
@@ -91,6 +99,7 @@ pub(super) fn parts(
     });
     Ok(Some(MeshParts {
         identities,
+        sources,
         mesh,
         inbound,
         listeners,

@@ -82,6 +82,7 @@ impl Bound {
             ready: Default::default(),
             metrics: metrics.clone(),
             identities: mesh.as_ref().map(|m| m.identities.clone()),
+            discovery: mesh.as_ref().map(|m| m.sources.clone()),
         });
         let shutdown = CancellationToken::new();
         tokio::spawn(admin::serve(
@@ -214,9 +215,10 @@ impl Installed {
             mesh,
         } = self;
         let (shutdown, tracker) = (&core.shutdown, &core.tracker);
-        let discovery = mesh.as_ref().map(|m| m.mesh.discovery.clone());
+        let discovery = mesh.as_ref().map(|m| m.sources.clone());
         if let Some(parts) = mesh {
             parts.identities.spawn_background(shutdown.clone());
+            parts.sources.spawn_watch(shutdown.clone());
             for listener in parts.listeners {
                 tracing::info!(addr = ?listener.local_addr().ok(), endpoints = config.discovery.len(), "tunnel listener ready");
                 tokio::spawn(parts.inbound.clone().serve(
@@ -252,7 +254,6 @@ impl Installed {
         if let (Some(settings), Some(discovery)) = (&config.cloudmap, discovery) {
             let mut synced = cloud::start_cloudmap(
                 settings,
-                config.discovery.clone(),
                 discovery,
                 config.inbound_port(),
                 core.cloudmap_metrics.clone(),

@@ -181,6 +181,7 @@ fn activate_and_retire_wait_for_every_node() {
         ready: Default::default(),
         metrics: Arc::new(Metrics::default()),
         identities: Some(manager.clone()),
+        discovery: None,
     });
     let shutdown = tokio_util::sync::CancellationToken::new();
     rt.spawn(serve(

@@ -36,8 +36,25 @@ pub fn body_bytes(len: usize) -> Vec<u8> {
     (0..len).map(|i| (i % 251) as u8).collect()
 }
 
+/// Faults `http-echo` injects, for the retry and balancing tests.
+#[derive(Clone, Copy, Default)]
+pub struct Faults {
+    pub fail_percent: u8,
+    pub delay: Duration,
+}
+
+impl Faults {
+    /// Request `n` (from 0) fails when it crosses a multiple of 100/fail_percent: the
+    /// failures are spread evenly (30 %: 3 of every 10), not in runs.
+    fn fails(&self, n: u64) -> bool {
+        let p = u64::from(self.fail_percent);
+        (n + 1) * p / 100 > n * p / 100
+    }
+}
+
 /// `http-echo`: HTTP/1.1 (with upgrades) on every `h1` address, h2c on every `h2` one.
-pub fn serve(h1: Vec<SocketAddr>, h2: Vec<SocketAddr>) -> anyhow::Result<()> {
+pub fn serve(h1: Vec<SocketAddr>, h2: Vec<SocketAddr>, faults: Faults) -> anyhow::Result<()> {
+    let served = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
     let rt = tokio::runtime::Runtime::new()?;
     rt.block_on(async move {
         let mut listeners = Vec::new();
@@ -51,12 +68,13 @@ pub fn serve(h1: Vec<SocketAddr>, h2: Vec<SocketAddr>) -> anyhow::Result<()> {
         println!("READY");
         let mut tasks = Vec::new();
         for (listener, addr, is_h2) in listeners {
+            let served = served.clone();
             tasks.push(tokio::spawn(async move {
                 loop {
                     let Ok((tcp, _)) = listener.accept().await else {
                         continue;
                     };
-                    tokio::spawn(connection(tcp, addr, is_h2));
+                    tokio::spawn(connection(tcp, addr, is_h2, faults, served.clone()));
                 }
             }));
         }
@@ -67,9 +85,32 @@ pub fn serve(h1: Vec<SocketAddr>, h2: Vec<SocketAddr>) -> anyhow::Result<()> {
     })
 }
 
-async fn connection(tcp: tokio::net::TcpStream, addr: SocketAddr, is_h2: bool) {
-    let svc = hyper::service::service_fn(move |req| async move {
-        Ok::<_, Infallible>(handle(req, addr).await)
+async fn connection(
+    tcp: tokio::net::TcpStream,
+    addr: SocketAddr,
+    is_h2: bool,
+    faults: Faults,
+    served: std::sync::Arc<std::sync::atomic::AtomicU64>,
+) {
+    let svc = hyper::service::service_fn(move |req: Request<Incoming>| {
+        let served = served.clone();
+        async move {
+            let n = served.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            if !faults.delay.is_zero() {
+                tokio::time::sleep(faults.delay).await;
+            }
+            if faults.fails(n) {
+                let _ = req.into_body().collect().await;
+                return Ok::<_, Infallible>(
+                    Response::builder()
+                        .status(StatusCode::SERVICE_UNAVAILABLE)
+                        .header("x-served-by", addr.to_string())
+                        .body(full("injected 503\n"))
+                        .unwrap(),
+                );
+            }
+            Ok::<_, Infallible>(handle(req, addr).await)
+        }
     });
     let io = TokioIo::new(tcp);
     if is_h2 {
@@ -158,6 +199,7 @@ async fn handle(mut req: Request<Incoming>, addr: SocketAddr) -> Response<Out> {
         }
         None => Response::builder()
             .header(header::CONTENT_TYPE, "application/json")
+            .header("x-served-by", addr.to_string())
             .body(full(body))
             .unwrap(),
     }

@@ -9,6 +9,7 @@ mod flood;
 mod http;
 mod load;
 mod raw;
+mod requests;
 mod tls;
 mod tls_server;
 mod tunnel;
@@ -113,6 +114,30 @@ enum Cmd {
         h1: Vec<SocketAddr>,
         #[arg(long)]
         h2: Vec<SocketAddr>,
+        /// Answer this share of requests (in %, spread evenly) with 503.
+        #[arg(long, default_value_t = 0, value_parser = clap::value_parser!(u8).range(0..=100))]
+        fail_percent: u8,
+        /// Wait this long before each answer.
+        #[arg(long, default_value_t = 0)]
+        delay_ms: u64,
+    },
+    /// COUNT HTTP/1.1 requests at RATE per second over keep-alive connections, each with
+    /// `Host: HOST`; one JSON report: statuses, proxy errors, which server answered,
+    /// latency percentiles. Bounded: stops after `--max-secs`.
+    HttpRequests {
+        target: SocketAddr,
+        #[arg(long, value_parser = clap::value_parser!(u64).range(1..=100_000))]
+        count: u64,
+        #[arg(long)]
+        rate: f64,
+        #[arg(long, default_value = "GET")]
+        method: String,
+        #[arg(long, default_value = "app")]
+        host: String,
+        #[arg(long, default_value_t = 16)]
+        connections: usize,
+        #[arg(long, default_value_t = 120)]
+        max_secs: u64,
     },
     /// One HTTP case against TARGET (keepalive, h2c, big-body, chunked, upgrade, trailers,
     /// server-first); one JSON report.
@@ -409,12 +434,44 @@ fn main() {
         Cmd::TlsServer { listen, cert, key } => {
             tls_server::run(listen, &cert, &key).unwrap_or_else(|e| usage_error(&e));
         }
-        Cmd::HttpEcho { h1, h2 } => {
-            if let Err(e) = http::serve(h1, h2) {
+        Cmd::HttpEcho {
+            h1,
+            h2,
+            fail_percent,
+            delay_ms,
+        } => {
+            let faults = http::Faults {
+                fail_percent,
+                delay: Duration::from_millis(delay_ms),
+            };
+            if let Err(e) = http::serve(h1, h2, faults) {
                 eprintln!("meshtool http-echo: {e}");
                 std::process::exit(1);
             }
         }
+        Cmd::HttpRequests {
+            target,
+            count,
+            rate,
+            method,
+            host,
+            connections,
+            max_secs,
+        } => match requests::run(requests::Plan {
+            target,
+            count,
+            rate,
+            method,
+            host,
+            connections,
+            max: Duration::from_secs(max_secs),
+        }) {
+            Ok(report) => println!("{report}"),
+            Err(e) => {
+                eprintln!("meshtool http-requests: {e:#}");
+                std::process::exit(1);
+            }
+        },
         Cmd::HttpProbe { target, case, host } => match http::probe(target, &host, &case) {
             Ok(report) => println!("{report}"),
             Err(e) => {

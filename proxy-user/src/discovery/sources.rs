@@ -1,0 +1,109 @@
+//! The endpoints the data path sees: the discovery file and Cloud Map, merged. Each source
+//! replaces only its own part; the file is read again when it changes, on SIGHUP and on
+//! the operator's `POST /reload`. A new set that does not parse or merge is refused and the
+//! previous one stays, so a bad edit never empties the mesh. Requests already in flight
+//! keep the endpoint they picked; the next ones see the new set (a traffic shift never
+//! fails a request or drops a connection).
+use std::{
+    path::PathBuf,
+    sync::{Arc, Mutex},
+};
+
+use arc_swap::ArcSwap;
+use tokio_util::sync::CancellationToken;
+
+use super::{Discovery, Endpoint};
+
+pub struct Sources {
+    parts: Mutex<Parts>,
+    view: Arc<ArcSwap<Discovery>>,
+    file: Option<PathBuf>,
+    inbound_port: u16,
+}
+
+#[derive(Default)]
+struct Parts {
+    file: Vec<Endpoint>,
+    cloudmap: Vec<Endpoint>,
+}
+
+impl Sources {
+    /// `initial` is the discovery file as the config loaded it (empty without one).
+    pub fn new(initial: &Discovery, file: Option<PathBuf>, inbound_port: u16) -> Arc<Self> {
+        Arc::new(Self {
+            parts: Mutex::new(Parts {
+                file: initial.endpoints().cloned().collect(),
+                cloudmap: Vec::new(),
+            }),
+            view: Arc::new(ArcSwap::from_pointee(initial.clone())),
+            file,
+            inbound_port,
+        })
+    }
+
+    /// The merged endpoints, swapped as a whole on every change.
+    pub fn view(&self) -> Arc<ArcSwap<Discovery>> {
+        self.view.clone()
+    }
+
+    fn publish(&self, parts: &Parts) -> Result<usize, String> {
+        let all: Vec<Endpoint> = parts.file.iter().chain(&parts.cloudmap).cloned().collect();
+        let merged = Discovery::from_endpoints(all).map_err(|(addr, a, b)| {
+            format!("{addr} is listed for both {a} and {b}")
+        })?;
+        let n = merged.len();
+        self.view.store(Arc::new(merged));
+        Ok(n)
+    }
+
+    /// Cloud Map's current endpoints replace its previous ones.
+    pub fn set_cloudmap(&self, endpoints: Vec<Endpoint>) -> Result<usize, String> {
+        let mut parts = self.parts.lock().unwrap_or_else(|e| e.into_inner());
+        let previous = std::mem::replace(&mut parts.cloudmap, endpoints);
+        self.publish(&parts).inspect_err(|_| parts.cloudmap = previous)
+    }
+
+    /// Reads the discovery file again (no file configured: nothing to do).
+    pub fn reload_file(&self) -> Result<usize, String> {
+        let Some(path) = &self.file else {
+            return Ok(self.view.load().len());
+        };
+        let file = Discovery::load(path, self.inbound_port).map_err(|e| e.to_string())?;
+        let mut parts = self.parts.lock().unwrap_or_else(|e| e.into_inner());
+        let previous = std::mem::replace(&mut parts.file, file.endpoints().cloned().collect());
+        self.publish(&parts).inspect_err(|_| parts.file = previous)
+    }
+
+    pub fn reload_logged(&self, trigger: &str) {
+        match self.reload_file() {
+            Ok(n) => tracing::info!(trigger, endpoints = n, "discovery file reloaded"),
+            Err(e) => tracing::warn!(trigger, error = %e, "discovery file not reloaded; keeping the previous endpoints"),
+        }
+    }
+
+    /// Re-reads the file when it changes and on SIGHUP, until `shutdown`.
+    pub fn spawn_watch(self: &Arc<Self>, shutdown: CancellationToken) {
+        let Some(path) = &self.file else { return };
+        match crate::watch::files(vec![crate::watch::absolute(path)]) {
+            Ok(watch) => {
+                let this = self.clone();
+                tokio::spawn(watch.run(shutdown.clone(), move || this.reload_logged("file change")));
+            }
+            Err(e) => tracing::error!(error = %e, "cannot watch the discovery file; reload on SIGHUP or POST /reload only"),
+        }
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()) {
+            Ok(mut hup) => {
+                let this = self.clone();
+                tokio::spawn(async move {
+                    loop {
+                        tokio::select! {
+                            _ = shutdown.cancelled() => break,
+                            Some(()) = hup.recv() => this.reload_logged("SIGHUP"),
+                        }
+                    }
+                });
+            }
+            Err(e) => tracing::error!(error = %e, "cannot handle SIGHUP"),
+        }
+    }
+}

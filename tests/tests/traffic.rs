@@ -1,0 +1,328 @@
+//! Retries with a budget, per-request balancing, timeouts and traffic shifting, measured
+//! at the client task: every request goes through the real node proxies and the mTLS
+//! tunnel to `http-echo` applications that inject 503s or delay their answers.
+mod common;
+
+use std::{
+    collections::BTreeMap,
+    net::SocketAddr,
+    time::{Duration, Instant},
+};
+
+use common::{mesh::*, *};
+use harness::{NetworkMode::Host, ProxyOptions, World, metrics::counter, process};
+use serde_json::Value;
+
+/// One application of the destination task: its port, the service it serves, its subset
+/// and weight, and its `http-echo` fault flags.
+struct App {
+    port: u16,
+    service: &'static str,
+    subset: Option<(&'static str, u32)>,
+    faults: &'static [&'static str],
+}
+
+const fn app(port: u16, service: &'static str, faults: &'static [&'static str]) -> App {
+    App {
+        port,
+        service,
+        subset: None,
+        faults,
+    }
+}
+
+struct Traffic {
+    w: World,
+}
+
+fn discovery_text(w: &World, apps: &[App]) -> String {
+    let b = &w.instances[1];
+    let family = b.tasks[0].family.clone();
+    let mut by_service: BTreeMap<&str, Vec<&App>> = BTreeMap::new();
+    for a in apps {
+        by_service.entry(a.service).or_default().push(a);
+    }
+    let mut text = String::new();
+    for (service, apps) in by_service {
+        text += &format!("[[services]]\nname = \"{service}\"\n");
+        for a in apps {
+            text += &format!(
+                "[[services.endpoints]]\naddress = \"{}\"\nfamily = \"{family}\"\n",
+                b.addr(a.port)
+            );
+            if let Some((subset, weight)) = a.subset {
+                text += &format!("subset = \"{subset}\"\nweight = {weight}\n");
+            }
+        }
+    }
+    text
+}
+
+/// Instance 1: one host-mode task running an `http-echo` per app; instance 0: the client
+/// task. `policy` goes into the source proxy's config (the `[services.*]` tables).
+fn traffic(apps: &[App], policy: &str) -> Traffic {
+    traffic_with(apps, policy, |_| String::new())
+}
+
+/// `traffic` with more services in the discovery file (`extra` gets the world).
+fn traffic_with(apps: &[App], policy: &str, extra: impl Fn(&World) -> String) -> Traffic {
+    let mut w = World::new(tools(), 2);
+    w.enable_mesh(TRUST_DOMAIN);
+    w.add_task(0, Host, 1);
+    w.add_task(1, Host, 1);
+    let text = discovery_text(&w, apps) + &extra(&w);
+    std::fs::write(w.workdir.join("discovery.toml"), text).unwrap();
+    for a in apps {
+        let mut args = vec!["http-echo".to_string(), "--h1".into()];
+        args.push(w.instances[1].addr(a.port).to_string());
+        args.extend(a.faults.iter().map(|s| s.to_string()));
+        w.instances[1].tasks[0].server(0, &args);
+    }
+    w.instances[1].start_proxy(&ProxyOptions::default());
+    w.instances[0].start_proxy(&ProxyOptions {
+        extra_toml: policy.to_owned(),
+        ..Default::default()
+    });
+    Traffic { w }
+}
+
+impl Traffic {
+    fn addr(&self, port: u16) -> SocketAddr {
+        self.w.instances[1].addr(port)
+    }
+
+    fn requests_cmd(&self, port: u16, host: &str, method: &str, count: u64, rate: f64) -> std::process::Command {
+        let args: Vec<String> = [
+            "http-requests",
+            &self.addr(port).to_string(),
+            "--count",
+            &count.to_string(),
+            "--rate",
+            &rate.to_string(),
+            "--method",
+            method,
+            "--host",
+            host,
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+        self.w.instances[0].tasks[0].meshtool(0, &args)
+    }
+
+    /// `count` requests at `rate` from the client task, dialling the app on `port` with
+    /// `Host: host`.
+    fn requests(&self, port: u16, host: &str, method: &str, count: u64, rate: f64) -> Value {
+        let out = process::run(self.requests_cmd(port, host, method, count, rate));
+        assert!(
+            out.status.success(),
+            "http-requests: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        serde_json::from_slice(&out.stdout).expect("http-requests json")
+    }
+
+    fn metric(&self, name: &str, labels: &[(&str, &str)]) -> f64 {
+        counter(&self.w.instances[0].metrics(), name, labels)
+    }
+
+    fn served(&self, r: &Value, port: u16) -> u64 {
+        r["servers"][self.addr(port).to_string()].as_u64().unwrap_or(0)
+    }
+}
+
+const FLAKY: &[&str] = &["--fail-percent", "30"];
+const DOWN: &[&str] = &["--fail-percent", "100"];
+const SLOW: &[&str] = &["--delay-ms", "50"];
+
+#[test]
+fn retries_hide_a_flaky_endpoint_posts_are_not_retried_and_slow_endpoints_get_little() {
+    let t = traffic(
+        &[
+            app(8101, "orders", FLAKY),
+            app(8102, "orders", &[]),
+            app(8103, "orders", &[]),
+            app(8104, "flaky", FLAKY),
+            app(8105, "slow", SLOW),
+            app(8106, "slow", &[]),
+            app(8107, "slow", &[]),
+        ],
+        "",
+    );
+    // 2,000 GETs at 200 req/s at a service whose first endpoint answers 503 to 30 %.
+    let r = t.requests(8101, "orders", "GET", 2000, 200.0);
+    assert_eq!(r["sent"], 2000, "{r}");
+    let ok = r["ok"].as_u64().unwrap();
+    assert!(ok >= 1998, "at least 99.9 % succeed: {r}");
+    let retried = t.metric(
+        "ecsmesh_retries_total",
+        &[("service", "orders"), ("reason", "status")],
+    );
+    assert!(retried >= 1.0, "the 503s were retried, not balanced away only");
+    eprintln!(
+        "orders: {ok}/2000 ok, {retried} retries, split {}",
+        r["servers"]
+    );
+
+    // A POST is not retried: the one endpoint of `flaky` fails 3 of every 10 requests, and
+    // the client sees exactly those.
+    let r = t.requests(8104, "flaky", "POST", 200, 100.0);
+    assert_eq!(r["statuses"]["503"], 60, "{r}");
+    assert_eq!(r["ok"], 140, "{r}");
+    // The same endpoint with GETs: each failure is retried (on it, the only one), up to 3
+    // attempts. Concurrent requests share the endpoint's failure pattern, so a retry can
+    // land on a failing turn too: about 0.3³ ≈ 3 % still fail, against the POSTs' 30 %.
+    let r = t.requests(8104, "flaky", "GET", 200, 100.0);
+    let failed = 200 - r["ok"].as_u64().unwrap();
+    assert!(failed <= 12, "GETs are retried: {failed} of 200 failed: {r}");
+    assert!(
+        t.metric("ecsmesh_retries_total", &[("service", "flaky")]) >= 50.0,
+        "about 30 % of 200 GETs were retried"
+    );
+    assert_eq!(
+        t.metric("ecsmesh_retries_total", &[("service", "flaky")]),
+        t.metric("ecsmesh_endpoint_requests_total", &[("service", "flaky")]) - 400.0,
+        "every attempt past the first of each of the 400 requests is a retry"
+    );
+
+    // One endpoint 50 ms slower than the others gets few requests, although the client
+    // dials that one.
+    let r = t.requests(8105, "slow", "GET", 2000, 400.0);
+    assert_eq!(r["ok"], 2000, "{r}");
+    let slow = t.served(&r, 8105);
+    eprintln!("slow: the 50 ms endpoint got {slow} of 2000, split {}", r["servers"]);
+    assert!(slow < 300, "under 15 %: {slow} of 2000 ({})", r["servers"]);
+    // Healthy traffic fires no timeout.
+    assert_eq!(t.metric("ecsmesh_timeouts_total", &[]), 0.0);
+}
+
+#[test]
+fn the_retry_budget_caps_retries_when_every_endpoint_fails() {
+    let t = traffic(
+        &[app(8111, "down", DOWN), app(8112, "down", DOWN)],
+        "[services.down]\nper_try_timeout_ms = 1000\n",
+    );
+    let started = Instant::now();
+    let r = t.requests(8111, "down", "GET", 3000, 100.0);
+    let secs = started.elapsed().as_secs_f64();
+    assert_eq!(r["sent"], 3000, "{r}");
+    assert_eq!(r["ok"], 0, "{r}");
+    let retries = t.metric("ecsmesh_retries_total", &[("service", "down")]);
+    let refused = t.metric("ecsmesh_retry_budget_exhausted_total", &[("service", "down")]);
+    // The budget's window moves in whole seconds: a run that ends a few ms into its 31st
+    // second may use that second's allowance too.
+    let bound = 0.2 * 3000.0 + 10.0 * secs.ceil();
+    eprintln!("down: {retries} retries over {secs:.1} s (bound {bound:.0}), {refused} refused by the budget, p99 {} us", r["p99_us"]);
+    assert!(retries <= bound, "retries {retries} > 20 % + 10/s = {bound}");
+    assert!(refused > 0.0, "the budget ran out");
+    assert!(
+        r["p99_us"].as_u64().unwrap() < 1_000_000,
+        "failures come back fast, under the per-try timeout: {r}"
+    );
+}
+
+#[test]
+fn subsets_split_by_weight_and_shift_at_runtime_without_failures() {
+    let mut apps = [
+        app(8121, "cart", &[]),
+        app(8122, "cart", &[]),
+        app(8123, "cart", &[]),
+    ];
+    apps[0].subset = Some(("v1", 90));
+    apps[1].subset = Some(("v1", 90));
+    apps[2].subset = Some(("v2", 10));
+    let t = traffic(&apps, "");
+    let r = t.requests(8121, "cart", "GET", 5000, 500.0);
+    assert_eq!(r["ok"], 5000, "{r}");
+    let v2 = t.served(&r, 8123) as f64 / 5000.0;
+    eprintln!("cart 90/10: v2 got {:.1} %", v2 * 100.0);
+    assert!((v2 - 0.10).abs() <= 0.03, "v2 got {v2}: {}", r["servers"]);
+
+    // Shift to 0/100 while 16 keep-alive connections send load.
+    let load = t
+        .requests_cmd(8121, "cart", "GET", 3000, 300.0)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    std::thread::sleep(Duration::from_secs(3));
+    apps[0].subset = Some(("v1", 0));
+    apps[1].subset = Some(("v1", 0));
+    apps[2].subset = Some(("v2", 100));
+    let path = t.w.workdir.join("discovery.toml");
+    let tmp = path.with_extension("tmp");
+    std::fs::write(&tmp, discovery_text(&t.w, &apps)).unwrap();
+    std::fs::rename(&tmp, &path).unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !t.w.instances[0].proxy_log().contains("discovery file reloaded") {
+        assert!(Instant::now() < deadline, "the proxy did not reload the file");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let out = load.wait_with_output().unwrap();
+    let r: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(r["ok"], 3000, "no request failed during the shift: {r}");
+    // Afterwards the old subset gets nothing new.
+    let r = t.requests(8121, "cart", "GET", 500, 250.0);
+    assert_eq!(t.served(&r, 8123), 500, "{}", r["servers"]);
+}
+
+#[test]
+fn a_crashed_endpoint_is_retried_elsewhere_and_each_timeout_fires() {
+    // `void`: an endpoint whose node proxy never answers (its tunnel address is an
+    // unused address on the harness's own fabric bridge: the SYN goes nowhere).
+    let void = |w: &World| {
+        let family = w.instances[1].tasks[0].family.clone();
+        format!(
+            "[[services]]\nname = \"void\"\n[[services.endpoints]]\naddress = \"{}\"\n\
+             family = \"{family}\"\ntunnel = \"10.0.0.250:15008\"\n",
+            w.instances[1].addr(8135)
+        )
+    };
+    let t = {
+        let mut t = traffic_with(
+            &[
+                app(8131, "shop", &[]),
+                app(8132, "shop", &[]),
+                app(8133, "late", &["--delay-ms", "400"]),
+                app(8134, "later", &["--delay-ms", "400"]),
+            ],
+            "[services.late]\nper_try_timeout_ms = 100\nmax_attempts = 1\n\
+             [services.later]\nrequest_timeout_ms = 150\n\
+             [services.void]\nconnect_timeout_ms = 200\nmax_attempts = 1\n",
+            void,
+        );
+        // The application behind 8132 crashes: its port refuses connections.
+        t.w.instances[1].tasks[0].kill_server(1);
+        t
+    };
+    // The client dials the crashed one.
+    let r = t.requests(8132, "shop", "GET", 200, 100.0);
+    assert_eq!(r["ok"], 200, "the client never notices: {r}");
+    assert_eq!(t.served(&r, 8132), 0);
+
+    let r = t.requests(8133, "late", "GET", 5, 10.0);
+    assert_eq!(r["proxy_errors"]["per_try_timeout"], 5, "{r}");
+    assert_eq!(r["statuses"]["504"], 5, "{r}");
+    assert_eq!(
+        t.metric("ecsmesh_timeouts_total", &[("service", "late"), ("reason", "per_try")]),
+        5.0
+    );
+    let r = t.requests(8134, "later", "GET", 5, 10.0);
+    assert_eq!(r["proxy_errors"]["request_timeout"], 5, "{r}");
+    assert_eq!(
+        t.metric("ecsmesh_timeouts_total", &[("service", "later"), ("reason", "request")]),
+        5.0
+    );
+    let r = t.requests(8135, "void", "GET", 3, 10.0);
+    assert_eq!(r["proxy_errors"]["connect_timeout"], 3, "{r}");
+    assert!(r["max_us"].as_u64().unwrap() < 2_000_000, "{r}");
+    assert_eq!(
+        t.metric("ecsmesh_timeouts_total", &[("service", "void"), ("reason", "connect")]),
+        3.0
+    );
+    assert_eq!(
+        t.metric("ecsmesh_timeouts_total", &[("service", "shop")]),
+        0.0,
+        "none on healthy traffic"
+    );
+}
