@@ -2,8 +2,8 @@
 pub mod accept;
 pub mod admin;
 pub mod authz;
-pub mod balance;
 pub mod aws;
+pub mod balance;
 pub mod ca_cli;
 pub mod cgroup;
 pub mod cloudmap;

@@ -111,6 +111,7 @@ async fn populate(sd: &aws_sdk_servicediscovery::Client) -> (String, String) {
     register(sd, &orders, ORDERS_A, &ecs_task("10.0.0.2", "orders")).await;
     let mut weighted = ecs_task("10.0.0.3", "orders");
     weighted.push(("ecsmesh.weight", "3"));
+    weighted.push(("ecsmesh.subset", "v2"));
     register(sd, &orders, ORDERS_B, &weighted).await;
     register(sd, &orders, ORDERS_SICK, &ecs_task("10.0.0.4", "orders")).await;
     sd.update_instance_custom_health_status()
@@ -147,6 +148,8 @@ fn endpoint(service: &str, addr: &str, family: &str, weight: u32, task: Option<&
         addr,
         family: family.into(),
         weight,
+        // The weighted instance is the one registered with a subset.
+        subset: (weight == 3).then(|| "v2".to_owned()),
         tunnel: std::net::SocketAddr::new(addr.ip(), INBOUND_PORT),
         task: task.map(|t| TaskId::new(t).unwrap()),
     }

@@ -543,3 +543,51 @@ fn ready_waits_for_the_first_successful_agent_poll() {
     });
     assert!(b.proxy_log().contains("waiting for the ECS agent"));
 }
+
+#[test]
+fn a_connection_to_a_stopping_task_of_a_balanced_service_goes_to_another() {
+    let c = {
+        let mut c = cluster(&[&T1, &T3], true);
+        // The client's node balances `orders` per connection.
+        c.w.instances[0].stop_proxy();
+        c.w.instances[0].start_proxy(&ProxyOptions {
+            extra_toml: "[services.orders]\nbalance = true\n".into(),
+            ..Default::default()
+        });
+        c
+    };
+    let serving = |c: &Cluster| {
+        counter(
+            &c.w.instances[1].metrics(),
+            "ecsmesh_ecs_tasks",
+            &[("state", "serving")],
+        )
+    };
+    // T2 (also `orders`) passes its health check and serves...
+    let running = FakeTask {
+        health: Some("healthy"),
+        ..T2
+    };
+    c.docker.set(
+        &format!("/containers/{}/json", running.container),
+        200,
+        docker_inspect(&running),
+    );
+    c.agent
+        .set("/v1/tasks", 200, agent_tasks(&[&T1, &running, &T3]));
+    wait_until("T2 serves", || serving(&c) == 3.0);
+    // ...until ECS stops it.
+    let stopping = FakeTask {
+        desired: "STOPPED",
+        ..running
+    };
+    c.agent
+        .set("/v1/tasks", 200, agent_tasks(&[&T1, &stopping, &T3]));
+    wait_until("T2 no longer serves", || serving(&c) == 2.0);
+    // Every connection dialled to the stopping task reaches T1 instead.
+    let served = c.eps[0].to_string();
+    for r in c.w.instances[0].tasks[0].client(&[c.eps[1]], 10, 256) {
+        assert!(r.ok, "{r:?}");
+        assert_eq!(r.served_by.as_deref(), Some(served.as_str()), "{r:?}");
+    }
+}

@@ -22,7 +22,7 @@ struct Http {
 
 /// Instance 0: a host-mode client task. Instance 1: a task whose application serves
 /// HTTP/1.1 on :8090, h2c on :8091, TLS on :8443 and a greeting on :9000; service `web`
-/// names all of them.
+/// is the HTTP/1.1 port, `web-h2`, `web-tls` and `web-greeter` the others.
 fn http_mesh(opts_b: ProxyOptions) -> Http {
     let mut w = World::new(tools(), 2);
     w.enable_mesh(TRUST_DOMAIN);
@@ -31,9 +31,19 @@ fn http_mesh(opts_b: ProxyOptions) -> Http {
     let b = &w.instances[1];
     let (h1, h2, tls, greeter) = (b.addr(H1), b.addr(H2), b.addr(TLS), b.addr(GREETER));
     let fam_b = b.tasks[0].family.clone();
-    let mut text = "[[services]]\nname = \"web\"\n".to_owned();
-    for ep in [h1, h2, tls, greeter] {
-        text += &format!("[[services.endpoints]]\naddress = \"{ep}\"\nfamily = \"{fam_b}\"\n");
+    // One service per port: a service's endpoints are interchangeable (requests are
+    // balanced over them), and these speak different protocols.
+    let mut text = String::new();
+    for (name, ep) in [
+        ("web", h1),
+        ("web-h2", h2),
+        ("web-tls", tls),
+        ("web-greeter", greeter),
+    ] {
+        text += &format!(
+            "[[services]]\nname = \"{name}\"\n\
+             [[services.endpoints]]\naddress = \"{ep}\"\nfamily = \"{fam_b}\"\n"
+        );
     }
     std::fs::write(w.workdir.join("discovery.toml"), text).unwrap();
     let args: Vec<String> = [
@@ -77,7 +87,8 @@ impl Http {
     /// `meshtool http-probe` from the client task.
     fn probe(&self, port: u16, case: &str) -> Value {
         let target = self.w.instances[1].addr(port).to_string();
-        let args: Vec<String> = ["http-probe", &target, "--case", case, "--host", "web"]
+        let host = if port == H2 { "web-h2" } else { "web" };
+        let args: Vec<String> = ["http-probe", &target, "--case", case, "--host", host]
             .iter()
             .map(|s| s.to_string())
             .collect();
@@ -144,7 +155,7 @@ fn http_passes_intact_through_the_mesh() {
     let r = h.probe(H2, "h2c");
     assert_eq!(r["status"], 200, "{r}");
     assert_eq!(r["body"]["version"], "HTTP/2.0", "{r}");
-    assert_eq!(r["body"]["host"], "web", "{r}");
+    assert_eq!(r["body"]["host"], "web-h2", "{r}");
 
     // A 1 MiB request body arrives byte for byte.
     let r = h.probe(H1, "big-body");

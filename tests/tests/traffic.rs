@@ -91,7 +91,14 @@ impl Traffic {
         self.w.instances[1].addr(port)
     }
 
-    fn requests_cmd(&self, port: u16, host: &str, method: &str, count: u64, rate: f64) -> std::process::Command {
+    fn requests_cmd(
+        &self,
+        port: u16,
+        host: &str,
+        method: &str,
+        count: u64,
+        rate: f64,
+    ) -> std::process::Command {
         let args: Vec<String> = [
             "http-requests",
             &self.addr(port).to_string(),
@@ -127,7 +134,9 @@ impl Traffic {
     }
 
     fn served(&self, r: &Value, port: u16) -> u64 {
-        r["servers"][self.addr(port).to_string()].as_u64().unwrap_or(0)
+        r["servers"][self.addr(port).to_string()]
+            .as_u64()
+            .unwrap_or(0)
     }
 }
 
@@ -158,7 +167,10 @@ fn retries_hide_a_flaky_endpoint_posts_are_not_retried_and_slow_endpoints_get_li
         "ecsmesh_retries_total",
         &[("service", "orders"), ("reason", "status")],
     );
-    assert!(retried >= 1.0, "the 503s were retried, not balanced away only");
+    assert!(
+        retried >= 1.0,
+        "the 503s were retried, not balanced away only"
+    );
     eprintln!(
         "orders: {ok}/2000 ok, {retried} retries, split {}",
         r["servers"]
@@ -174,7 +186,10 @@ fn retries_hide_a_flaky_endpoint_posts_are_not_retried_and_slow_endpoints_get_li
     // land on a failing turn too: about 0.3³ ≈ 3 % still fail, against the POSTs' 30 %.
     let r = t.requests(8104, "flaky", "GET", 200, 100.0);
     let failed = 200 - r["ok"].as_u64().unwrap();
-    assert!(failed <= 12, "GETs are retried: {failed} of 200 failed: {r}");
+    assert!(
+        failed <= 12,
+        "GETs are retried: {failed} of 200 failed: {r}"
+    );
     assert!(
         t.metric("ecsmesh_retries_total", &[("service", "flaky")]) >= 50.0,
         "about 30 % of 200 GETs were retried"
@@ -190,7 +205,10 @@ fn retries_hide_a_flaky_endpoint_posts_are_not_retried_and_slow_endpoints_get_li
     let r = t.requests(8105, "slow", "GET", 2000, 400.0);
     assert_eq!(r["ok"], 2000, "{r}");
     let slow = t.served(&r, 8105);
-    eprintln!("slow: the 50 ms endpoint got {slow} of 2000, split {}", r["servers"]);
+    eprintln!(
+        "slow: the 50 ms endpoint got {slow} of 2000, split {}",
+        r["servers"]
+    );
     assert!(slow < 300, "under 15 %: {slow} of 2000 ({})", r["servers"]);
     // Healthy traffic fires no timeout.
     assert_eq!(t.metric("ecsmesh_timeouts_total", &[]), 0.0);
@@ -208,12 +226,21 @@ fn the_retry_budget_caps_retries_when_every_endpoint_fails() {
     assert_eq!(r["sent"], 3000, "{r}");
     assert_eq!(r["ok"], 0, "{r}");
     let retries = t.metric("ecsmesh_retries_total", &[("service", "down")]);
-    let refused = t.metric("ecsmesh_retry_budget_exhausted_total", &[("service", "down")]);
+    let refused = t.metric(
+        "ecsmesh_retry_budget_exhausted_total",
+        &[("service", "down")],
+    );
     // The budget's window moves in whole seconds: a run that ends a few ms into its 31st
     // second may use that second's allowance too.
     let bound = 0.2 * 3000.0 + 10.0 * secs.ceil();
-    eprintln!("down: {retries} retries over {secs:.1} s (bound {bound:.0}), {refused} refused by the budget, p99 {} us", r["p99_us"]);
-    assert!(retries <= bound, "retries {retries} > 20 % + 10/s = {bound}");
+    eprintln!(
+        "down: {retries} retries over {secs:.1} s (bound {bound:.0}), {refused} refused by the budget, p99 {} us",
+        r["p99_us"]
+    );
+    assert!(
+        retries <= bound,
+        "retries {retries} > 20 % + 10/s = {bound}"
+    );
     assert!(refused > 0.0, "the budget ran out");
     assert!(
         r["p99_us"].as_u64().unwrap() < 1_000_000,
@@ -254,8 +281,14 @@ fn subsets_split_by_weight_and_shift_at_runtime_without_failures() {
     std::fs::write(&tmp, discovery_text(&t.w, &apps)).unwrap();
     std::fs::rename(&tmp, &path).unwrap();
     let deadline = Instant::now() + Duration::from_secs(10);
-    while !t.w.instances[0].proxy_log().contains("discovery file reloaded") {
-        assert!(Instant::now() < deadline, "the proxy did not reload the file");
+    while !t.w.instances[0]
+        .proxy_log()
+        .contains("discovery file reloaded")
+    {
+        assert!(
+            Instant::now() < deadline,
+            "the proxy did not reload the file"
+        );
         std::thread::sleep(Duration::from_millis(50));
     }
     let out = load.wait_with_output().unwrap();
@@ -270,15 +303,24 @@ fn subsets_split_by_weight_and_shift_at_runtime_without_failures() {
 fn a_crashed_endpoint_is_retried_elsewhere_and_each_timeout_fires() {
     // `void`: an endpoint whose node proxy never answers (its tunnel address is an
     // unused address on the harness's own fabric bridge: the SYN goes nowhere).
+    // `db`: two opaque TCP endpoints, balanced per connection.
     let void = |w: &World| {
         let family = w.instances[1].tasks[0].family.clone();
-        format!(
+        let mut text = format!(
             "[[services]]\nname = \"void\"\n[[services.endpoints]]\naddress = \"{}\"\n\
              family = \"{family}\"\ntunnel = \"10.0.0.250:15008\"\n",
             w.instances[1].addr(8135)
-        )
+        );
+        text += "[[services]]\nname = \"db\"\n";
+        for port in [8141, 8142] {
+            text += &format!(
+                "[[services.endpoints]]\naddress = \"{}\"\nfamily = \"{family}\"\n",
+                w.instances[1].addr(port)
+            );
+        }
+        text
     };
-    let t = {
+    let mut t = {
         let mut t = traffic_with(
             &[
                 app(8131, "shop", &[]),
@@ -288,14 +330,30 @@ fn a_crashed_endpoint_is_retried_elsewhere_and_each_timeout_fires() {
             ],
             "[services.late]\nper_try_timeout_ms = 100\nmax_attempts = 1\n\
              [services.later]\nrequest_timeout_ms = 150\n\
-             [services.void]\nconnect_timeout_ms = 200\nmax_attempts = 1\n",
+             [services.void]\nconnect_timeout_ms = 200\nmax_attempts = 1\n\
+             [services.db]\nbalance = true\n",
             void,
         );
         // The application behind 8132 crashes: its port refuses connections.
         t.w.instances[1].tasks[0].kill_server(1);
         t
     };
-    // The client dials the crashed one.
+    // Opaque TCP of a service with `balance = true`: connections dialled to a crashed
+    // endpoint are carried to the other one before their first byte.
+    for port in [8141, 8142] {
+        let addr = t.addr(port).to_string();
+        t.w.instances[1].tasks[0].server(0, &["echo".into(), addr]);
+    }
+    t.w.instances[1].tasks[0].kill_server(3);
+    let reports = t.w.instances[0].tasks[0].client(&[t.addr(8141)], 20, 64);
+    let live = t.addr(8142).to_string();
+    for r in &reports {
+        assert!(r.ok, "{r:?}");
+        assert_eq!(r.served_by.as_deref(), Some(live.as_str()), "{r:?}");
+    }
+    assert!(t.metric("ecsmesh_retries_total", &[("service", "db")]) >= 1.0);
+
+    // HTTP: the client dials the crashed one.
     let r = t.requests(8132, "shop", "GET", 200, 100.0);
     assert_eq!(r["ok"], 200, "the client never notices: {r}");
     assert_eq!(t.served(&r, 8132), 0);
@@ -304,20 +362,29 @@ fn a_crashed_endpoint_is_retried_elsewhere_and_each_timeout_fires() {
     assert_eq!(r["proxy_errors"]["per_try_timeout"], 5, "{r}");
     assert_eq!(r["statuses"]["504"], 5, "{r}");
     assert_eq!(
-        t.metric("ecsmesh_timeouts_total", &[("service", "late"), ("reason", "per_try")]),
+        t.metric(
+            "ecsmesh_timeouts_total",
+            &[("service", "late"), ("reason", "per_try")]
+        ),
         5.0
     );
     let r = t.requests(8134, "later", "GET", 5, 10.0);
     assert_eq!(r["proxy_errors"]["request_timeout"], 5, "{r}");
     assert_eq!(
-        t.metric("ecsmesh_timeouts_total", &[("service", "later"), ("reason", "request")]),
+        t.metric(
+            "ecsmesh_timeouts_total",
+            &[("service", "later"), ("reason", "request")]
+        ),
         5.0
     );
     let r = t.requests(8135, "void", "GET", 3, 10.0);
     assert_eq!(r["proxy_errors"]["connect_timeout"], 3, "{r}");
     assert!(r["max_us"].as_u64().unwrap() < 2_000_000, "{r}");
     assert_eq!(
-        t.metric("ecsmesh_timeouts_total", &[("service", "void"), ("reason", "connect")]),
+        t.metric(
+            "ecsmesh_timeouts_total",
+            &[("service", "void"), ("reason", "connect")]
+        ),
         3.0
     );
     assert_eq!(

@@ -76,7 +76,11 @@ fn the_estimate_peaks_at_once_and_decays_with_time() {
     let t0 = Instant::now();
     let mut st = EndpointState::new(t0);
     st.observe(100 * MS, t0);
-    assert_eq!(st.cost(t0), (100 * MS).as_nanos() as f64, "a peak is believed at once");
+    assert_eq!(
+        st.cost(t0),
+        (100 * MS).as_nanos() as f64,
+        "a peak is believed at once"
+    );
     // One decay time later, about e^-1 of it is left.
     let later = st.cost(t0 + DECAY) / (100 * MS).as_nanos() as f64;
     assert!((later - (-1f64).exp()).abs() < 1e-6, "{later}");
@@ -99,7 +103,9 @@ fn consecutive_failures_eject_and_backoff_readmits() {
     let mut rng = fastrand::Rng::with_seed(1);
     let fail = |now| {
         // Force the pick onto `bad` by trying `good` already.
-        let f = s.pick(&eps, &[good], now, &mut fastrand::Rng::with_seed(2)).unwrap();
+        let f = s
+            .pick(&eps, &[good], now, &mut fastrand::Rng::with_seed(2))
+            .unwrap();
         assert_eq!(f.addr(), bad);
         f.finish(Outcome::Failure(MS), now);
     };
@@ -159,7 +165,10 @@ fn a_retry_goes_to_another_endpoint_when_there_is_one() {
     // Only one endpoint: the retry goes back to it.
     let one = [ep(9, None, 1)];
     let tried = [one[0].addr];
-    assert_eq!(s.pick(&one, &tried, now, &mut rng).unwrap().addr(), one[0].addr);
+    assert_eq!(
+        s.pick(&one, &tried, now, &mut rng).unwrap().addr(),
+        one[0].addr
+    );
 }
 
 #[test]
@@ -187,12 +196,21 @@ fn subsets_split_by_weight_and_weight_zero_gets_nothing() {
     let split = run(&s, &eps, 5000, Instant::now(), |_, _| Outcome::Success(MS));
     let v2 = split.get(&eps[2].addr).copied().unwrap_or(0) as f64 / 5000.0;
     assert!((v2 - 0.10).abs() < 0.02, "v2 got {v2}");
-    let shifted = [ep(1, Some("v1"), 0), ep(2, Some("v1"), 0), ep(3, Some("v2"), 100)];
-    let split = run(&s, &shifted, 1000, Instant::now(), |_, _| Outcome::Success(MS));
+    let shifted = [
+        ep(1, Some("v1"), 0),
+        ep(2, Some("v1"), 0),
+        ep(3, Some("v2"), 100),
+    ];
+    let split = run(&s, &shifted, 1000, Instant::now(), |_, _| {
+        Outcome::Success(MS)
+    });
     assert_eq!(split.len(), 1, "{split:?}");
     assert_eq!(split[&eps[2].addr], 1000);
     let off = [ep(1, Some("v1"), 0)];
-    assert!(s.pick(&off, &[], Instant::now(), &mut fastrand::Rng::new()).is_none());
+    assert!(
+        s.pick(&off, &[], Instant::now(), &mut fastrand::Rng::new())
+            .is_none()
+    );
 }
 
 #[test]

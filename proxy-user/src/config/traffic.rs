@@ -249,11 +249,26 @@ mod tests {
     fn bad_values_name_the_field() {
         for (text, field) in [
             ("[traffic]\nmax_attempts = 0", "traffic.max_attempts"),
-            ("[services.a]\nretry_statuses = [700]", "services.a.retry_statuses"),
-            ("[services.a]\nretry_methods = [\"get\"]", "services.a.retry_methods"),
-            ("[services.a]\nretryable_routes = [\"x\"]", "services.a.retryable_routes"),
-            ("[services.a]\nper_try_timeout_ms = 0", "services.a.per_try_timeout_ms"),
-            ("[services.a]\nretry_budget_percent = 101", "services.a.retry_budget_percent"),
+            (
+                "[services.a]\nretry_statuses = [700]",
+                "services.a.retry_statuses",
+            ),
+            (
+                "[services.a]\nretry_methods = [\"get\"]",
+                "services.a.retry_methods",
+            ),
+            (
+                "[services.a]\nretryable_routes = [\"x\"]",
+                "services.a.retryable_routes",
+            ),
+            (
+                "[services.a]\nper_try_timeout_ms = 0",
+                "services.a.per_try_timeout_ms",
+            ),
+            (
+                "[services.a]\nretry_budget_percent = 101",
+                "services.a.retry_budget_percent",
+            ),
         ] {
             let (f, _) = parse(text).unwrap_err();
             assert_eq!(f, field, "{text}");

@@ -48,9 +48,8 @@ impl Sources {
 
     fn publish(&self, parts: &Parts) -> Result<usize, String> {
         let all: Vec<Endpoint> = parts.file.iter().chain(&parts.cloudmap).cloned().collect();
-        let merged = Discovery::from_endpoints(all).map_err(|(addr, a, b)| {
-            format!("{addr} is listed for both {a} and {b}")
-        })?;
+        let merged = Discovery::from_endpoints(all)
+            .map_err(|(addr, a, b)| format!("{addr} is listed for both {a} and {b}"))?;
         let n = merged.len();
         self.view.store(Arc::new(merged));
         Ok(n)
@@ -60,7 +59,8 @@ impl Sources {
     pub fn set_cloudmap(&self, endpoints: Vec<Endpoint>) -> Result<usize, String> {
         let mut parts = self.parts.lock().unwrap_or_else(|e| e.into_inner());
         let previous = std::mem::replace(&mut parts.cloudmap, endpoints);
-        self.publish(&parts).inspect_err(|_| parts.cloudmap = previous)
+        self.publish(&parts)
+            .inspect_err(|_| parts.cloudmap = previous)
     }
 
     /// Reads the discovery file again (no file configured: nothing to do).
@@ -77,7 +77,9 @@ impl Sources {
     pub fn reload_logged(&self, trigger: &str) {
         match self.reload_file() {
             Ok(n) => tracing::info!(trigger, endpoints = n, "discovery file reloaded"),
-            Err(e) => tracing::warn!(trigger, error = %e, "discovery file not reloaded; keeping the previous endpoints"),
+            Err(e) => {
+                tracing::warn!(trigger, error = %e, "discovery file not reloaded; keeping the previous endpoints")
+            }
         }
     }
 
@@ -87,9 +89,13 @@ impl Sources {
         match crate::watch::files(vec![crate::watch::absolute(path)]) {
             Ok(watch) => {
                 let this = self.clone();
-                tokio::spawn(watch.run(shutdown.clone(), move || this.reload_logged("file change")));
+                tokio::spawn(
+                    watch.run(shutdown.clone(), move || this.reload_logged("file change")),
+                );
             }
-            Err(e) => tracing::error!(error = %e, "cannot watch the discovery file; reload on SIGHUP or POST /reload only"),
+            Err(e) => {
+                tracing::error!(error = %e, "cannot watch the discovery file; reload on SIGHUP or POST /reload only")
+            }
         }
         match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()) {
             Ok(mut hup) => {

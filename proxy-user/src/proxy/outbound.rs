@@ -308,7 +308,10 @@ impl Outbound {
                         break;
                     }
                     if !state.budget.try_withdraw(std::time::Instant::now()) {
-                        self.metrics.retry_budget_exhausted.get_or_create(&labels).inc();
+                        self.metrics
+                            .retry_budget_exhausted
+                            .get_or_create(&labels)
+                            .inc();
                         break;
                     }
                     self.metrics.retries.get_or_create(&labels).inc();
@@ -316,7 +319,9 @@ impl Outbound {
                 }
             }
         }
-        Err(io::Error::other("no endpoint of the service accepted the connection"))
+        Err(io::Error::other(
+            "no endpoint of the service accepted the connection",
+        ))
     }
 
     /// Copy until both directions end, or until the task is unenrolled (drained).

@@ -86,7 +86,6 @@ impl Conn {
     }
 }
 
-
 /// Sends requests on one pooled tunnel connection.
 pub type Sender = SendRequest<Body>;
 /// Holds one stream slot on a pooled connection; released on drop.

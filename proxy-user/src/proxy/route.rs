@@ -78,9 +78,7 @@ impl ReqBody {
                     size += frame.data_ref().map_or(0, Bytes::len);
                     read.push_back(frame);
                     if size > limit || trailers {
-                        return Ok(Self::Once(Some(
-                            Replayed { read, rest: body }.boxed(),
-                        )));
+                        return Ok(Self::Once(Some(Replayed { read, rest: body }.boxed())));
                     }
                 }
             }
@@ -160,7 +158,14 @@ pub struct Routed<'a> {
 }
 
 impl Routed<'_> {
-    fn count(&self, family: &prometheus_client::metrics::family::Family<ServiceReasonLabels, prometheus_client::metrics::counter::Counter>, reason: &'static str) {
+    fn count(
+        &self,
+        family: &prometheus_client::metrics::family::Family<
+            ServiceReasonLabels,
+            prometheus_client::metrics::counter::Counter,
+        >,
+        reason: &'static str,
+    ) {
         family
             .get_or_create(&ServiceReasonLabels {
                 service: self.service.to_owned(),
@@ -186,7 +191,12 @@ impl Routed<'_> {
         }
     }
 
-    async fn attempts(&self, head: Head, body: Incoming, deadline: Option<Instant>) -> Response<Body> {
+    async fn attempts(
+        &self,
+        head: Head,
+        body: Incoming,
+        deadline: Option<Instant>,
+    ) -> Response<Body> {
         let retryable = self.policy.retryable(&head.method, head.uri.path());
         // Only a request that may be retried after it was sent is read ahead (a POST
         // streams at once: a gRPC stream waiting for its first answer must not wait on
@@ -229,7 +239,11 @@ impl Routed<'_> {
             let now = std::time::Instant::now();
             let rtt = now.saturating_duration_since(flight.started());
             let failed = match &result {
-                Ok(resp) => match resp.headers().get(&l7::PROXY_ERROR).and_then(|v| v.to_str().ok()) {
+                Ok(resp) => match resp
+                    .headers()
+                    .get(&l7::PROXY_ERROR)
+                    .and_then(|v| v.to_str().ok())
+                {
                     Some(r) if NOT_DELIVERED.contains(&r) => Some(Failed::NotSent("unavailable")),
                     _ if self.policy.retry_statuses.contains(&resp.status().as_u16()) => {
                         Some(Failed::Maybe("status"))
@@ -328,7 +342,10 @@ impl Routed<'_> {
             Ok(resp) => {
                 let (mut parts, body) = resp.into_parts();
                 l7::strip_hop_by_hop(&mut parts.headers);
-                Ok(Response::from_parts(parts, Guarded::wrap(body.boxed(), lease)))
+                Ok(Response::from_parts(
+                    parts,
+                    Guarded::wrap(body.boxed(), lease),
+                ))
             }
             Err(e) => {
                 tracing::debug!(endpoint = %ep.addr, error = %e, "request reset before its response");

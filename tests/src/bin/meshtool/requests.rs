@@ -50,8 +50,12 @@ pub fn run(plan: Plan) -> anyhow::Result<Value> {
     rt.block_on(async {
         let mut workers = Vec::new();
         for _ in 0..plan.connections.max(1) {
-            let (seen, next, method, host) =
-                (seen.clone(), next.clone(), method.clone(), plan.host.clone());
+            let (seen, next, method, host) = (
+                seen.clone(),
+                next.clone(),
+                method.clone(),
+                plan.host.clone(),
+            );
             let (target, count, rate, max) = (plan.target, plan.count, plan.rate, plan.max);
             workers.push(tokio::spawn(async move {
                 let mut sender = None;
