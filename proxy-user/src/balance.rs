@@ -126,6 +126,9 @@ impl Balancer {
     /// The state of `service`, created with `budget` the first time it is asked for.
     pub fn service(&self, service: &str, budget: BudgetSettings) -> Arc<ServiceState> {
         let mut all = self.services.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(s) = all.get(service) {
+            return s.clone();
+        }
         all.entry(service.to_owned())
             .or_insert_with(|| {
                 Arc::new(ServiceState {

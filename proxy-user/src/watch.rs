@@ -71,6 +71,39 @@ impl Watch {
     }
 }
 
+/// Watches `files` and calls `reload` (with its trigger, for the log) once they changed
+/// and on every SIGHUP, until `shutdown`. Either that cannot be set up is logged, not
+/// fatal: the other reload paths still work. Needs a tokio runtime.
+pub fn reload_on_change_or_sighup(
+    what: &'static str,
+    files_: Vec<PathBuf>,
+    shutdown: CancellationToken,
+    reload: impl Fn(&str) + Clone + Send + 'static,
+) {
+    match files(files_) {
+        Ok(watch) => {
+            let on_change = reload.clone();
+            tokio::spawn(watch.run(shutdown.clone(), move || on_change("file change")));
+        }
+        Err(e) => {
+            tracing::error!(error = %e, "cannot watch the {what}; reload on SIGHUP or POST /reload only")
+        }
+    }
+    match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()) {
+        Ok(mut hup) => {
+            tokio::spawn(async move {
+                loop {
+                    tokio::select! {
+                        _ = shutdown.cancelled() => break,
+                        Some(()) = hup.recv() => reload("SIGHUP"),
+                    }
+                }
+            });
+        }
+        Err(e) => tracing::error!(error = %e, "cannot handle SIGHUP"),
+    }
+}
+
 /// An absolute form of `p` (watch events carry absolute paths).
 pub fn absolute(p: &Path) -> PathBuf {
     std::path::absolute(p).unwrap_or_else(|_| p.to_owned())

@@ -86,30 +86,12 @@ impl Sources {
     /// Re-reads the file when it changes and on SIGHUP, until `shutdown`.
     pub fn spawn_watch(self: &Arc<Self>, shutdown: CancellationToken) {
         let Some(path) = &self.file else { return };
-        match crate::watch::files(vec![crate::watch::absolute(path)]) {
-            Ok(watch) => {
-                let this = self.clone();
-                tokio::spawn(
-                    watch.run(shutdown.clone(), move || this.reload_logged("file change")),
-                );
-            }
-            Err(e) => {
-                tracing::error!(error = %e, "cannot watch the discovery file; reload on SIGHUP or POST /reload only")
-            }
-        }
-        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()) {
-            Ok(mut hup) => {
-                let this = self.clone();
-                tokio::spawn(async move {
-                    loop {
-                        tokio::select! {
-                            _ = shutdown.cancelled() => break,
-                            Some(()) = hup.recv() => this.reload_logged("SIGHUP"),
-                        }
-                    }
-                });
-            }
-            Err(e) => tracing::error!(error = %e, "cannot handle SIGHUP"),
-        }
+        let this = self.clone();
+        crate::watch::reload_on_change_or_sighup(
+            "discovery file",
+            vec![crate::watch::absolute(path)],
+            shutdown,
+            move |trigger| this.reload_logged(trigger),
+        );
     }
 }

@@ -249,31 +249,13 @@ impl IdentityManager {
     /// is logged, not fatal: the other reload paths still work.
     pub fn spawn_background(self: &Arc<Self>, shutdown: CancellationToken) {
         tokio::spawn(self.clone().refresher(shutdown.clone()));
-        match crate::watch::files(self.watched_files()) {
-            Ok(watch) => {
-                let this = self.clone();
-                tokio::spawn(
-                    watch.run(shutdown.clone(), move || this.reload_logged("file change")),
-                );
-            }
-            Err(e) => {
-                tracing::error!(error = %e, "cannot watch identity files; reload on SIGHUP only")
-            }
-        }
-        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()) {
-            Ok(mut hup) => {
-                let this = self.clone();
-                tokio::spawn(async move {
-                    loop {
-                        tokio::select! {
-                            _ = shutdown.cancelled() => break,
-                            Some(()) = hup.recv() => this.reload_logged("SIGHUP"),
-                        }
-                    }
-                });
-            }
-            Err(e) => tracing::error!(error = %e, "cannot handle SIGHUP"),
-        }
+        let this = self.clone();
+        crate::watch::reload_on_change_or_sighup(
+            "identity files",
+            self.watched_files(),
+            shutdown,
+            move |trigger| this.reload_logged(trigger),
+        );
     }
 
     fn reload_logged(&self, trigger: &str) {
