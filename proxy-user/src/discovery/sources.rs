@@ -95,3 +95,67 @@ impl Sources {
         );
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn file(dir: &std::path::Path, text: &str) -> PathBuf {
+        let p = dir.join("discovery.toml");
+        std::fs::write(&p, text).unwrap();
+        p
+    }
+
+    const ORDERS: &str = "[[services]]\nname = \"orders\"\n[[services.endpoints]]\naddress = \"10.0.0.2:80\"\nfamily = \"orders\"\n";
+
+    fn cloudmap_ep(addr: &str, family: &str) -> Endpoint {
+        Endpoint {
+            service: "billing".into(),
+            addr: addr.parse().unwrap(),
+            family: family.into(),
+            weight: 1,
+            subset: None,
+            tunnel: "10.0.0.9:15008".parse().unwrap(),
+            task: None,
+        }
+    }
+
+    #[test]
+    fn each_source_replaces_its_part_and_a_bad_set_keeps_the_previous() {
+        let dir = std::env::temp_dir().join(format!("ecsmesh-sources-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = file(&dir, ORDERS);
+        let initial = Discovery::load(&path, 15008).unwrap();
+        let s = Sources::new(&initial, Some(path.clone()), 15008);
+        assert_eq!(
+            s.set_cloudmap(vec![cloudmap_ep("10.0.0.7:90", "billing")]),
+            Ok(2)
+        );
+        // The file changes: its part is replaced, Cloud Map's stays.
+        file(&dir, &ORDERS.replace("10.0.0.2:80", "10.0.0.3:80"));
+        assert_eq!(s.reload_file(), Ok(2));
+        let v = s.view().load_full();
+        assert!(v.endpoint("10.0.0.3:80".parse().unwrap()).is_some());
+        assert!(v.endpoint("10.0.0.2:80".parse().unwrap()).is_none());
+        assert!(v.endpoint("10.0.0.7:90".parse().unwrap()).is_some());
+        // A file that does not parse: refused, the previous endpoints stay.
+        file(&dir, "[[services]]\nname = ");
+        assert!(s.reload_file().is_err());
+        assert!(
+            s.view()
+                .load()
+                .endpoint("10.0.0.3:80".parse().unwrap())
+                .is_some()
+        );
+        // Cloud Map claiming the file's address for another family: refused, kept.
+        let clash = vec![cloudmap_ep("10.0.0.3:80", "other")];
+        assert!(s.set_cloudmap(clash).unwrap_err().contains("10.0.0.3:80"));
+        assert!(
+            s.view()
+                .load()
+                .endpoint("10.0.0.7:90".parse().unwrap())
+                .is_some()
+        );
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+}
