@@ -33,6 +33,11 @@ pub struct AdminState {
     pub identities: Option<Arc<IdentityManager>>,
     /// Present with the mesh: `POST /reload` also re-reads the discovery file.
     pub discovery: Option<Arc<crate::discovery::Sources>>,
+    /// Present with the mesh: `/endpoints` shows discovery and the balancer's state.
+    pub mesh: Option<Arc<crate::proxy::Mesh>>,
+    /// `/config_dump`: the effective configuration, as `check-config` prints it (paths,
+    /// never key material: the config holds none).
+    pub config_dump: String,
 }
 
 fn respond(status: StatusCode, content_type: &str, body: String) -> Response<Full<Bytes>> {
@@ -93,6 +98,23 @@ fn route(
                 "no identity configured\n".into(),
             ),
         },
+        (_, "/endpoints") => match &state.mesh {
+            Some(mesh) => respond(
+                StatusCode::OK,
+                "application/json",
+                mesh.endpoints_report().to_string(),
+            ),
+            None => respond(
+                StatusCode::NOT_FOUND,
+                "text/plain",
+                "no mesh configured\n".into(),
+            ),
+        },
+        (_, "/config_dump") => respond(
+            StatusCode::OK,
+            "application/json",
+            state.config_dump.clone(),
+        ),
         (_, "/identities") => {
             let list: Vec<serde_json::Value> = state
                 .identities

@@ -99,6 +99,19 @@ impl EndpointState {
     pub fn pending(&self) -> u32 {
         self.pending
     }
+
+    /// What `/endpoints` shows: the load estimate, pending requests, ejection.
+    pub fn report(&self, now: Instant) -> serde_json::Value {
+        serde_json::json!({
+            "ewma_ms": self.decayed(now) / 1e6,
+            "pending": self.pending,
+            "consecutive_failures": self.consecutive_failures,
+            "ejected_for_ms": self
+                .ejected_until
+                .map_or(0, |t| t.saturating_duration_since(now).as_millis() as u64),
+            "ejections_in_a_row": self.ejections,
+        })
+    }
 }
 
 /// How one request to an endpoint ended, for the balancer.
@@ -137,6 +150,14 @@ impl Balancer {
                 })
             })
             .clone()
+    }
+}
+
+impl Balancer {
+    /// The state of `service` if it has carried requests (`/endpoints`).
+    pub fn existing(&self, service: &str) -> Option<Arc<ServiceState>> {
+        let all = self.services.lock().unwrap_or_else(|e| e.into_inner());
+        all.get(service).cloned()
     }
 }
 

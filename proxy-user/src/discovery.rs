@@ -181,6 +181,13 @@ impl Discovery {
         self.by_addr.values()
     }
 
+    /// Every service and its endpoints, by name.
+    pub fn services(&self) -> impl Iterator<Item = (&str, &[Endpoint])> {
+        self.services
+            .iter()
+            .map(|(k, v)| (k.as_str(), v.as_slice()))
+    }
+
     pub fn service(&self, name: &str) -> &[Endpoint] {
         self.services.get(name).map_or(&[], Vec::as_slice)
     }

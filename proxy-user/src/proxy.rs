@@ -70,3 +70,34 @@ pub struct Mesh {
     /// Per-service retries, timeouts and balancing.
     pub traffic: Arc<crate::config::Traffic>,
 }
+
+impl Mesh {
+    /// `/endpoints`: every service's endpoints as discovery has them (address, family,
+    /// subset, weight, tunnel, task) with what the balancer knows of each.
+    pub fn endpoints_report(&self) -> serde_json::Value {
+        let now = std::time::Instant::now();
+        let discovery = self.discovery.load();
+        let services: serde_json::Map<String, serde_json::Value> = discovery
+            .services()
+            .map(|(name, eps)| {
+                let state = self.balancer.existing(name);
+                let list: Vec<serde_json::Value> = eps
+                    .iter()
+                    .map(|e| {
+                        serde_json::json!({
+                            "address": e.addr.to_string(),
+                            "family": e.family,
+                            "subset": e.subset,
+                            "weight": e.weight,
+                            "tunnel": e.tunnel.to_string(),
+                            "task": e.task.as_ref().map(|t| t.as_str().to_owned()),
+                            "balancer": state.as_ref().and_then(|s| s.state(e.addr)).map(|st| st.report(now)),
+                        })
+                    })
+                    .collect();
+                (name.to_owned(), serde_json::Value::Array(list))
+            })
+            .collect();
+        serde_json::json!({ "services": services })
+    }
+}

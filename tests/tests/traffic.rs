@@ -212,6 +212,32 @@ fn retries_hide_a_flaky_endpoint_posts_are_not_retried_and_slow_endpoints_get_li
     assert!(slow < 300, "under 15 %: {slow} of 2000 ({})", r["servers"]);
     // Healthy traffic fires no timeout.
     assert_eq!(t.metric("ecsmesh_timeouts_total", &[]), 0.0);
+
+    // `/endpoints` shows what the balancer learnt: the flaky endpoint's estimate carries
+    // its failures, above both healthy ones.
+    let a = &t.w.instances[0];
+    let (status, body) = a.netns.http_get(a.admin, "/endpoints").unwrap();
+    assert_eq!(status, 200, "{body}");
+    let v: Value = serde_json::from_str(&body).unwrap();
+    let orders = v["services"]["orders"].as_array().expect("orders listed");
+    assert_eq!(orders.len(), 3, "{v}");
+    let ewma = |port: u16| {
+        let addr = t.addr(port).to_string();
+        let e = orders
+            .iter()
+            .find(|e| e["address"] == addr.as_str())
+            .unwrap();
+        e["balancer"]["ewma_ms"]
+            .as_f64()
+            .expect("the balancer knows it")
+    };
+    assert!(ewma(8101) > ewma(8102) && ewma(8101) > ewma(8103), "{v}");
+    // `/config_dump`: the effective config, as check-config prints it.
+    let (status, body) = a.netns.http_get(a.admin, "/config_dump").unwrap();
+    assert_eq!(status, 200);
+    let c: Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(c["traffic"]["defaults"]["max_attempts"], 3, "{c}");
+    assert!(!body.contains("PRIVATE KEY"));
 }
 
 #[test]

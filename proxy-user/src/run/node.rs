@@ -83,6 +83,8 @@ impl Bound {
             metrics: metrics.clone(),
             identities: mesh.as_ref().map(|m| m.identities.clone()),
             discovery: mesh.as_ref().map(|m| m.sources.clone()),
+            mesh: mesh.as_ref().map(|m| m.mesh.clone()),
+            config_dump: serde_json::to_string_pretty(config).unwrap_or_default(),
         });
         let shutdown = CancellationToken::new();
         tokio::spawn(admin::serve(

@@ -182,6 +182,8 @@ fn activate_and_retire_wait_for_every_node() {
         metrics: Arc::new(Metrics::default()),
         identities: Some(manager.clone()),
         discovery: None,
+        mesh: None,
+        config_dump: "{}".into(),
     });
     let shutdown = tokio_util::sync::CancellationToken::new();
     rt.spawn(serve(
