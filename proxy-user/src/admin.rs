@@ -55,12 +55,20 @@ pub enum Caller {
     Operator,
 }
 
-fn route(
-    state: &AdminState,
-    caller: Caller,
-    method: &hyper::Method,
-    path: &str,
-) -> Response<Full<Bytes>> {
+/// One admin request, as `route` needs it.
+pub struct AdminRequest<'a> {
+    pub method: &'a hyper::Method,
+    pub path: &'a str,
+    /// The `Accept` header (`/metrics` format).
+    pub accept: Option<&'a str>,
+}
+
+fn route(state: &AdminState, caller: Caller, req: AdminRequest<'_>) -> Response<Full<Bytes>> {
+    let AdminRequest {
+        method,
+        path,
+        accept,
+    } = req;
     match (method, path) {
         (&hyper::Method::POST, "/reload") if caller != Caller::Operator => respond(
             StatusCode::FORBIDDEN,
@@ -135,11 +143,11 @@ fn route(
                 serde_json::Value::Array(list).to_string(),
             )
         }
-        _ => route_get(state, path),
+        _ => route_get(state, path, accept),
     }
 }
 
-fn route_get(state: &AdminState, path: &str) -> Response<Full<Bytes>> {
+fn route_get(state: &AdminState, path: &str, accept: Option<&str>) -> Response<Full<Bytes>> {
     match path {
         "/live" => respond(StatusCode::OK, "text/plain", "live\n".into()),
         "/ready" if state.ready.load(Ordering::Acquire) => {
@@ -150,10 +158,15 @@ fn route_get(state: &AdminState, path: &str) -> Response<Full<Bytes>> {
             "text/plain",
             "not ready\n".into(),
         ),
+        "/metrics" if crate::metrics::classic::wants_openmetrics(accept) => respond(
+            StatusCode::OK,
+            crate::metrics::classic::OPENMETRICS_CONTENT_TYPE,
+            state.metrics.encode(),
+        ),
         "/metrics" => respond(
             StatusCode::OK,
-            "application/openmetrics-text; version=1.0.0; charset=utf-8",
-            state.metrics.encode(),
+            crate::metrics::classic::CONTENT_TYPE,
+            state.metrics.encode_classic(),
         ),
         _ => respond(StatusCode::NOT_FOUND, "text/plain", "not found\n".into()),
     }
@@ -182,7 +195,19 @@ pub async fn serve<L>(
         let state = state.clone();
         tokio::spawn(async move {
             let svc = service_fn(move |req: Request<hyper::body::Incoming>| {
-                let resp = route(&state, caller, req.method(), req.uri().path());
+                let accept = req
+                    .headers()
+                    .get(hyper::header::ACCEPT)
+                    .and_then(|v| v.to_str().ok());
+                let resp = route(
+                    &state,
+                    caller,
+                    AdminRequest {
+                        method: req.method(),
+                        path: req.uri().path(),
+                        accept,
+                    },
+                );
                 async move { Ok::<_, Infallible>(resp) }
             });
             if let Err(e) = hyper::server::conn::http1::Builder::new()

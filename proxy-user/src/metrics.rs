@@ -353,13 +353,20 @@ impl Metrics {
             .set(1);
     }
 
-    /// Prometheus text exposition format.
+    /// OpenMetrics text (what `/metrics` serves when the scraper asks for it).
     pub fn encode(&self) -> String {
         let mut out = String::new();
         encode(&mut out, &self.registry).expect("writing to a String cannot fail");
         out
     }
+
+    /// The classic Prometheus text format, what `/metrics` serves by default.
+    pub fn encode_classic(&self) -> String {
+        classic::from_openmetrics(&self.encode())
+    }
 }
+
+pub mod classic;
 
 /// The kernel programs' counters (`ecsmesh_kernel_connects_total{verdict}`), read from the
 /// per-CPU map at each scrape; nothing is exported until the programs are installed.

@@ -238,6 +238,42 @@ fn retries_hide_a_flaky_endpoint_posts_are_not_retried_and_slow_endpoints_get_li
     let c: Value = serde_json::from_str(&body).unwrap();
     assert_eq!(c["traffic"]["defaults"]["max_attempts"], 3, "{c}");
     assert!(!body.contains("PRIVATE KEY"));
+
+    // `/metrics` after all that traffic (retries, ejections, timeouts counters): classic
+    // Prometheus text by default, and `promtool check metrics` accepts it.
+    let (status, text) = a.netns.http_get(a.admin, "/metrics").unwrap();
+    assert_eq!(status, 200);
+    assert!(!text.contains("# EOF"), "classic format, not OpenMetrics");
+    assert!(
+        text.contains("# TYPE ecsmesh_retries_total counter"),
+        "{text}"
+    );
+    promtool_check(&text);
+}
+
+/// `promtool check metrics` (Debian's `prometheus`, installed by `cargo xtask setup`).
+fn promtool_check(text: &str) {
+    use std::io::Write;
+    let mut child = std::process::Command::new("/usr/bin/promtool")
+        .args(["check", "metrics"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("promtool (Debian package prometheus): run `cargo xtask setup`");
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(text.as_bytes())
+        .unwrap();
+    let out = child.wait_with_output().unwrap();
+    assert!(
+        out.status.success(),
+        "promtool check metrics: {}{}\n{text}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
 }
 
 #[test]

@@ -12,6 +12,7 @@ use crate::run as exec;
 pub const BPF_RUSTC: &str = "/usr/bin/rustc";
 const RUST_SRC_CORE: &str = "/usr/lib/rustlib/src/rust/library/core";
 pub const STUNNEL: &str = "/usr/bin/stunnel4";
+pub const PROMTOOL: &str = "/usr/bin/promtool";
 pub const PLOT_FONT: &str = "/usr/share/fonts/truetype/dejavu/DejaVuSans.ttf";
 
 pub fn on_path(tool: &str) -> bool {
@@ -51,6 +52,10 @@ pub fn missing_apt_packages() -> Vec<&'static str> {
     }
     if !Path::new(PLOT_FONT).exists() {
         need.push("fonts-dejavu-core");
+    }
+    // The metrics tests: `promtool check metrics` on the proxies' exposition.
+    if !Path::new(PROMTOOL).exists() {
+        need.push("prometheus");
     }
     need
 }
