@@ -50,10 +50,7 @@ pub fn from_openmetrics(om: &str) -> String {
             continue;
         } else {
             let sample = line.split_once(" # ").map_or(line, |(s, _)| s);
-            let name = sample
-                .split(|c: char| c == '{' || c == ' ')
-                .next()
-                .unwrap_or("");
+            let name = sample.split(['{', ' ']).next().unwrap_or("");
             // A counter's creation time has no place in the classic format.
             if name
                 .strip_suffix("_created")
