@@ -3,7 +3,7 @@
 use std::sync::{Arc, OnceLock};
 
 use prometheus_client::{
-    encoding::{EncodeLabelSet, text::encode},
+    encoding::EncodeLabelSet,
     metrics::{counter::Counter, family::Family, gauge::Gauge},
     registry::Registry,
 };
@@ -94,6 +94,8 @@ pub struct EndpointLabels {
 
 pub struct Metrics {
     registry: Registry,
+    /// The standard `process_*` series, without the `ecsmesh_` prefix.
+    process: Registry,
     /// Retried attempts, by service and what failed (status, connect, reset, unavailable,
     /// per_try_timeout).
     pub retries: Family<ServiceReasonLabels, Counter>,
@@ -184,6 +186,11 @@ impl Metrics {
             open_files_limit: Gauge::default(),
             kernel: KernelCounters::default(),
             registry: Registry::default(),
+            process: {
+                let mut r = Registry::default();
+                r.register_collector(Box::new(process::ProcessCollector));
+                r
+            },
         };
         registry.register_collector(Box::new(m.kernel.clone()));
         registry.register(
@@ -355,8 +362,12 @@ impl Metrics {
 
     /// OpenMetrics text (what `/metrics` serves when the scraper asks for it).
     pub fn encode(&self) -> String {
+        use prometheus_client::encoding::text::{encode_eof, encode_registry};
         let mut out = String::new();
-        encode(&mut out, &self.registry).expect("writing to a String cannot fail");
+        encode_registry(&mut out, &self.registry)
+            .and_then(|()| encode_registry(&mut out, &self.process))
+            .and_then(|()| encode_eof(&mut out))
+            .expect("writing to a String cannot fail");
         out
     }
 
@@ -367,6 +378,7 @@ impl Metrics {
 }
 
 pub mod classic;
+pub mod process;
 
 /// The kernel programs' counters (`ecsmesh_kernel_connects_total{verdict}`), read from the
 /// per-CPU map at each scrape; nothing is exported until the programs are installed.

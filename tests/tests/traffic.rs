@@ -248,6 +248,15 @@ fn retries_hide_a_flaky_endpoint_posts_are_not_retried_and_slow_endpoints_get_li
         text.contains("# TYPE ecsmesh_retries_total counter"),
         "{text}"
     );
+    // The standard process series, under their usual names.
+    let scrape = a.metrics();
+    for name in [
+        "process_resident_memory_bytes",
+        "process_open_fds",
+        "process_cpu_seconds_total",
+    ] {
+        assert!(counter(&scrape, name, &[]) > 0.0, "{name} in {text}");
+    }
     promtool_check(&text);
 }
 
