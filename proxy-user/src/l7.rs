@@ -29,6 +29,9 @@ pub type Body = BoxBody<Bytes, hyper::Error>;
 pub const PROXY_ERROR: HeaderName = HeaderName::from_static("ecsmesh-proxy-error");
 pub const TARGET: HeaderName = HeaderName::from_static("ecsmesh-target");
 pub const ORIG_PROTO: HeaderName = HeaderName::from_static("ecsmesh-orig-proto");
+/// The source task's family, for the destination hop's telemetry (its workload label);
+/// the identity itself comes from the peer certificate, never from a header.
+pub const SOURCE_WORKLOAD: HeaderName = HeaderName::from_static("ecsmesh-source-workload");
 
 pub fn empty() -> Body {
     Empty::new().map_err(|never| match never {}).boxed()

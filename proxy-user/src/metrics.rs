@@ -49,16 +49,6 @@ pub struct ResultLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-pub struct HttpLabels {
-    /// `outbound` (source proxy) or `inbound` (destination proxy).
-    pub side: &'static str,
-    pub service: String,
-    pub response_code: u16,
-    /// `true` when the response was made by a proxy (`ecsmesh-proxy-error`).
-    pub proxy_error: bool,
-}
-
-#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct AcceptLabels {
     /// `outbound`, `tunnel`, `admin` or `admin_socket`.
     pub listener: &'static str,
@@ -94,8 +84,8 @@ pub struct EndpointLabels {
 
 pub struct Metrics {
     registry: Registry,
-    /// The standard `process_*` series, without the `ecsmesh_` prefix.
-    process: Registry,
+    /// The standard series, without the `ecsmesh_` prefix: Istio's and `process_*`.
+    standard: Registry,
     /// Retried attempts, by service and what failed (status, connect, reset, unavailable,
     /// per_try_timeout).
     pub retries: Family<ServiceReasonLabels, Counter>,
@@ -107,8 +97,8 @@ pub struct Metrics {
     pub endpoint_requests: Family<EndpointLabels, Counter>,
     /// Filled once the eBPF programs are installed.
     pub kernel: KernelCounters,
-    /// HTTP requests through the mesh, by side, service and response code.
-    pub http_requests: Family<HttpLabels, Counter>,
+    /// Istio's request metrics (unprefixed, in the standard registry).
+    pub istio: istio::Istio,
     /// 1 per anchor in the node's trust bundle (label: SHA-256 fingerprint).
     pub trust_anchors: Family<AnchorLabels, Gauge>,
     /// 1 for the issuer the node signs SVIDs with, and the anchor it chains to.
@@ -159,7 +149,7 @@ impl Metrics {
     pub fn with_extra(extra: impl FnOnce(&mut Registry)) -> Self {
         let mut registry = Registry::with_prefix("ecsmesh");
         extra(&mut registry);
-        let m = Self {
+        let mut m = Self {
             retries: Family::default(),
             retry_budget_exhausted: Family::default(),
             timeouts: Family::default(),
@@ -178,7 +168,7 @@ impl Metrics {
             inbound_from_task: Family::default(),
             trust_anchors: Family::default(),
             issuer: Family::default(),
-            http_requests: Family::default(),
+            istio: istio::Istio::default(),
             accept_errors: Family::default(),
             tunnel_closed: Family::default(),
             handshakes_in_progress: Gauge::default(),
@@ -186,18 +176,12 @@ impl Metrics {
             open_files_limit: Gauge::default(),
             kernel: KernelCounters::default(),
             registry: Registry::default(),
-            process: {
-                let mut r = Registry::default();
-                r.register_collector(Box::new(process::ProcessCollector));
-                r
-            },
+            standard: Registry::default(),
         };
         registry.register_collector(Box::new(m.kernel.clone()));
-        registry.register(
-            "http_requests",
-            "HTTP requests through the mesh, by side (outbound, inbound), service and response code",
-            m.http_requests.clone(),
-        );
+        m.istio.register(&mut m.standard);
+        m.standard
+            .register_collector(Box::new(process::ProcessCollector));
         registry.register(
             "trust_anchor",
             "Anchors in this node's trust bundle, by SHA-256 fingerprint (value 1)",
@@ -319,17 +303,6 @@ impl Metrics {
     }
 
     /// One HTTP request through the mesh, counted with its response at one side.
-    pub fn http_response<B>(&self, side: &'static str, service: String, resp: &http::Response<B>) {
-        self.http_requests
-            .get_or_create(&HttpLabels {
-                side,
-                service,
-                response_code: resp.status().as_u16(),
-                proxy_error: resp.headers().contains_key(&crate::l7::PROXY_ERROR),
-            })
-            .inc();
-    }
-
     pub fn reject(&self, side: &'static str, reason: &'static str) {
         self.rejected
             .get_or_create(&RejectLabels { side, reason })
@@ -365,7 +338,7 @@ impl Metrics {
         use prometheus_client::encoding::text::{encode_eof, encode_registry};
         let mut out = String::new();
         encode_registry(&mut out, &self.registry)
-            .and_then(|()| encode_registry(&mut out, &self.process))
+            .and_then(|()| encode_registry(&mut out, &self.standard))
             .and_then(|()| encode_eof(&mut out))
             .expect("writing to a String cannot fail");
         out
@@ -378,6 +351,7 @@ impl Metrics {
 }
 
 pub mod classic;
+pub mod istio;
 pub mod process;
 
 /// The kernel programs' counters (`ecsmesh_kernel_connects_total{verdict}`), read from the

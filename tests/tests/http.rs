@@ -101,11 +101,12 @@ impl Http {
         serde_json::from_slice(&out.stdout).expect("probe json")
     }
 
-    fn requests(&self, inst: usize, side: &str) -> f64 {
+    /// Istio's `istio_requests_total` on instance `inst` as `reporter` reports it.
+    fn requests(&self, inst: usize, reporter: &str) -> f64 {
         counter(
             &self.w.instances[inst].metrics(),
-            "ecsmesh_http_requests_total",
-            &[("side", side)],
+            "istio_requests_total",
+            &[("reporter", reporter)],
         )
     }
 }
@@ -134,22 +135,44 @@ fn http_passes_intact_through_the_mesh() {
             "our headers stay between the proxies: {resp}"
         );
     }
-    assert_eq!(h.requests(0, "outbound"), 3.0);
+    assert_eq!(h.requests(0, "source"), 3.0);
     assert_eq!(
-        h.requests(1, "inbound"),
+        h.requests(1, "destination"),
         3.0,
         "the destination proxy saw each request"
     );
-    let ma = h.w.instances[0].metrics();
-    assert_eq!(
-        counter(
-            &ma,
-            "ecsmesh_http_requests_total",
-            &[("service", "web"), ("response_code", "200")]
-        ),
-        3.0,
-        "classified by the authority `web`"
+    // Both hops report the same requests with Istio's labels: workloads are task
+    // families, principals SPIFFE IDs, the namespace the cluster.
+    let (client, server) = (
+        h.w.instances[0].tasks[0].family.clone(),
+        h.w.instances[1].tasks[0].family.clone(),
     );
+    let (client_id, server_id) = (h.w.identity(&client), h.w.identity(&server));
+    for (inst, reporter, policy) in [(0, "source", "unknown"), (1, "destination", "mutual_tls")] {
+        let m = h.w.instances[inst].metrics();
+        let labels = [
+            ("reporter", reporter),
+            ("source_workload", client.as_str()),
+            ("source_principal", client_id.as_str()),
+            ("destination_workload", server.as_str()),
+            ("destination_principal", server_id.as_str()),
+            ("destination_service", "web"),
+            ("response_code", "200"),
+            ("response_flags", "-"),
+            ("request_protocol", "http"),
+            ("connection_security_policy", policy),
+        ];
+        assert_eq!(
+            counter(&m, "istio_requests_total", &labels),
+            3.0,
+            "{reporter}: classified by the authority `web`, with Istio's labels"
+        );
+        assert_eq!(
+            counter(&m, "istio_request_duration_milliseconds_count", &labels),
+            3.0,
+            "{reporter}: one duration observation per request"
+        );
+    }
 
     // h2c with prior knowledge reaches the application as HTTP/2.
     let r = h.probe(H2, "h2c");
@@ -217,7 +240,7 @@ fn tls_server_first_and_silent_clients_stay_opaque() {
     );
 
     // Nothing went through the HTTP path.
-    assert_eq!(h.requests(0, "outbound"), 0.0);
+    assert_eq!(h.requests(0, "source"), 0.0);
 }
 
 #[test]

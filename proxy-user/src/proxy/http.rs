@@ -19,12 +19,15 @@ use tokio_util::sync::CancellationToken;
 use super::{
     Mesh, TunnelError,
     detect::Protocol,
-    route::{Head, Routed},
+    route::{Chosen, Head, Routed},
 };
 use crate::{
     identity::SpiffeId,
     l7::{self, Body, OrigProto, proxy_error},
-    metrics::Metrics,
+    metrics::{
+        Metrics,
+        istio::{self, RequestLabels},
+    },
 };
 
 /// Largest request head a task may send (request line + headers); beyond it the client
@@ -38,10 +41,13 @@ pub struct HttpFlow {
     pub mesh: Arc<Mesh>,
     pub metrics: Arc<Metrics>,
     pub source: SpiffeId,
+    /// The source task's family (its workload, for telemetry).
+    pub source_family: String,
     pub expected: SpiffeId,
     pub tunnel: SocketAddr,
-    /// The endpoint the task dialled.
+    /// The endpoint the task dialled, and its family.
     pub target: SocketAddr,
+    pub target_family: String,
     /// That endpoint's service.
     pub service: String,
 }
@@ -89,6 +95,8 @@ impl HttpFlow {
     }
 
     async fn forward(&self, req: Request<Incoming>) -> Response<Body> {
+        let started = std::time::Instant::now();
+        let protocol = istio::request_protocol(req.headers());
         let service = req
             .uri()
             .authority()
@@ -114,8 +122,45 @@ impl HttpFlow {
         } else {
             self.send(req, &service).await
         };
-        self.metrics.http_response("outbound", service, &resp);
+        self.report(service, protocol, &resp, started.elapsed());
         resp
+    }
+
+    /// The source hop's telemetry: the destination is the endpoint that answered.
+    fn report(
+        &self,
+        service: String,
+        protocol: &'static str,
+        resp: &Response<Body>,
+        elapsed: std::time::Duration,
+    ) {
+        let (destination_workload, destination_principal) = match resp.extensions().get::<Chosen>()
+        {
+            Some(c) => (c.family.clone(), c.principal.clone()),
+            None => (self.target_family.clone(), self.expected.to_string()),
+        };
+        let cluster = &self.mesh.expected.cluster;
+        let proxy_error = resp
+            .headers()
+            .get(&l7::PROXY_ERROR)
+            .and_then(|v| v.to_str().ok());
+        self.metrics.istio.record(
+            RequestLabels {
+                reporter: "source",
+                source_workload: self.source_family.clone(),
+                source_workload_namespace: cluster.clone(),
+                source_principal: self.source.to_string(),
+                destination_workload,
+                destination_workload_namespace: cluster.clone(),
+                destination_principal,
+                destination_service: service,
+                request_protocol: protocol,
+                response_code: resp.status().as_u16(),
+                response_flags: istio::response_flags(proxy_error),
+                connection_security_policy: "unknown",
+            },
+            elapsed,
+        );
     }
 
     fn tunnel_error(&self, e: &TunnelError) -> Response<Body> {
@@ -153,6 +198,9 @@ impl HttpFlow {
         l7::strip_hop_by_hop(&mut parts.headers);
         parts.headers.remove(header::HOST);
         parts.headers.insert(l7::ORIG_PROTO, proto.header());
+        if let Ok(v) = HeaderValue::from_str(&self.source_family) {
+            parts.headers.insert(l7::SOURCE_WORKLOAD, v);
+        }
         let policy = self.mesh.traffic.policy(service);
         let routed = Routed {
             mesh: &self.mesh,

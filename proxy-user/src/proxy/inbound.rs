@@ -23,7 +23,10 @@ use crate::{
     copy,
     identity::{IdentityManager, SpiffeId, peer_identity},
     l7::{self, AppClients, Body, OrigProto, proxy_error},
-    metrics::{HandshakeLabels, Metrics, StreamLabels},
+    metrics::{
+        HandshakeLabels, Metrics, StreamLabels,
+        istio::{self, RequestLabels},
+    },
     types::normalise,
 };
 
@@ -40,6 +43,8 @@ pub struct Inbound {
     pub limits: Limits,
     /// Slots for TLS handshakes past the ClientHello (`tunnel_handshake_cap`).
     pub handshake_slots: Arc<Semaphore>,
+    /// The ECS cluster (the namespace of workloads in telemetry).
+    pub cluster: String,
 }
 
 /// Counts a handshake holding a slot in `ecsmesh_tunnel_handshakes_in_progress`.
@@ -49,6 +54,17 @@ impl Drop for InProgress<'_> {
     fn drop(&mut self) {
         self.0.handshakes_in_progress.dec();
     }
+}
+
+/// Who is on the other end of a tunnel connection, and as whom this node answered.
+struct Peer {
+    /// The source workload's identity (its certificate).
+    source: SpiffeId,
+    /// The identity this node presented (chosen by SNI), the local task's.
+    served: SpiffeId,
+    /// That local task's family.
+    family: String,
+    local: SocketAddr,
 }
 
 fn status(code: StatusCode) -> Response<Body> {
@@ -153,8 +169,13 @@ impl Inbound {
         let this = self.clone();
         let svc = service_fn(move |req| {
             let this = this.clone();
-            let (source, family) = (source.clone(), served_family.clone());
-            async move { Ok::<_, Infallible>(this.stream(req, source, family, local).await) }
+            let peer = Peer {
+                source: source.clone(),
+                served: served_id.clone(),
+                family: served_family.clone(),
+                local,
+            };
+            async move { Ok::<_, Infallible>(this.stream(req, peer).await) }
         });
         // Keepalive PINGs drop a client that went away without closing (its streams end).
         let conn = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
@@ -175,16 +196,16 @@ impl Inbound {
     }
 
     /// One stream: a CONNECT (opaque bytes to the endpoint) or an HTTP request.
-    async fn stream(
-        &self,
-        req: Request<Incoming>,
-        source: SpiffeId,
-        family: String,
-        local: SocketAddr,
-    ) -> Response<Body> {
+    async fn stream(&self, req: Request<Incoming>, peer: Peer) -> Response<Body> {
         if req.method() != Method::CONNECT {
-            return self.request(req, source, family, local).await;
+            return self.request(req, peer).await;
         }
+        let Peer {
+            source,
+            family,
+            local,
+            ..
+        } = peer;
         let authority = req
             .uri()
             .authority()
@@ -248,16 +269,45 @@ impl Inbound {
         status(StatusCode::OK)
     }
 
-    /// An HTTP request from a source proxy, counted with its response.
-    async fn request(
-        &self,
-        req: Request<Incoming>,
-        source: SpiffeId,
-        family: String,
-        local: SocketAddr,
-    ) -> Response<Body> {
-        let (service, resp) = self.forward(req, source, family, local).await;
-        self.metrics.http_response("inbound", service, &resp);
+    /// An HTTP request from a source proxy, reported with its response (the destination
+    /// hop of Istio's request metrics).
+    async fn request(&self, mut req: Request<Incoming>, peer: Peer) -> Response<Body> {
+        let started = std::time::Instant::now();
+        let protocol = istio::request_protocol(req.headers());
+        let source_workload = req
+            .headers_mut()
+            .remove(&l7::SOURCE_WORKLOAD)
+            .and_then(|v| v.to_str().ok().map(str::to_owned))
+            .unwrap_or_else(|| "unknown".to_owned());
+        let source_principal = peer.source.to_string();
+        let destination_principal = peer.served.to_string();
+        // The workload the source reached: the local task its certificate (by SNI) names.
+        let workload = peer.family.clone();
+        let (service, resp) = self
+            .forward(req, peer.source, peer.family, peer.local)
+            .await;
+        let proxy_error = resp
+            .headers()
+            .get(&l7::PROXY_ERROR)
+            .and_then(|v| v.to_str().ok());
+        let cluster = self.cluster.clone();
+        self.metrics.istio.record(
+            RequestLabels {
+                reporter: "destination",
+                source_workload,
+                source_workload_namespace: cluster.clone(),
+                source_principal,
+                destination_workload: workload,
+                destination_workload_namespace: cluster,
+                destination_principal,
+                destination_service: service,
+                request_protocol: protocol,
+                response_code: resp.status().as_u16(),
+                response_flags: istio::response_flags(proxy_error),
+                connection_security_policy: "mutual_tls",
+            },
+            started.elapsed(),
+        );
         resp
     }
 

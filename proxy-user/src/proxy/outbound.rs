@@ -189,9 +189,11 @@ impl Outbound {
             mesh: mesh.clone(),
             metrics: self.metrics.clone(),
             source,
+            source_family: task.family.clone(),
             expected,
             tunnel: ep.tunnel,
             target: dst.0,
+            target_family: ep.family.clone(),
             service: ep.service.clone(),
         });
         flow.serve(client, protocol, task.drain.clone()).await;

@@ -34,6 +34,14 @@ use crate::{
 /// Destination refusals that mean the application never saw the request.
 const NOT_DELIVERED: [&str; 2] = ["not_serving", "drained"];
 
+/// The endpoint that answered (or last failed) a request, in its response's extensions:
+/// the source hop's telemetry reports it as the destination.
+#[derive(Clone, Debug)]
+pub struct Chosen {
+    pub family: String,
+    pub principal: String,
+}
+
 /// The request head, kept to build each attempt.
 pub struct Head {
     pub method: Method,
@@ -252,9 +260,20 @@ impl Routed<'_> {
                 },
                 Err(f) => Some(*f),
             };
+            let chosen = Chosen {
+                family: ep.family.clone(),
+                principal: self
+                    .mesh
+                    .expected
+                    .for_endpoint(&ep)
+                    .map(|id| id.to_string())
+                    .unwrap_or_default(),
+            };
             let Some(failed) = failed else {
                 flight.finish(Outcome::Success(rtt), now);
-                return result.unwrap_or_else(|_| unreachable!("a success is a response"));
+                let mut resp = result.unwrap_or_else(|_| unreachable!("a success is a response"));
+                resp.extensions_mut().insert(chosen);
+                return resp;
             };
             flight.finish(Outcome::Failure(rtt), now);
             let (may, reason) = match failed {
@@ -267,18 +286,18 @@ impl Routed<'_> {
                 && deadline.is_none_or(|d| Instant::now() < d);
             if again && !self.state.budget.try_withdraw(std::time::Instant::now()) {
                 self.count(&self.metrics.retry_budget_exhausted, reason);
-                return self.answer(result);
+                return self.answer(result, chosen);
             }
             if !again {
-                return self.answer(result);
+                return self.answer(result, chosen);
             }
             self.count(&self.metrics.retries, reason);
             tokio::time::sleep(crate::balance::backoff(attempt, &mut rng)).await;
         }
     }
 
-    fn answer(&self, result: Result<Response<Body>, Failed>) -> Response<Body> {
-        match result {
+    fn answer(&self, result: Result<Response<Body>, Failed>, chosen: Chosen) -> Response<Body> {
+        let mut resp = match result {
             Ok(resp) => resp,
             Err(Failed::NotSent(r) | Failed::Maybe(r)) => {
                 let status = match r {
@@ -287,7 +306,9 @@ impl Routed<'_> {
                 };
                 proxy_error(status, r)
             }
-        }
+        };
+        resp.extensions_mut().insert(chosen);
+        resp
     }
 
     /// One attempt at `ep`: a tunnel stream within the connect timeout, then the response

@@ -96,6 +96,7 @@ pub(super) fn parts(
         handshake_slots: Arc::new(tokio::sync::Semaphore::new(
             config.limits.tunnel_handshake_cap,
         )),
+        cluster: config.cluster.clone(),
     });
     Ok(Some(MeshParts {
         identities,
