@@ -9,11 +9,6 @@ use prometheus_client::{
 };
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-pub struct TaskLabels {
-    pub source_task: String,
-}
-
-#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct ReasonLabels {
     pub reason: &'static str,
 }
@@ -117,12 +112,6 @@ pub struct Metrics {
     pub inbound_to_task: Family<StreamLabels, Counter>,
     /// Inbound tunnel bytes from the local task back to the remote caller.
     pub inbound_from_task: Family<StreamLabels, Counter>,
-    pub opened: Family<TaskLabels, Counter>,
-    pub closed: Family<TaskLabels, Counter>,
-    /// Bytes from the task towards its destination.
-    pub sent: Family<TaskLabels, Counter>,
-    /// Bytes from the destination back to the task.
-    pub received: Family<TaskLabels, Counter>,
     /// Connections the proxy accepted but could not forward, by reason.
     pub failed: Family<ReasonLabels, Counter>,
     /// Accept errors by listener and error; resource errors pause accepting.
@@ -154,10 +143,6 @@ impl Metrics {
             retry_budget_exhausted: Family::default(),
             timeouts: Family::default(),
             endpoint_requests: Family::default(),
-            opened: Family::default(),
-            closed: Family::default(),
-            sent: Family::default(),
-            received: Family::default(),
             failed: Family::default(),
             handshakes: Family::default(),
             ecs_tasks: Family::default(),
@@ -244,26 +229,6 @@ impl Metrics {
             m.endpoint_requests.clone(),
         );
         registry.register(
-            "tcp_connections_opened",
-            "TCP connections opened through the node proxy",
-            m.opened.clone(),
-        );
-        registry.register(
-            "tcp_connections_closed",
-            "TCP connections closed through the node proxy",
-            m.closed.clone(),
-        );
-        registry.register(
-            "tcp_sent_bytes",
-            "Bytes sent by the source task towards its destination",
-            m.sent.clone(),
-        );
-        registry.register(
-            "tcp_received_bytes",
-            "Bytes received by the source task from its destination",
-            m.received.clone(),
-        );
-        registry.register(
             "tcp_connections_failed",
             "Accepted connections that could not be forwarded",
             m.failed.clone(),
@@ -294,12 +259,6 @@ impl Metrics {
             m.open_files_limit.clone(),
         );
         Self { registry, ..m }
-    }
-
-    pub fn task(task: &str) -> TaskLabels {
-        TaskLabels {
-            source_task: task.to_owned(),
-        }
     }
 
     /// One HTTP request through the mesh, counted with its response at one side.

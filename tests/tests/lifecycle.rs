@@ -68,13 +68,13 @@ fn two_instances_on_one_kernel_are_isolated_and_uninstall_one_leaves_the_other()
     let opened = |m, task: &str| {
         counter(
             m,
-            "ecsmesh_tcp_connections_opened_total",
-            &[("source_task", task)],
+            "istio_tcp_connections_opened_total",
+            &[("source_workload", task)],
         )
     };
     let (ida, idb) = (
-        w.instances[0].tasks[ta].id.clone(),
-        w.instances[1].tasks[tb].id.clone(),
+        w.instances[0].tasks[ta].family.clone(),
+        w.instances[1].tasks[tb].family.clone(),
     );
     assert_eq!((opened(&ma, &ida), opened(&ma, &idb)), (3.0, 0.0));
     assert_eq!((opened(&mb, &ida), opened(&mb, &idb)), (0.0, 2.0));

@@ -38,22 +38,22 @@ fn enrolled_tasks_go_through_the_proxy_in_host_and_bridge_mode() {
     let opened = |task: usize| {
         counter(
             &m,
-            "ecsmesh_tcp_connections_opened_total",
-            &[("source_task", &a.tasks[task].id)],
+            "istio_tcp_connections_opened_total",
+            &[("source_workload", &a.tasks[task].family)],
         )
     };
     assert_eq!(opened(host), 2.0);
     assert_eq!(opened(bridge), 3.0);
     let sent = counter(
         &m,
-        "ecsmesh_tcp_sent_bytes_total",
-        &[("source_task", &a.tasks[host].id)],
+        "istio_tcp_received_bytes_total",
+        &[("source_workload", &a.tasks[host].family)],
     );
     assert_eq!(sent, 2.0 * 4096.0, "bytes from the task towards the server");
     let received = counter(
         &m,
-        "ecsmesh_tcp_received_bytes_total",
-        &[("source_task", &a.tasks[host].id)],
+        "istio_tcp_sent_bytes_total",
+        &[("source_workload", &a.tasks[host].family)],
     );
     // The echo plus the server's greeting line ("10.0.0.2:9000\n", "[fd00::2]:9000\n").
     assert_eq!(received, 2.0 * 4096.0 + 14.0 + 15.0);
@@ -105,7 +105,7 @@ fn two_hundred_concurrent_connections_reach_their_own_destinations() {
     assert_eq!(total, 200);
     let m = a.metrics();
     assert_eq!(
-        counter(&m, "ecsmesh_tcp_connections_opened_total", &[]),
+        counter(&m, "istio_tcp_connections_opened_total", &[]),
         200.0
     );
 }
@@ -181,10 +181,7 @@ fn excluded_destinations_and_udp_are_not_redirected() {
     let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(v["peer"], "10.0.0.12:9000");
     let m = a.metrics();
-    assert_eq!(
-        counter(&m, "ecsmesh_tcp_connections_opened_total", &[]),
-        2.0
-    );
+    assert_eq!(counter(&m, "istio_tcp_connections_opened_total", &[]), 2.0);
 }
 
 /// A proxy inside a task's cgroup would be exempt together with that task (the kernel

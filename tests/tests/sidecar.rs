@@ -65,8 +65,8 @@ fn bridge_task_traffic_goes_through_its_own_sidecar_over_mtls() {
     assert_eq!(
         counter(
             &ma,
-            "ecsmesh_tcp_connections_opened_total",
-            &[("source_task", task_a.id.as_str())]
+            "istio_tcp_connections_opened_total",
+            &[("source_workload", task_a.family.as_str())]
         ),
         3.0,
         "client sidecar forwarded the three connections"
@@ -101,7 +101,7 @@ fn bridge_task_traffic_goes_through_its_own_sidecar_over_mtls() {
     for i in 0..2 {
         let m = w.instances[i].metrics();
         assert_eq!(
-            counter(&m, "ecsmesh_tcp_connections_opened_total", &[]),
+            counter(&m, "istio_tcp_connections_opened_total", &[]),
             0.0,
             "node proxy of instance {i} was not involved"
         );

@@ -63,7 +63,7 @@ pub fn run() -> Result<()> {
     for inst in &world.instances {
         println!("\nwhat the node proxy of {} saw (GET /metrics):", inst.name);
         let (_, body) = inst.netns.http_get(inst.admin, "/metrics")?;
-        for line in body.lines().filter(|l| l.starts_with("ecsmesh_tcp")) {
+        for line in body.lines().filter(|l| l.starts_with("istio_tcp")) {
             println!("  {line}");
         }
     }

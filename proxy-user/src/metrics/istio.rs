@@ -37,10 +37,32 @@ pub struct RequestLabels {
     pub connection_security_policy: &'static str,
 }
 
+/// Istio's TCP labels (`istio_tcp_*`), reported by the source hop.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct TcpLabels {
+    pub reporter: &'static str,
+    pub source_workload: String,
+    pub source_workload_namespace: String,
+    pub source_principal: String,
+    /// `unknown` for a destination outside the mesh (permissive mode).
+    pub destination_workload: String,
+    pub destination_workload_namespace: String,
+    pub destination_principal: String,
+    pub destination_service: String,
+    pub request_protocol: &'static str,
+    pub connection_security_policy: &'static str,
+}
+
 #[derive(Clone)]
 pub struct Istio {
     pub requests: Family<RequestLabels, Counter>,
     pub duration: Family<RequestLabels, Histogram>,
+    pub tcp_opened: Family<TcpLabels, Counter>,
+    pub tcp_closed: Family<TcpLabels, Counter>,
+    /// Request bytes: from the source task towards the destination (Istio's meaning).
+    pub tcp_received: Family<TcpLabels, Counter>,
+    /// Response bytes: from the destination back to the source task.
+    pub tcp_sent: Family<TcpLabels, Counter>,
 }
 
 impl Default for Istio {
@@ -50,6 +72,10 @@ impl Default for Istio {
             duration: Family::new_with_constructor(|| {
                 Histogram::new(DURATION_BUCKETS.iter().copied())
             }),
+            tcp_opened: Family::default(),
+            tcp_closed: Family::default(),
+            tcp_received: Family::default(),
+            tcp_sent: Family::default(),
         }
     }
 }
@@ -60,6 +86,26 @@ impl Istio {
             "istio_requests",
             "Requests, by reporter (source, destination) and Istio's workload labels",
             self.requests.clone(),
+        );
+        registry.register(
+            "istio_tcp_connections_opened",
+            "TCP connections opened through the proxy, by Istio's workload labels",
+            self.tcp_opened.clone(),
+        );
+        registry.register(
+            "istio_tcp_connections_closed",
+            "TCP connections closed through the proxy",
+            self.tcp_closed.clone(),
+        );
+        registry.register(
+            "istio_tcp_received_bytes",
+            "Request bytes: from the source task towards its destination",
+            self.tcp_received.clone(),
+        );
+        registry.register(
+            "istio_tcp_sent_bytes",
+            "Response bytes: from the destination back to the source task",
+            self.tcp_sent.clone(),
         );
         registry.register(
             "istio_request_duration_milliseconds",

@@ -16,7 +16,7 @@ use crate::{
     discovery::Endpoint,
     ebpf::OrigDstSource,
     identity::SpiffeId,
-    metrics::{Metrics, TaskLabels},
+    metrics::{Metrics, istio::TcpLabels},
     tasks::{TaskRef, TaskTable},
     types::{OrigDst, normalise},
 };
@@ -48,6 +48,8 @@ pub struct Outbound {
     pub max_connections_per_task: usize,
     /// Opaque TCP connections idle this long are closed (`None`: never).
     pub tcp_idle_timeout: Option<Duration>,
+    /// The ECS cluster (the namespace of workloads in telemetry).
+    pub cluster: String,
 }
 
 impl Outbound {
@@ -105,14 +107,14 @@ impl Outbound {
             tracing::warn!(task = %task.id, %dst, "strict mode: destination is not a meshed endpoint; closing");
             return;
         }
-        let labels = Metrics::task(task.id.as_str());
-        self.metrics.opened.get_or_create(&labels).inc();
+        let labels = self.tcp_labels(&task, meshed.as_ref().map(|(m, ep)| (*m, ep)));
+        self.metrics.istio.tcp_opened.get_or_create(&labels).inc();
         let _ = client.set_nodelay(true);
         let result = match meshed {
             Some((mesh, ep)) => self.meshed(client, mesh, &task, &ep, dst, &labels).await,
             None => self.forward(client, &task, dst, &labels).await,
         };
-        self.metrics.closed.get_or_create(&labels).inc();
+        self.metrics.istio.tcp_closed.get_or_create(&labels).inc();
         match result {
             Ok(()) => tracing::debug!(%peer, %dst, task = %task.id, "connection closed"),
             Err(e) => {
@@ -121,12 +123,43 @@ impl Outbound {
         }
     }
 
+    /// Istio's TCP labels of a connection from `task`: to a meshed endpoint, or (`None`)
+    /// to a destination outside the mesh.
+    fn tcp_labels(&self, task: &TaskRef, meshed: Option<(&Arc<Mesh>, &Endpoint)>) -> TcpLabels {
+        let unknown = || "unknown".to_owned();
+        let (destination_workload, destination_service, destination_principal) = match meshed {
+            Some((mesh, ep)) => (
+                ep.family.clone(),
+                ep.service.clone(),
+                mesh.expected
+                    .for_endpoint(ep)
+                    .map_or_else(unknown, |id| id.to_string()),
+            ),
+            None => (unknown(), unknown(), unknown()),
+        };
+        TcpLabels {
+            reporter: "source",
+            source_workload: task.family.clone(),
+            source_workload_namespace: self.cluster.clone(),
+            source_principal: task
+                .identity
+                .as_ref()
+                .map_or_else(unknown, |id| id.to_string()),
+            destination_workload,
+            destination_workload_namespace: self.cluster.clone(),
+            destination_principal,
+            destination_service,
+            request_protocol: "tcp",
+            connection_security_policy: "unknown",
+        }
+    }
+
     async fn forward(
         &self,
         client: TcpStream,
         task: &TaskRef,
         dst: OrigDst,
-        labels: &TaskLabels,
+        labels: &TcpLabels,
     ) -> io::Result<()> {
         let upstream = match tokio::time::timeout(
             CONNECT_TIMEOUT,
@@ -156,7 +189,7 @@ impl Outbound {
         task: &Arc<TaskRef>,
         ep: &Endpoint,
         dst: OrigDst,
-        labels: &TaskLabels,
+        labels: &TcpLabels,
     ) -> io::Result<()> {
         let (Some(source), Some(expected)) =
             (task.identity.clone(), mesh.expected.for_endpoint(ep))
@@ -207,7 +240,7 @@ impl Outbound {
         mesh: &Mesh,
         task: &TaskRef,
         stream: TunnelStream<'_>,
-        labels: &TaskLabels,
+        labels: &TcpLabels,
     ) -> io::Result<()>
     where
         C: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
@@ -251,7 +284,7 @@ impl Outbound {
         task: &TaskRef,
         source: &SpiffeId,
         dialled: &Endpoint,
-        labels: &TaskLabels,
+        labels: &TcpLabels,
     ) -> io::Result<()> {
         let service = dialled.service.as_str();
         let policy = mesh.traffic.policy(service);
@@ -332,14 +365,21 @@ impl Outbound {
         client: C,
         upstream: U,
         task: &TaskRef,
-        labels: &TaskLabels,
+        labels: &TcpLabels,
     ) -> io::Result<()>
     where
         C: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
         U: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
     {
-        let sent = self.metrics.sent.get_or_create(labels).clone();
-        let received = self.metrics.received.get_or_create(labels).clone();
+        // Istio's directions: "received" is the request (task → destination), "sent" the
+        // response (destination → task).
+        let sent = self
+            .metrics
+            .istio
+            .tcp_received
+            .get_or_create(labels)
+            .clone();
+        let received = self.metrics.istio.tcp_sent.get_or_create(labels).clone();
         let copy = copy::bidirectional(client, upstream, &sent, &received, self.tcp_idle_timeout);
         tokio::select! {
             r = copy => match r? {

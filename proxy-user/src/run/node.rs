@@ -157,6 +157,7 @@ impl Bound {
             detect_timeout: config.detect_timeout,
             max_connections_per_task: config.limits.max_connections_per_task,
             tcp_idle_timeout: config.limits.tcp_idle_timeout,
+            cluster: config.cluster.clone(),
         });
         Ok(Installed {
             core,

@@ -73,10 +73,18 @@ async fn start_capped(
         detect_timeout: std::time::Duration::from_secs(10),
         max_connections_per_task,
         tcp_idle_timeout: None,
+        cluster: "test".into(),
     });
     let stop = CancellationToken::new();
     tokio::spawn(proxy.serve(listener, stop.clone(), TaskTracker::new()));
     (addr, metrics, stop, tasks)
+}
+
+/// The value of `name` for the test task's workload (`web`) in an exposition.
+fn sample(text: &str, name: &str) -> Option<f64> {
+    text.lines()
+        .find(|l| l.starts_with(&format!("{name}{{")) && l.contains("source_workload=\"web\""))
+        .and_then(|l| l.rsplit(' ').next()?.parse().ok())
 }
 
 #[tokio::test]
@@ -95,22 +103,15 @@ async fn forwards_to_the_original_destination_with_half_close() {
     // Counters are updated as bytes flow; closed once both directions ended.
     tokio::time::sleep(Duration::from_millis(50)).await;
     let text = metrics.encode();
-    assert!(
-        text.contains("ecsmesh_tcp_connections_opened_total{source_task=\"task-a\"} 1"),
-        "{text}"
-    );
-    assert!(
-        text.contains("ecsmesh_tcp_connections_closed_total{source_task=\"task-a\"} 1"),
-        "{text}"
-    );
-    assert!(
-        text.contains("ecsmesh_tcp_sent_bytes_total{source_task=\"task-a\"} 10"),
-        "{text}"
-    );
-    assert!(
-        text.contains("ecsmesh_tcp_received_bytes_total{source_task=\"task-a\"} 10"),
-        "{text}"
-    );
+    for (name, value) in [
+        ("istio_tcp_connections_opened_total", 1.0),
+        ("istio_tcp_connections_closed_total", 1.0),
+        // Istio's directions: received = request bytes, sent = response bytes.
+        ("istio_tcp_received_bytes_total", 10.0),
+        ("istio_tcp_sent_bytes_total", 10.0),
+    ] {
+        assert_eq!(sample(&text, name), Some(value), "{name} in {text}");
+    }
     assert!(table.0.lock().unwrap().is_empty(), "entry claimed");
 }
 
@@ -170,10 +171,9 @@ async fn unenrolling_a_task_drains_its_open_connections() {
         "connection closed by the drain"
     );
     tokio::time::sleep(Duration::from_millis(50)).await;
-    assert!(
-        metrics
-            .encode()
-            .contains("ecsmesh_tcp_connections_closed_total{source_task=\"task-a\"} 1")
+    assert_eq!(
+        sample(&metrics.encode(), "istio_tcp_connections_closed_total"),
+        Some(1.0)
     );
 }
 
