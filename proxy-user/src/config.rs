@@ -173,6 +173,8 @@ pub struct Config {
     pub limits: Limits,
     /// Retries, budget, timeouts and balancing, per service.
     pub traffic: Traffic,
+    /// Access logs (HTTP, TCP), off by default.
+    pub access_log: crate::access_log::AccessLogSettings,
     /// Meshed endpoints; empty without `discovery_file`.
     #[serde(skip)]
     pub discovery: Discovery,

@@ -71,6 +71,7 @@ async fn pump<R, W>(
     mut from: R,
     mut to: W,
     bytes: &Counter,
+    total: &AtomicU64,
     activity: Option<&Activity>,
 ) -> io::Result<()>
 where
@@ -87,39 +88,126 @@ where
         to.write_all(&buf[..n]).await?;
         activity.inspect(|a| a.touch());
         bytes.inc_by(n as u64);
+        total.fetch_add(n as u64, Ordering::Relaxed);
     }
 }
 
-/// Copy `a` ⇄ `b` until both directions are done; `a_to_b`/`b_to_a` count the bytes.
-/// With `idle`, the copy also ends (`Ended::Idle`, both legs dropped) once no byte has
-/// moved in either direction for that long.
+/// How a copy ended and what it moved.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Copied {
+    pub ended: Ended,
+    pub a_to_b: u64,
+    pub b_to_a: u64,
+}
+
+/// Copy `a` ⇄ `b` until both directions are done; `a_to_b`/`b_to_a` count the bytes (and
+/// the result has this connection's own totals). With `idle`, the copy also ends
+/// (`Ended::Idle`, both legs dropped) once no byte has moved in either direction for that
+/// long.
 pub async fn bidirectional<A, B>(
     a: A,
     b: B,
     a_to_b: &Counter,
     b_to_a: &Counter,
     idle: Option<Duration>,
-) -> io::Result<Ended>
+) -> io::Result<Copied>
 where
     A: AsyncRead + AsyncWrite + Unpin,
     B: AsyncRead + AsyncWrite + Unpin,
 {
     let (ar, aw) = tokio::io::split(a);
     let (br, bw) = tokio::io::split(b);
+    let (up, down) = (AtomicU64::new(0), AtomicU64::new(0));
+    let copied = |ended| Copied {
+        ended,
+        a_to_b: up.load(Ordering::Relaxed),
+        b_to_a: down.load(Ordering::Relaxed),
+    };
     let Some(idle) = idle else {
-        tokio::try_join!(pump(ar, bw, a_to_b, None), pump(br, aw, b_to_a, None))?;
-        return Ok(Ended::Done);
+        tokio::try_join!(
+            pump(ar, bw, a_to_b, &up, None),
+            pump(br, aw, b_to_a, &down, None)
+        )?;
+        return Ok(copied(Ended::Done));
     };
     let activity = Activity::new();
     let copy = async {
         tokio::try_join!(
-            pump(ar, bw, a_to_b, Some(&activity)),
-            pump(br, aw, b_to_a, Some(&activity))
+            pump(ar, bw, a_to_b, &up, Some(&activity)),
+            pump(br, aw, b_to_a, &down, Some(&activity))
         )
     };
     tokio::select! {
-        r = copy => r.map(|_| Ended::Done),
-        () = activity.expired(idle) => Ok(Ended::Idle),
+        r = copy => r.map(|_| copied(Ended::Done)),
+        () = activity.expired(idle) => Ok(copied(Ended::Idle)),
+    }
+}
+
+/// A stream whose bytes are counted as they pass: what it reads (from the task) into
+/// `read`, what it writes (to the task) into `written`, each both in a metric family and
+/// in this connection's own total. For connections the proxy terminates (HTTP), where no
+/// byte copy runs.
+pub struct Counted<S> {
+    inner: S,
+    read: Counter,
+    written: Counter,
+    pub totals: std::sync::Arc<(AtomicU64, AtomicU64)>,
+}
+
+impl<S> Counted<S> {
+    pub fn new(inner: S, read: Counter, written: Counter) -> Self {
+        Self {
+            inner,
+            read,
+            written,
+            totals: Default::default(),
+        }
+    }
+}
+
+impl<S: AsyncRead + Unpin> AsyncRead for Counted<S> {
+    fn poll_read(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> std::task::Poll<io::Result<()>> {
+        let before = buf.filled().len();
+        let r = std::pin::Pin::new(&mut self.inner).poll_read(cx, buf);
+        let n = (buf.filled().len() - before) as u64;
+        if n > 0 {
+            self.read.inc_by(n);
+            self.totals.0.fetch_add(n, Ordering::Relaxed);
+        }
+        r
+    }
+}
+
+impl<S: AsyncWrite + Unpin> AsyncWrite for Counted<S> {
+    fn poll_write(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &[u8],
+    ) -> std::task::Poll<io::Result<usize>> {
+        let r = std::pin::Pin::new(&mut self.inner).poll_write(cx, buf);
+        if let std::task::Poll::Ready(Ok(n)) = &r {
+            self.written.inc_by(*n as u64);
+            self.totals.1.fetch_add(*n as u64, Ordering::Relaxed);
+        }
+        r
+    }
+
+    fn poll_flush(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<io::Result<()>> {
+        std::pin::Pin::new(&mut self.inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<io::Result<()>> {
+        std::pin::Pin::new(&mut self.inner).poll_shutdown(cx)
     }
 }
 
@@ -168,8 +256,13 @@ mod tests {
             }
         }
         assert!(!copy.is_finished(), "active for 120 s, never idle for 60");
-        let ended = copy.await.unwrap().unwrap();
-        assert_eq!(ended, Ended::Idle);
+        let copied = copy.await.unwrap().unwrap();
+        assert_eq!(copied.ended, Ended::Idle);
+        assert_eq!(
+            (copied.a_to_b, copied.b_to_a),
+            (10, 5),
+            "this connection's bytes"
+        );
         assert_eq!(started.elapsed(), Duration::from_secs(120 + 60));
         // Both legs were dropped: each side sees EOF.
         assert_eq!(client.read(&mut buf).await.unwrap(), 0);

@@ -32,6 +32,8 @@ pub const ORIG_PROTO: HeaderName = HeaderName::from_static("ecsmesh-orig-proto")
 /// The source task's family, for the destination hop's telemetry (its workload label);
 /// the identity itself comes from the peer certificate, never from a header.
 pub const SOURCE_WORKLOAD: HeaderName = HeaderName::from_static("ecsmesh-source-workload");
+/// The source task's ECS task ID, for the destination hop's access log.
+pub const SOURCE_TASK: HeaderName = HeaderName::from_static("ecsmesh-source-task");
 
 pub fn empty() -> Body {
     Empty::new().map_err(|never| match never {}).boxed()

@@ -1,5 +1,6 @@
 //! ecsmesh: one proxy per ECS container instance, fed by eBPF connect() redirection.
 pub mod accept;
+pub mod access_log;
 pub mod admin;
 pub mod authz;
 pub mod aws;

@@ -79,6 +79,10 @@ pub struct EndpointLabels {
 
 pub struct Metrics {
     registry: Registry,
+    /// The access log, once started (`[access_log]`; off by default).
+    access_log: OnceLock<crate::access_log::AccessLog>,
+    /// Access log lines dropped because the writer fell behind.
+    pub access_log_dropped: Counter,
     /// The standard series, without the `ecsmesh_` prefix: Istio's and `process_*`.
     standard: Registry,
     /// Retried attempts, by service and what failed (status, connect, reset, unavailable,
@@ -154,6 +158,8 @@ impl Metrics {
             trust_anchors: Family::default(),
             issuer: Family::default(),
             istio: istio::Istio::default(),
+            access_log: OnceLock::new(),
+            access_log_dropped: Counter::default(),
             accept_errors: Family::default(),
             tunnel_closed: Family::default(),
             handshakes_in_progress: Gauge::default(),
@@ -207,6 +213,11 @@ impl Metrics {
             "tunnel_inbound_sent_bytes",
             "Bytes from local tasks back to tunnel callers",
             m.inbound_from_task.clone(),
+        );
+        registry.register(
+            "access_log_dropped",
+            "Access log lines dropped because the writer fell behind",
+            m.access_log_dropped.clone(),
         );
         registry.register(
             "retries",
@@ -290,6 +301,16 @@ impl Metrics {
                 anchor_fingerprint: status.issuer.anchor.to_string(),
             })
             .set(1);
+    }
+
+    /// Installs the access log (once, at start).
+    pub fn set_access_log(&self, log: crate::access_log::AccessLog) {
+        let _ = self.access_log.set(log);
+    }
+
+    /// The access log, when one was started.
+    pub fn access_log(&self) -> Option<&crate::access_log::AccessLog> {
+        self.access_log.get()
     }
 
     /// OpenMetrics text (what `/metrics` serves when the scraper asks for it).

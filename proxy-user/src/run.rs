@@ -59,6 +59,8 @@ pub enum RunError {
     Uninstall(#[from] PinError),
     #[error("installing signal handlers: {0}")]
     Signal(std::io::Error),
+    #[error("access_log: {0}")]
+    AccessLog(crate::access_log::AccessLogError),
     #[error("identity: {0}")]
     Identity(#[from] IdentityError),
     #[error("ecs: {0}")]

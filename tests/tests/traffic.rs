@@ -489,3 +489,100 @@ fn a_crashed_endpoint_is_retried_elsewhere_and_each_timeout_fires() {
         "none on healthy traffic"
     );
 }
+
+/// Access log files of a test, removed when it ends (pass or fail).
+struct Logs(Vec<std::path::PathBuf>);
+
+impl Drop for Logs {
+    fn drop(&mut self) {
+        for p in &self.0 {
+            let _ = std::fs::remove_file(p);
+        }
+    }
+}
+
+fn read_lines(path: &std::path::Path) -> Vec<Value> {
+    std::fs::read_to_string(path)
+        .unwrap_or_default()
+        .lines()
+        .map(|l| serde_json::from_str(l).expect("one JSON object per line"))
+        .collect()
+}
+
+#[test]
+fn access_logs_name_both_tasks_at_both_hops() {
+    let id = format!("{}-{}", std::process::id(), harness::uid());
+    let logs = Logs(
+        (0..2)
+            .map(|i| std::env::temp_dir().join(format!("ecsmesh-access-{id}-{i}.log")))
+            .collect(),
+    );
+    let toml = |i: usize| {
+        format!(
+            "[access_log]\nhttp = true\ntcp = true\npath = \"{}\"\n",
+            logs.0[i].display()
+        )
+    };
+    let mut t = traffic(&[app(8161, "shop", &[])], &toml(0));
+    t.w.instances[1].stop_proxy();
+    t.w.instances[1].start_proxy(&ProxyOptions {
+        extra_toml: toml(1),
+        ..Default::default()
+    });
+    let r = t.requests(8161, "shop", "GET", 10, 50.0);
+    assert_eq!(r["ok"], 10, "{r}");
+    let (client, server) = (&t.w.instances[0].tasks[0], &t.w.instances[1].tasks[0]);
+    let endpoint = t.addr(8161).to_string();
+    // Lines are written off the data path: wait for them (bounded).
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let (mut src, mut dst) = (Vec::new(), Vec::new());
+    while Instant::now() < deadline {
+        (src, dst) = (read_lines(&logs.0[0]), read_lines(&logs.0[1]));
+        let http = |v: &[Value]| v.iter().filter(|l| l["kind"] == "http").count();
+        let tcp = src.iter().filter(|l| l["kind"] == "tcp").count();
+        if http(&src) == 10 && http(&dst) == 10 && tcp >= 1 {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let http_src: Vec<&Value> = src.iter().filter(|l| l["kind"] == "http").collect();
+    let http_dst: Vec<&Value> = dst.iter().filter(|l| l["kind"] == "http").collect();
+    assert_eq!(
+        (http_src.len(), http_dst.len()),
+        (10, 10),
+        "{src:?}\n{dst:?}"
+    );
+    for l in &http_src {
+        assert_eq!(l["reporter"], "source", "{l}");
+        assert_eq!(l["source_task"], client.id.as_str(), "{l}");
+        assert_eq!(l["source_workload"], client.family.as_str(), "{l}");
+        assert_eq!(l["destination_workload"], server.family.as_str(), "{l}");
+        assert_eq!(
+            l["destination_principal"],
+            t.w.identity(&server.family),
+            "{l}"
+        );
+        assert_eq!(l["endpoint"], endpoint.as_str(), "{l}");
+        assert_eq!(
+            (l["status"].clone(), l["attempts"].clone()),
+            (200.into(), 1.into())
+        );
+    }
+    for l in &http_dst {
+        assert_eq!(l["reporter"], "destination", "{l}");
+        assert_eq!(l["source_task"], client.id.as_str(), "{l}");
+        assert_eq!(l["source_principal"], t.w.identity(&client.family), "{l}");
+        assert_eq!(l["destination_task"], server.id.as_str(), "{l}");
+        assert_eq!(l["status"], 200, "{l}");
+    }
+    // The task connections that carried them, with their bytes.
+    let tcp: Vec<&Value> = src.iter().filter(|l| l["kind"] == "tcp").collect();
+    assert!(!tcp.is_empty(), "{src:?}");
+    for l in &tcp {
+        assert_eq!(l["source_task"], client.id.as_str(), "{l}");
+        assert_eq!(l["original_destination"], endpoint.as_str(), "{l}");
+        assert_eq!(l["destination_workload"], server.family.as_str(), "{l}");
+        assert!(l["request_bytes"].as_u64().unwrap() > 0, "{l}");
+        assert!(l["response_bytes"].as_u64().unwrap() > 0, "{l}");
+    }
+}

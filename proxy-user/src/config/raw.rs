@@ -85,9 +85,22 @@ pub(super) struct RawConfig {
     #[serde(default)]
     cloudmap: Option<RawCloudMap>,
     #[serde(default)]
+    access_log: Option<RawAccessLog>,
+    #[serde(default)]
     traffic: Option<super::traffic::RawPolicy>,
     #[serde(default)]
     services: std::collections::BTreeMap<String, super::traffic::RawPolicy>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawAccessLog {
+    #[serde(default)]
+    http: bool,
+    #[serde(default)]
+    tcp: bool,
+    #[serde(default)]
+    path: Option<PathBuf>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -328,6 +341,19 @@ impl RawConfig {
         }
         .validate()?;
         let traffic = super::traffic::validate(self.traffic, self.services)?;
+        let access_log = match self.access_log {
+            None => crate::access_log::AccessLogSettings::default(),
+            Some(a) => {
+                if a.path.as_ref().is_some_and(|p| !p.is_absolute()) {
+                    return Err(invalid("access_log.path", "must be an absolute path"));
+                }
+                crate::access_log::AccessLogSettings {
+                    http: a.http,
+                    tcp: a.tcp,
+                    path: a.path,
+                }
+            }
+        };
         let discovery = match &self.discovery_file {
             Some(path) => Discovery::load(path, inbound_port)
                 .map_err(|e| invalid("discovery_file", e.to_string()))?,
@@ -432,6 +458,7 @@ impl RawConfig {
             tunnel_stream_cap,
             limits,
             traffic,
+            access_log,
             discovery,
             discovery_file: self.discovery_file,
             identity,

@@ -41,7 +41,8 @@ pub struct HttpFlow {
     pub mesh: Arc<Mesh>,
     pub metrics: Arc<Metrics>,
     pub source: SpiffeId,
-    /// The source task's family (its workload, for telemetry).
+    /// The source task and its family (its workload, for telemetry).
+    pub source_task: crate::types::TaskId,
     pub source_family: String,
     pub expected: SpiffeId,
     pub tunnel: SocketAddr,
@@ -97,6 +98,11 @@ impl HttpFlow {
     async fn forward(&self, req: Request<Incoming>) -> Response<Body> {
         let started = std::time::Instant::now();
         let protocol = istio::request_protocol(req.headers());
+        let logged = self
+            .metrics
+            .access_log()
+            .filter(|l| l.http_on())
+            .map(|_| (req.method().to_string(), req.uri().path().to_owned()));
         let service = req
             .uri()
             .authority()
@@ -122,7 +128,7 @@ impl HttpFlow {
         } else {
             self.send(req, &service).await
         };
-        self.report(service, protocol, &resp, started.elapsed());
+        self.report(service, protocol, &resp, started.elapsed(), logged);
         resp
     }
 
@@ -133,9 +139,10 @@ impl HttpFlow {
         protocol: &'static str,
         resp: &Response<Body>,
         elapsed: std::time::Duration,
+        logged: Option<(String, String)>,
     ) {
-        let (destination_workload, destination_principal) = match resp.extensions().get::<Chosen>()
-        {
+        let chosen = resp.extensions().get::<Chosen>();
+        let (destination_workload, destination_principal) = match chosen {
             Some(c) => (c.family.clone(), c.principal.clone()),
             None => (self.target_family.clone(), self.expected.to_string()),
         };
@@ -144,23 +151,42 @@ impl HttpFlow {
             .headers()
             .get(&l7::PROXY_ERROR)
             .and_then(|v| v.to_str().ok());
-        self.metrics.istio.record(
-            RequestLabels {
-                reporter: "source",
-                source_workload: self.source_family.clone(),
-                source_workload_namespace: cluster.clone(),
-                source_principal: self.source.to_string(),
-                destination_workload,
-                destination_workload_namespace: cluster.clone(),
-                destination_principal,
-                destination_service: service,
-                request_protocol: protocol,
-                response_code: resp.status().as_u16(),
-                response_flags: istio::response_flags(proxy_error),
-                connection_security_policy: "unknown",
-            },
-            elapsed,
-        );
+        let labels = RequestLabels {
+            reporter: "source",
+            source_workload: self.source_family.clone(),
+            source_workload_namespace: cluster.clone(),
+            source_principal: self.source.to_string(),
+            destination_workload,
+            destination_workload_namespace: cluster.clone(),
+            destination_principal,
+            destination_service: service,
+            request_protocol: protocol,
+            response_code: resp.status().as_u16(),
+            response_flags: istio::response_flags(proxy_error),
+            connection_security_policy: "unknown",
+        };
+        if let (Some((method, path)), Some(log)) = (logged, self.metrics.access_log()) {
+            log.write(&serde_json::json!({
+                "time": crate::access_log::now(),
+                "kind": "http",
+                "reporter": "source",
+                "method": method,
+                "path": path,
+                "status": labels.response_code,
+                "response_flags": labels.response_flags,
+                "duration_ms": elapsed.as_secs_f64() * 1000.0,
+                "attempts": chosen.map_or(1, |c| c.attempts),
+                "source_task": self.source_task.as_str(),
+                "source_workload": labels.source_workload,
+                "source_principal": labels.source_principal,
+                "destination_service": labels.destination_service,
+                "destination_workload": labels.destination_workload,
+                "destination_principal": labels.destination_principal,
+                "original_destination": self.target.to_string(),
+                "endpoint": chosen.map_or(self.target, |c| c.addr).to_string(),
+            }));
+        }
+        self.metrics.istio.record(labels, elapsed);
     }
 
     fn tunnel_error(&self, e: &TunnelError) -> Response<Body> {
@@ -200,6 +226,9 @@ impl HttpFlow {
         parts.headers.insert(l7::ORIG_PROTO, proto.header());
         if let Ok(v) = HeaderValue::from_str(&self.source_family) {
             parts.headers.insert(l7::SOURCE_WORKLOAD, v);
+        }
+        if let Ok(v) = HeaderValue::from_str(self.source_task.as_str()) {
+            parts.headers.insert(l7::SOURCE_TASK, v);
         }
         let policy = self.mesh.traffic.policy(service);
         let routed = Routed {

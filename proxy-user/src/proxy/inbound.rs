@@ -253,8 +253,8 @@ impl Inbound {
                         copy::bidirectional(TokioIo::new(up), upstream, &sent, &received, idle);
                     tokio::select! {
                         r = copy => match r {
-                            Ok(copy::Ended::Done) => {}
-                            Ok(copy::Ended::Idle) => {
+                            Ok(c) if c.ended == copy::Ended::Done => {}
+                            Ok(_) => {
                                 metrics.tcp_idle_timeouts.inc();
                                 tracing::debug!(%target, "tunnel stream closed: idle timeout");
                             }
@@ -274,11 +274,24 @@ impl Inbound {
     async fn request(&self, mut req: Request<Incoming>, peer: Peer) -> Response<Body> {
         let started = std::time::Instant::now();
         let protocol = istio::request_protocol(req.headers());
-        let source_workload = req
-            .headers_mut()
-            .remove(&l7::SOURCE_WORKLOAD)
-            .and_then(|v| v.to_str().ok().map(str::to_owned))
-            .unwrap_or_else(|| "unknown".to_owned());
+        let mut take = |name: &http::HeaderName| {
+            req.headers_mut()
+                .remove(name)
+                .and_then(|v| v.to_str().ok().map(str::to_owned))
+                .unwrap_or_else(|| "unknown".to_owned())
+        };
+        let source_workload = take(&l7::SOURCE_WORKLOAD);
+        let source_task = take(&l7::SOURCE_TASK);
+        let logged = self
+            .metrics
+            .access_log()
+            .filter(|l| l.http_on())
+            .map(|_| (req.method().to_string(), req.uri().path().to_owned()));
+        let target = req
+            .headers()
+            .get(&l7::TARGET)
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_owned);
         let source_principal = peer.source.to_string();
         let destination_principal = peer.served.to_string();
         // The workload the source reached: the local task its certificate (by SNI) names.
@@ -291,23 +304,48 @@ impl Inbound {
             .get(&l7::PROXY_ERROR)
             .and_then(|v| v.to_str().ok());
         let cluster = self.cluster.clone();
-        self.metrics.istio.record(
-            RequestLabels {
-                reporter: "destination",
-                source_workload,
-                source_workload_namespace: cluster.clone(),
-                source_principal,
-                destination_workload: workload,
-                destination_workload_namespace: cluster,
-                destination_principal,
-                destination_service: service,
-                request_protocol: protocol,
-                response_code: resp.status().as_u16(),
-                response_flags: istio::response_flags(proxy_error),
-                connection_security_policy: "mutual_tls",
-            },
-            started.elapsed(),
-        );
+        let labels = RequestLabels {
+            reporter: "destination",
+            source_workload,
+            source_workload_namespace: cluster.clone(),
+            source_principal,
+            destination_workload: workload,
+            destination_workload_namespace: cluster,
+            destination_principal,
+            destination_service: service,
+            request_protocol: protocol,
+            response_code: resp.status().as_u16(),
+            response_flags: istio::response_flags(proxy_error),
+            connection_security_policy: "mutual_tls",
+        };
+        if let (Some((method, path)), Some(log)) = (logged, self.metrics.access_log()) {
+            let destination_task = self
+                .admission
+                .tasks
+                .all()
+                .into_iter()
+                .find(|(_, t)| t.family == labels.destination_workload)
+                .map(|(_, t)| t.id.as_str().to_owned());
+            log.write(&serde_json::json!({
+                "time": crate::access_log::now(),
+                "kind": "http",
+                "reporter": "destination",
+                "method": method,
+                "path": path,
+                "status": labels.response_code,
+                "response_flags": labels.response_flags,
+                "duration_ms": started.elapsed().as_secs_f64() * 1000.0,
+                "source_task": source_task,
+                "source_workload": labels.source_workload,
+                "source_principal": labels.source_principal,
+                "destination_task": destination_task,
+                "destination_service": labels.destination_service,
+                "destination_workload": labels.destination_workload,
+                "destination_principal": labels.destination_principal,
+                "endpoint": target,
+            }));
+        }
+        self.metrics.istio.record(labels, started.elapsed());
         resp
     }
 

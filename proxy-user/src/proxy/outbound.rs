@@ -3,7 +3,15 @@
 //! destination's node proxy (meshed endpoint: HTTP request by request, anything else as
 //! an opaque stream — see `detect`), forwards them as plain TCP (unknown destination,
 //! permissive mode), or closes them (unknown destination, strict mode).
-use std::{io, net::SocketAddr, sync::Arc, time::Duration};
+use std::{
+    io,
+    net::SocketAddr,
+    sync::{
+        Arc,
+        atomic::{AtomicU64, Ordering},
+    },
+    time::Duration,
+};
 
 use tokio::net::{TcpListener, TcpStream};
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
@@ -31,6 +39,55 @@ struct TunnelStream<'a> {
     expected: &'a SpiffeId,
     tunnel: SocketAddr,
     target: SocketAddr,
+}
+
+/// One task connection's telemetry: its Istio labels and, once copied, its bytes.
+pub(crate) struct ConnTelemetry {
+    labels: TcpLabels,
+    request_bytes: AtomicU64,
+    response_bytes: AtomicU64,
+}
+
+impl ConnTelemetry {
+    fn new(labels: TcpLabels) -> Self {
+        Self {
+            labels,
+            request_bytes: AtomicU64::new(0),
+            response_bytes: AtomicU64::new(0),
+        }
+    }
+
+    fn copied(&self, c: copy::Copied) {
+        self.request_bytes.store(c.a_to_b, Ordering::Relaxed);
+        self.response_bytes.store(c.b_to_a, Ordering::Relaxed);
+    }
+
+    /// The access log line of a finished connection.
+    fn entry(
+        &self,
+        task: &TaskRef,
+        dst: OrigDst,
+        duration: Duration,
+        error: Option<&io::Error>,
+    ) -> serde_json::Value {
+        let l = &self.labels;
+        serde_json::json!({
+            "time": crate::access_log::now(),
+            "kind": "tcp",
+            "reporter": "source",
+            "duration_ms": duration.as_secs_f64() * 1000.0,
+            "request_bytes": self.request_bytes.load(Ordering::Relaxed),
+            "response_bytes": self.response_bytes.load(Ordering::Relaxed),
+            "error": error.map(|e| e.to_string()),
+            "source_task": task.id.as_str(),
+            "source_workload": l.source_workload,
+            "source_principal": l.source_principal,
+            "destination_service": l.destination_service,
+            "destination_workload": l.destination_workload,
+            "destination_principal": l.destination_principal,
+            "original_destination": dst.0.to_string(),
+        })
+    }
 }
 
 pub struct Outbound {
@@ -107,14 +164,27 @@ impl Outbound {
             tracing::warn!(task = %task.id, %dst, "strict mode: destination is not a meshed endpoint; closing");
             return;
         }
-        let labels = self.tcp_labels(&task, meshed.as_ref().map(|(m, ep)| (*m, ep)));
-        self.metrics.istio.tcp_opened.get_or_create(&labels).inc();
+        let conn =
+            ConnTelemetry::new(self.tcp_labels(&task, meshed.as_ref().map(|(m, ep)| (*m, ep))));
+        self.metrics
+            .istio
+            .tcp_opened
+            .get_or_create(&conn.labels)
+            .inc();
+        let started = std::time::Instant::now();
         let _ = client.set_nodelay(true);
         let result = match meshed {
-            Some((mesh, ep)) => self.meshed(client, mesh, &task, &ep, dst, &labels).await,
-            None => self.forward(client, &task, dst, &labels).await,
+            Some((mesh, ep)) => self.meshed(client, mesh, &task, &ep, dst, &conn).await,
+            None => self.forward(client, &task, dst, &conn).await,
         };
-        self.metrics.istio.tcp_closed.get_or_create(&labels).inc();
+        self.metrics
+            .istio
+            .tcp_closed
+            .get_or_create(&conn.labels)
+            .inc();
+        if let Some(log) = self.metrics.access_log().filter(|l| l.tcp_on()) {
+            log.write(&conn.entry(&task, dst, started.elapsed(), result.as_ref().err()));
+        }
         match result {
             Ok(()) => tracing::debug!(%peer, %dst, task = %task.id, "connection closed"),
             Err(e) => {
@@ -159,7 +229,7 @@ impl Outbound {
         client: TcpStream,
         task: &TaskRef,
         dst: OrigDst,
-        labels: &TcpLabels,
+        conn: &ConnTelemetry,
     ) -> io::Result<()> {
         let upstream = match tokio::time::timeout(
             CONNECT_TIMEOUT,
@@ -177,7 +247,7 @@ impl Outbound {
                 return Err(io::ErrorKind::TimedOut.into());
             }
         };
-        self.copy(client, upstream, task, labels).await
+        self.copy(client, upstream, task, conn).await
     }
 
     /// A meshed destination: detect the protocol (unless the port is opaque), then HTTP
@@ -189,7 +259,7 @@ impl Outbound {
         task: &Arc<TaskRef>,
         ep: &Endpoint,
         dst: OrigDst,
-        labels: &TcpLabels,
+        conn: &ConnTelemetry,
     ) -> io::Result<()> {
         let (Some(source), Some(expected)) =
             (task.identity.clone(), mesh.expected.for_endpoint(ep))
@@ -208,20 +278,21 @@ impl Outbound {
         if mesh.traffic.policy(&ep.service).balance {
             // Opaque TCP balanced per connection (the service opted in): detection would
             // change nothing, the bytes go to whichever endpoint answers.
-            return self.balanced(client, mesh, task, &source, ep, labels).await;
+            return self.balanced(client, mesh, task, &source, ep, conn).await;
         }
         if self.opaque_ports.contains(&dst.0.port()) {
-            return self.tunnel(client, mesh, task, stream, labels).await;
+            return self.tunnel(client, mesh, task, stream, conn).await;
         }
         let (protocol, read) = super::detect::detect(&mut client, self.detect_timeout).await?;
         let client = super::prefixed::Prefixed::new(read, client);
         if protocol == super::detect::Protocol::Opaque {
-            return self.tunnel(client, mesh, task, stream, labels).await;
+            return self.tunnel(client, mesh, task, stream, conn).await;
         }
         let flow = Arc::new(super::http::HttpFlow {
             mesh: mesh.clone(),
             metrics: self.metrics.clone(),
             source,
+            source_task: task.id.clone(),
             source_family: task.family.clone(),
             expected,
             tunnel: ep.tunnel,
@@ -229,7 +300,27 @@ impl Outbound {
             target_family: ep.family.clone(),
             service: ep.service.clone(),
         });
+        // The connection's bytes, as opaque ones are counted (Istio counts every TCP
+        // connection's bytes, HTTP included).
+        let client = copy::Counted::new(
+            client,
+            self.metrics
+                .istio
+                .tcp_received
+                .get_or_create(&conn.labels)
+                .clone(),
+            self.metrics
+                .istio
+                .tcp_sent
+                .get_or_create(&conn.labels)
+                .clone(),
+        );
+        let totals = client.totals.clone();
         flow.serve(client, protocol, task.drain.clone()).await;
+        conn.request_bytes
+            .store(totals.0.load(Ordering::Relaxed), Ordering::Relaxed);
+        conn.response_bytes
+            .store(totals.1.load(Ordering::Relaxed), Ordering::Relaxed);
         Ok(())
     }
 
@@ -240,7 +331,7 @@ impl Outbound {
         mesh: &Mesh,
         task: &TaskRef,
         stream: TunnelStream<'_>,
-        labels: &TcpLabels,
+        conn: &ConnTelemetry,
     ) -> io::Result<()>
     where
         C: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
@@ -268,7 +359,7 @@ impl Outbound {
                 return Err(io::ErrorKind::TimedOut.into());
             }
         };
-        let result = self.copy(client, stream, task, labels).await;
+        let result = self.copy(client, stream, task, conn).await;
         drop(lease);
         result
     }
@@ -284,7 +375,7 @@ impl Outbound {
         task: &TaskRef,
         source: &SpiffeId,
         dialled: &Endpoint,
-        labels: &TcpLabels,
+        conn: &ConnTelemetry,
     ) -> io::Result<()> {
         let service = dialled.service.as_str();
         let policy = mesh.traffic.policy(service);
@@ -327,7 +418,7 @@ impl Outbound {
             let rtt = now.saturating_duration_since(flight.started());
             match opened {
                 Ok((stream, lease)) => {
-                    let result = self.copy(client, stream, task, labels).await;
+                    let result = self.copy(client, stream, task, conn).await;
                     drop(lease);
                     flight.finish(crate::balance::Outcome::Success(rtt), now);
                     return result;
@@ -365,7 +456,7 @@ impl Outbound {
         client: C,
         upstream: U,
         task: &TaskRef,
-        labels: &TcpLabels,
+        conn: &ConnTelemetry,
     ) -> io::Result<()>
     where
         C: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
@@ -373,6 +464,7 @@ impl Outbound {
     {
         // Istio's directions: "received" is the request (task → destination), "sent" the
         // response (destination → task).
+        let labels = &conn.labels;
         let sent = self
             .metrics
             .istio
@@ -383,8 +475,12 @@ impl Outbound {
         let copy = copy::bidirectional(client, upstream, &sent, &received, self.tcp_idle_timeout);
         tokio::select! {
             r = copy => match r? {
-                copy::Ended::Done => Ok(()),
-                copy::Ended::Idle => {
+                c if c.ended == copy::Ended::Done => {
+                    conn.copied(c);
+                    Ok(())
+                }
+                c => {
+                    conn.copied(c);
                     self.metrics.tcp_idle_timeouts.inc();
                     Err(io::Error::new(io::ErrorKind::TimedOut, "idle timeout"))
                 }

@@ -38,8 +38,11 @@ const NOT_DELIVERED: [&str; 2] = ["not_serving", "drained"];
 /// the source hop's telemetry reports it as the destination.
 #[derive(Clone, Debug)]
 pub struct Chosen {
+    pub addr: std::net::SocketAddr,
     pub family: String,
     pub principal: String,
+    /// Attempts the request took (1: no retry).
+    pub attempts: u32,
 }
 
 /// The request head, kept to build each attempt.
@@ -261,6 +264,8 @@ impl Routed<'_> {
                 Err(f) => Some(*f),
             };
             let chosen = Chosen {
+                addr: ep.addr,
+                attempts: attempt,
                 family: ep.family.clone(),
                 principal: self
                     .mesh

@@ -58,6 +58,13 @@ impl Bound {
                 cloudmap_metrics.register(registry);
             }
         }));
+        metrics.set_access_log(
+            crate::access_log::AccessLog::start(
+                &config.access_log,
+                metrics.access_log_dropped.clone(),
+            )
+            .map_err(RunError::AccessLog)?,
+        );
         if let Some(n) = raise_open_files() {
             metrics
                 .open_files_limit
