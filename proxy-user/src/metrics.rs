@@ -4,7 +4,7 @@ use std::sync::{Arc, OnceLock};
 
 use prometheus_client::{
     encoding::EncodeLabelSet,
-    metrics::{counter::Counter, family::Family, gauge::Gauge},
+    metrics::{counter::Counter, family::Family, gauge::Gauge, histogram::Histogram},
     registry::Registry,
 };
 
@@ -77,8 +77,27 @@ pub struct EndpointLabels {
     pub endpoint: String,
 }
 
+/// A side of the tunnel handshake: `client` (dialling) or `server` (accepting).
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RoleLabels {
+    pub role: &'static str,
+}
+
+/// Seconds, from 1 ms to about an hour.
+fn duration_buckets() -> impl Iterator<Item = f64> {
+    [
+        0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0,
+        300.0, 900.0, 3600.0,
+    ]
+    .into_iter()
+}
+
 pub struct Metrics {
     registry: Registry,
+    /// How long task TCP connections stayed open, by Istio's TCP labels.
+    pub tcp_duration: Family<crate::metrics::istio::TcpLabels, Histogram>,
+    /// mTLS tunnel handshakes that completed, how long they took (TCP connect excluded).
+    pub handshake_duration: Family<RoleLabels, Histogram>,
     /// The access log, once started (`[access_log]`; off by default).
     access_log: OnceLock<crate::access_log::AccessLog>,
     /// Access log lines dropped because the writer fell behind.
@@ -158,6 +177,8 @@ impl Metrics {
             trust_anchors: Family::default(),
             issuer: Family::default(),
             istio: istio::Istio::default(),
+            tcp_duration: Family::new_with_constructor(|| Histogram::new(duration_buckets())),
+            handshake_duration: Family::new_with_constructor(|| Histogram::new(duration_buckets())),
             access_log: OnceLock::new(),
             access_log_dropped: Counter::default(),
             accept_errors: Family::default(),
@@ -213,6 +234,16 @@ impl Metrics {
             "tunnel_inbound_sent_bytes",
             "Bytes from local tasks back to tunnel callers",
             m.inbound_from_task.clone(),
+        );
+        registry.register(
+            "tcp_connection_duration_seconds",
+            "How long task TCP connections stayed open",
+            m.tcp_duration.clone(),
+        );
+        registry.register(
+            "tunnel_handshake_duration_seconds",
+            "mTLS tunnel handshakes that completed, by role, how long they took",
+            m.handshake_duration.clone(),
         );
         registry.register(
             "access_log_dropped",
@@ -301,6 +332,12 @@ impl Metrics {
                 anchor_fingerprint: status.issuer.anchor.to_string(),
             })
             .set(1);
+    }
+
+    pub fn handshake_took(&self, role: &'static str, took: std::time::Duration) {
+        self.handshake_duration
+            .get_or_create(&RoleLabels { role })
+            .observe(took.as_secs_f64());
     }
 
     /// Installs the access log (once, at start).

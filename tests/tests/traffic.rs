@@ -585,4 +585,41 @@ fn access_logs_name_both_tasks_at_both_hops() {
         assert!(l["request_bytes"].as_u64().unwrap() > 0, "{l}");
         assert!(l["response_bytes"].as_u64().unwrap() > 0, "{l}");
     }
+    // The duration histograms: each closed connection, each tunnel handshake (one pooled
+    // connection, seen from both sides).
+    let (ma, mb) = (t.w.instances[0].metrics(), t.w.instances[1].metrics());
+    let count = |m, name, labels: &[(&str, &str)]| counter(m, name, labels);
+    // Every connection the client opened was closed and observed once (the client has
+    // exited; the proxy finishes each connection's bookkeeping right after, so poll).
+    let mine = [("source_workload", client.family.as_str())];
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let m = t.w.instances[0].metrics();
+        let opened = counter(&m, "istio_tcp_connections_opened_total", &mine);
+        let observed = counter(&m, "ecsmesh_tcp_connection_duration_seconds_count", &mine);
+        if observed == opened && opened >= tcp.len() as f64 {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{observed} durations for {opened} connections"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert_eq!(
+        count(
+            &ma,
+            "ecsmesh_tunnel_handshake_duration_seconds_count",
+            &[("role", "client")]
+        ),
+        1.0
+    );
+    assert_eq!(
+        count(
+            &mb,
+            "ecsmesh_tunnel_handshake_duration_seconds_count",
+            &[("role", "server")]
+        ),
+        1.0
+    );
 }

@@ -56,8 +56,12 @@ impl Dial for TlsDialer {
             .client_config(key.source.clone(), key.dest.clone());
         let name = ServerName::try_from(key.dest.sni())
             .map_err(|_| TunnelError::Sni(key.dest.to_string()))?;
+        let started = std::time::Instant::now();
         let tls = match TlsConnector::from(config).connect(name, tcp).await {
-            Ok(tls) => tls,
+            Ok(tls) => {
+                self.metrics.handshake_took("client", started.elapsed());
+                tls
+            }
             Err(source) => {
                 let reason = handshake_reason(&source);
                 self.metrics.reject("client", reason);

@@ -105,7 +105,8 @@ impl Inbound {
         tcp: TcpStream,
         peer: SocketAddr,
     ) -> Option<TlsStream<TcpStream>> {
-        let deadline = tokio::time::Instant::now() + HANDSHAKE_TIMEOUT;
+        let started = tokio::time::Instant::now();
+        let deadline = started + HANDSHAKE_TIMEOUT;
         let fail = |reason: &'static str, error: Option<&std::io::Error>| {
             self.metrics.reject("server", reason);
             match error {
@@ -127,7 +128,10 @@ impl Inbound {
         self.metrics.handshakes_in_progress.inc();
         let _in_progress = InProgress(&self.metrics);
         match tokio::time::timeout_at(deadline, start.into_stream(config)).await {
-            Ok(Ok(tls)) => Some(tls),
+            Ok(Ok(tls)) => {
+                self.metrics.handshake_took("server", started.elapsed());
+                Some(tls)
+            }
             Ok(Err(e)) => fail(handshake_reason(&e), Some(&e)),
             Err(_) => fail("timeout", None),
         }

@@ -182,6 +182,10 @@ impl Outbound {
             .tcp_closed
             .get_or_create(&conn.labels)
             .inc();
+        self.metrics
+            .tcp_duration
+            .get_or_create(&conn.labels)
+            .observe(started.elapsed().as_secs_f64());
         if let Some(log) = self.metrics.access_log().filter(|l| l.tcp_on()) {
             log.write(&conn.entry(&task, dst, started.elapsed(), result.as_ref().err()));
         }
