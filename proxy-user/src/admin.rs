@@ -61,6 +61,8 @@ pub struct AdminRequest<'a> {
     pub path: &'a str,
     /// The `Accept` header (`/metrics` format).
     pub accept: Option<&'a str>,
+    /// The query string (`POST /log_level?filter=...`).
+    pub query: Option<&'a str>,
 }
 
 fn route(state: &AdminState, caller: Caller, req: AdminRequest<'_>) -> Response<Full<Bytes>> {
@@ -68,8 +70,35 @@ fn route(state: &AdminState, caller: Caller, req: AdminRequest<'_>) -> Response<
         method,
         path,
         accept,
+        query,
     } = req;
     match (method, path) {
+        (&hyper::Method::POST, "/log_level") if caller != Caller::Operator => respond(
+            StatusCode::FORBIDDEN,
+            "text/plain",
+            "POST /log_level is served on the admin socket only (see admin_socket)\n".into(),
+        ),
+        (&hyper::Method::POST, "/log_level") => {
+            let filter = percent_decode(
+                query
+                    .unwrap_or_default()
+                    .split('&')
+                    .find_map(|kv| kv.strip_prefix("filter="))
+                    .unwrap_or_default(),
+            );
+            let filter = filter.as_str();
+            match crate::logging::set_filter(filter) {
+                Ok(()) => {
+                    tracing::info!(filter, "log filter changed by the operator");
+                    respond(
+                        StatusCode::OK,
+                        "text/plain",
+                        format!("log filter: {filter}\n"),
+                    )
+                }
+                Err(e) => respond(StatusCode::BAD_REQUEST, "text/plain", format!("{e}\n")),
+            }
+        }
         (&hyper::Method::POST, "/reload") if caller != Caller::Operator => respond(
             StatusCode::FORBIDDEN,
             "text/plain",
@@ -147,6 +176,30 @@ fn route(state: &AdminState, caller: Caller, req: AdminRequest<'_>) -> Response<
     }
 }
 
+/// `%XX` escapes of a query value decoded (`+` is a space); bad escapes stay as they are.
+fn percent_decode(s: &str) -> String {
+    let bytes = s.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        let hex = bytes
+            .get(i + 1..i + 3)
+            .and_then(|h| std::str::from_utf8(h).ok())
+            .and_then(|h| u8::from_str_radix(h, 16).ok());
+        match (bytes[i], hex) {
+            (b'%', Some(b)) => {
+                out.push(b);
+                i += 3;
+                continue;
+            }
+            (b'+', _) => out.push(b' '),
+            (b, _) => out.push(b),
+        }
+        i += 1;
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
 fn route_get(state: &AdminState, path: &str, accept: Option<&str>) -> Response<Full<Bytes>> {
     match path {
         "/live" => respond(StatusCode::OK, "text/plain", "live\n".into()),
@@ -206,6 +259,7 @@ pub async fn serve<L>(
                         method: req.method(),
                         path: req.uri().path(),
                         accept,
+                        query: req.uri().query(),
                     },
                 );
                 async move { Ok::<_, Infallible>(resp) }
@@ -235,4 +289,16 @@ pub fn bind_socket(path: &std::path::Path) -> std::io::Result<tokio::net::UnixLi
     let listener = tokio::net::UnixListener::bind(path)?;
     std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))?;
     Ok(listener)
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn query_values_are_percent_decoded() {
+        assert_eq!(
+            super::percent_decode("info%2Cecsmesh%3A%3Aproxy%3Ddebug"),
+            "info,ecsmesh::proxy=debug"
+        );
+        assert_eq!(super::percent_decode("a+b%zz%4"), "a b%zz%4");
+    }
 }

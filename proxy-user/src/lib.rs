@@ -15,6 +15,7 @@ pub mod ebpf;
 pub mod ecs;
 pub mod identity;
 pub(crate) mod l7;
+pub mod logging;
 pub mod metrics;
 pub mod proxy;
 pub(crate) mod rlimit;

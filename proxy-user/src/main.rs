@@ -50,22 +50,9 @@ enum Command {
     },
 }
 
-fn init_logging(format: &str) {
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr);
-    if format == "json" {
-        builder.json().init()
-    } else {
-        builder.init()
-    }
-}
-
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    init_logging(&cli.log_format);
+    ecsmesh::logging::init(&cli.log_format);
     // One TLS crypto provider for the whole process (ring), before anything builds a
     // rustls config: the AWS SDK would otherwise be free to pick another.
     ecsmesh::aws::install_crypto_provider();

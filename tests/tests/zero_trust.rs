@@ -168,4 +168,37 @@ fn a_host_mode_task_cannot_make_the_proxy_reload() {
     let socket = a.admin_socket();
     assert_eq!(curl("http://admin/reload", Some(&socket)), "200");
     assert_eq!(reloads(), 1);
+
+    // The log level likewise: a task gets 403, the operator changes it at runtime (a bad
+    // filter is refused with 400 and changes nothing).
+    let changes = || a.proxy_log().matches("log filter changed").count();
+    assert_eq!(
+        curl("http://127.0.0.1:15000/log_level?filter=trace", None),
+        "403"
+    );
+    assert_eq!(changes(), 0);
+    assert!(!a.proxy_log().contains("DEBUG"), "info by default");
+    assert_eq!(
+        curl(
+            "http://admin/log_level?filter=ecsmesh%3D%3D%3D",
+            Some(&socket)
+        ),
+        "400"
+    );
+    assert_eq!(
+        curl("http://admin/log_level?filter=debug", Some(&socket)),
+        "200"
+    );
+    assert_eq!(changes(), 1);
+    // Debug lines now appear: a task connection through the proxy logs its close at
+    // debug.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while !a.proxy_log().contains("DEBUG") {
+        a.tasks[0].client(&[m.w.instances[1].addr(9000)], 1, 64);
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no debug line after the change"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
 }
