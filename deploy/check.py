@@ -25,7 +25,10 @@ REQUIRED_FILES = [
     "cloudformation.yaml",
     "iam-policy.json",
     "ecsmesh.service",
+    "prometheus-scrape.yml",
+    "grafana-dashboard.json",
 ]
+PROMTOOL = "/usr/bin/promtool"
 CFN_POLICY_RESOURCE = "EcsmeshPolicy"
 CFN_DAEMON_TASK_DEFINITION = "DaemonTaskDefinition"
 
@@ -324,6 +327,45 @@ def check_dockerfile(path: Path) -> list[str]:
     return errors
 
 
+def _promtool(*args: str) -> list[str]:
+    """Runs Debian's promtool (installed by `cargo xtask setup`); its complaints, if any."""
+    import subprocess
+
+    if not Path(PROMTOOL).is_file():
+        return [f"{PROMTOOL} missing: run `cargo xtask setup` (Debian package prometheus)"]
+    out = subprocess.run([PROMTOOL, *args], capture_output=True, text=True)
+    if out.returncode == 0:
+        return []
+    lines = [l for l in (out.stdout + out.stderr).splitlines() if l.strip()]
+    return lines or [f"promtool exited {out.returncode}"]
+
+
+def check_prometheus_config(path: Path) -> list[str]:
+    return _promtool("check", "config", str(path))
+
+
+def dashboard_queries(dash: Any) -> list[str]:
+    return [t["expr"] for p in dash.get("panels", []) for t in p.get("targets", []) if "expr" in t]
+
+
+def check_dashboard(dash: Any) -> list[str]:
+    """Every panel query is valid PromQL: promtool checks them as recording rules."""
+    import tempfile
+
+    queries = dashboard_queries(dash)
+    if not queries:
+        return ["no panel has a Prometheus query"]
+    rules = {"groups": [{"name": "dashboard", "rules": [
+        {"record": f"dashboard:query_{i}", "expr": q} for i, q in enumerate(queries)
+    ]}]}
+    with tempfile.NamedTemporaryFile("w", suffix=".yml", delete=False) as f:
+        yaml.safe_dump(rules, f)
+    try:
+        return _promtool("check", "rules", f.name)
+    finally:
+        Path(f.name).unlink()
+
+
 # --- driver ---------------------------------------------------------------------------
 
 
@@ -368,6 +410,13 @@ def main(argv: list[str]) -> int:
         c.run("iam-policy", "iam-policy.json", lambda: check_iam_policy(policy))
         if isinstance(policy, dict) and isinstance(template, dict):
             c.run("iam-consistency", "cloudformation.yaml", lambda: check_iam_consistency(policy, template))
+
+    scrape = root / "prometheus-scrape.yml"
+    if scrape.is_file():
+        c.run("promtool-config", scrape.name, lambda: check_prometheus_config(scrape))
+    dash = parsed.get("grafana-dashboard.json")
+    if isinstance(dash, dict):
+        c.run("dashboard-promql", "grafana-dashboard.json", lambda: check_dashboard(dash))
 
     for path in sorted(root.glob("*.service")):
         c.run("systemd", path.name, lambda p=path: check_systemd(p))

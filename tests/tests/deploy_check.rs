@@ -107,9 +107,29 @@ fn real_deploy_artefacts_pass() {
         "PASS ecs-model task-definition-sidecar.json",
         "PASS iam-policy iam-policy.json",
         "PASS systemd ecsmesh.service",
+        "PASS promtool-config prometheus-scrape.yml",
+        "PASS dashboard-promql grafana-dashboard.json",
     ] {
         assert!(out.lines().any(|l| l == line), "missing {line:?}:\n{out}");
     }
+}
+
+#[test]
+fn a_broken_dashboard_query_or_scrape_config_is_caught_by_promtool() {
+    assert_caught(
+        "promql",
+        "grafana-dashboard.json",
+        |s| s.replacen("rate(istio_requests_total", "rate(istio_requests_total(", 1),
+        "FAIL dashboard-promql grafana-dashboard.json",
+        &["parse error"],
+    );
+    assert_caught(
+        "scrape",
+        "prometheus-scrape.yml",
+        |s| s.replacen("scrape_interval: 15s", "scrape_interval: fifteen", 1),
+        "FAIL promtool-config prometheus-scrape.yml",
+        &["fifteen"],
+    );
 }
 
 #[test]

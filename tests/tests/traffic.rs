@@ -274,6 +274,28 @@ fn retries_hide_a_flaky_endpoint_posts_are_not_retried_and_slow_endpoints_get_li
         assert!(counter(&scrape, name, &[]) > 0.0, "{name} in {text}");
     }
     promtool_check(&text);
+    // Every series the deploy/ dashboard queries exists under that name.
+    let dashboard = std::fs::read_to_string(
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/grafana-dashboard.json"),
+    )
+    .unwrap();
+    let mut names: Vec<&str> = dashboard
+        .split(|c: char| !(c.is_ascii_alphanumeric() || c == '_'))
+        .filter(|w| {
+            ["istio_", "ecsmesh_", "process_"]
+                .iter()
+                .any(|p| w.starts_with(p))
+        })
+        .collect();
+    names.sort();
+    names.dedup();
+    assert!(names.len() >= 6, "{names:?}");
+    for name in names {
+        assert!(
+            text.contains(name),
+            "the dashboard queries {name}, /metrics has no such series"
+        );
+    }
 }
 
 /// `promtool check metrics` (Debian's `prometheus`, installed by `cargo xtask setup`).
