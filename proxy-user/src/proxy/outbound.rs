@@ -157,15 +157,20 @@ impl Outbound {
                 .load()
                 .endpoint(dst.0)
                 .cloned()
-                .map(|ep| (m, ep))
+                // The identity it must prove, rendered once for telemetry and the tunnel.
+                .map(|ep| {
+                    let expected = m.expected.for_endpoint(&ep);
+                    (m, ep, expected)
+                })
         });
         if meshed.is_none() && self.mode == Mode::Strict {
             self.metrics.fail("unknown_destination");
             tracing::warn!(task = %task.id, %dst, "strict mode: destination is not a meshed endpoint; closing");
             return;
         }
-        let conn =
-            ConnTelemetry::new(self.tcp_labels(&task, meshed.as_ref().map(|(m, ep)| (*m, ep))));
+        let conn = ConnTelemetry::new(
+            self.tcp_labels(&task, meshed.as_ref().map(|(_, ep, id)| (ep, id.as_ref()))),
+        );
         self.metrics
             .istio
             .tcp_opened
@@ -174,7 +179,10 @@ impl Outbound {
         let started = std::time::Instant::now();
         let _ = client.set_nodelay(true);
         let result = match meshed {
-            Some((mesh, ep)) => self.meshed(client, mesh, &task, &ep, dst, &conn).await,
+            Some((mesh, ep, expected)) => {
+                self.meshed(client, mesh, &task, (&ep, expected), dst, &conn)
+                    .await
+            }
             None => self.forward(client, &task, dst, &conn).await,
         };
         self.metrics
@@ -199,15 +207,17 @@ impl Outbound {
 
     /// Istio's TCP labels of a connection from `task`: to a meshed endpoint, or (`None`)
     /// to a destination outside the mesh.
-    fn tcp_labels(&self, task: &TaskRef, meshed: Option<(&Arc<Mesh>, &Endpoint)>) -> TcpLabels {
+    fn tcp_labels(
+        &self,
+        task: &TaskRef,
+        meshed: Option<(&Endpoint, Option<&SpiffeId>)>,
+    ) -> TcpLabels {
         let unknown = || "unknown".to_owned();
         let (destination_workload, destination_service, destination_principal) = match meshed {
-            Some((mesh, ep)) => (
+            Some((ep, expected)) => (
                 ep.family.clone(),
                 ep.service.clone(),
-                mesh.expected
-                    .for_endpoint(ep)
-                    .map_or_else(unknown, |id| id.to_string()),
+                expected.map_or_else(unknown, |id| id.to_string()),
             ),
             None => (unknown(), unknown(), unknown()),
         };
@@ -261,13 +271,11 @@ impl Outbound {
         mut client: TcpStream,
         mesh: &Arc<Mesh>,
         task: &Arc<TaskRef>,
-        ep: &Endpoint,
+        (ep, expected): (&Endpoint, Option<SpiffeId>),
         dst: OrigDst,
         conn: &ConnTelemetry,
     ) -> io::Result<()> {
-        let (Some(source), Some(expected)) =
-            (task.identity.clone(), mesh.expected.for_endpoint(ep))
-        else {
+        let (Some(source), Some(expected)) = (task.identity.clone(), expected) else {
             self.metrics.fail("no_identity");
             return Err(io::Error::other(
                 "no identity for the source task or the endpoint",

@@ -246,7 +246,13 @@ impl Routed<'_> {
                     endpoint: ep.addr.to_string(),
                 })
                 .inc();
-            let result = self.once(&head, &mut body, &ep).await;
+            // The identity the endpoint must prove: rendered once, used for the tunnel
+            // stream and reported with the response.
+            let expected = self.mesh.expected.for_endpoint(&ep);
+            let result = match &expected {
+                Some(id) => self.once(&head, &mut body, &ep, id).await,
+                None => Err(Failed::NotSent("no_identity")),
+            };
             let now = std::time::Instant::now();
             let rtt = now.saturating_duration_since(flight.started());
             let failed = match &result {
@@ -267,12 +273,7 @@ impl Routed<'_> {
                 addr: ep.addr,
                 attempts: attempt,
                 family: ep.family.clone(),
-                principal: self
-                    .mesh
-                    .expected
-                    .for_endpoint(&ep)
-                    .map(|id| id.to_string())
-                    .unwrap_or_default(),
+                principal: expected.map(|id| id.to_string()).unwrap_or_default(),
             };
             let Some(failed) = failed else {
                 flight.finish(Outcome::Success(rtt), now);
@@ -323,13 +324,11 @@ impl Routed<'_> {
         head: &Head,
         body: &mut ReqBody,
         ep: &Endpoint,
+        expected: &SpiffeId,
     ) -> Result<Response<Body>, Failed> {
-        let Some(expected) = self.mesh.expected.for_endpoint(ep) else {
-            return Err(Failed::NotSent("no_identity"));
-        };
         let sender = tokio::time::timeout(
             self.policy.connect_timeout,
-            self.mesh.pool.sender(self.source, &expected, ep.tunnel),
+            self.mesh.pool.sender(self.source, expected, ep.tunnel),
         )
         .await;
         let (mut sender, lease) = match sender {
