@@ -24,6 +24,9 @@ use http_body_util::{BodyExt, Empty, Full, combinators::BoxBody};
 use hyper::body::{Frame, SizeHint};
 use hyper_util::rt::{TokioExecutor, TokioIo};
 
+mod metered;
+pub use metered::{Metered, Reported};
+
 pub type Body = BoxBody<Bytes, hyper::Error>;
 
 pub const PROXY_ERROR: HeaderName = HeaderName::from_static("ecsmesh-proxy-error");

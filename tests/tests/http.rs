@@ -101,6 +101,34 @@ impl Http {
         serde_json::from_slice(&out.stdout).expect("probe json")
     }
 
+    /// The body-size histograms of service `web` at the source (instance 0) and the
+    /// destination (instance 1).
+    fn sizes(&self) -> [Sizes; 2] {
+        [(0, "source"), (1, "destination")].map(|(inst, reporter)| {
+            let m = self.w.instances[inst].metrics();
+            let labels = [("reporter", reporter), ("destination_service", "web")];
+            Sizes {
+                request: counter(&m, "istio_request_bytes_sum", &labels),
+                response: counter(&m, "istio_response_bytes_sum", &labels),
+                observed: counter(&m, "istio_response_bytes_count", &labels),
+            }
+        })
+    }
+
+    /// The sizes once `more` requests more were observed at both hops (a response's
+    /// sizes are observed when its body ends, just after the client has read it).
+    fn sizes_after(&self, before: &[Sizes; 2], more: f64) -> [Sizes; 2] {
+        let deadline = Instant::now() + std::time::Duration::from_secs(5);
+        loop {
+            let now = self.sizes();
+            if (0..2).all(|i| now[i].observed >= before[i].observed + more) {
+                return now;
+            }
+            assert!(Instant::now() < deadline, "sizes not observed: {now:?}");
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
+    }
+
     /// Istio's `istio_requests_total` on instance `inst` as `reporter` reports it.
     fn requests(&self, inst: usize, reporter: &str) -> f64 {
         counter(
@@ -109,6 +137,13 @@ impl Http {
             &[("reporter", reporter)],
         )
     }
+}
+
+#[derive(Debug)]
+struct Sizes {
+    request: f64,
+    response: f64,
+    observed: f64,
 }
 
 #[test]
@@ -180,16 +215,34 @@ fn http_passes_intact_through_the_mesh() {
     assert_eq!(r["body"]["version"], "HTTP/2.0", "{r}");
     assert_eq!(r["body"]["host"], "web-h2", "{r}");
 
-    // A 1 MiB request body arrives byte for byte.
+    // A 1 MiB request body arrives byte for byte, and both hops size it (Istio's
+    // `istio_request_bytes`, observed when the response body ends).
+    let before = h.sizes();
     let r = h.probe(H1, "big-body");
     assert_eq!(r["status"], 200, "{r}");
     assert_eq!(r["body"]["len"], r["sent"]["len"], "{r}");
     assert_eq!(r["body"]["fnv"], r["sent"]["fnv"], "{r}");
+    let after = h.sizes_after(&before, 1.0);
+    let sent = r["sent"]["len"].as_f64().unwrap();
+    for hop in 0..2 {
+        assert_eq!(after[hop].request - before[hop].request, sent, "hop {hop}");
+    }
 
-    // A chunked response (no length) arrives whole, still chunked.
+    // A chunked response (no length) arrives whole, still chunked; both hops count its
+    // body (`istio_response_bytes`) and an empty request body.
+    let before = h.sizes();
     let r = h.probe(H1, "chunked");
     assert_eq!(r["intact"], true, "{r}");
     assert_eq!(r["transfer_encoding"], "chunked", "{r}");
+    let after = h.sizes_after(&before, 1.0);
+    for hop in 0..2 {
+        assert_eq!(
+            after[hop].response - before[hop].response,
+            r["len"].as_f64().unwrap(),
+            "hop {hop}"
+        );
+        assert_eq!(after[hop].request, before[hop].request, "hop {hop}");
+    }
 
     // gRPC-style: h2 request with trailers; the application sees them and answers with
     // trailers of its own.

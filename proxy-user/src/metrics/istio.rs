@@ -16,6 +16,9 @@ const DURATION_BUCKETS: [f64; 19] = [
     60000.0, 300000.0, 600000.0, 1800000.0, 3600000.0,
 ];
 
+/// Istio's size buckets (bytes): 1 B to 1 GB by powers of ten.
+const SIZE_BUCKETS: [f64; 10] = [1.0, 1e1, 1e2, 1e3, 1e4, 1e5, 1e6, 1e7, 1e8, 1e9];
+
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct RequestLabels {
     /// `source` (the caller's node proxy) or `destination` (the endpoint's).
@@ -57,6 +60,9 @@ pub struct TcpLabels {
 pub struct Istio {
     pub requests: Family<RequestLabels, Counter>,
     pub duration: Family<RequestLabels, Histogram>,
+    /// Request and response body sizes (bytes), observed when the response body ends.
+    pub request_bytes: Family<RequestLabels, Histogram>,
+    pub response_bytes: Family<RequestLabels, Histogram>,
     pub tcp_opened: Family<TcpLabels, Counter>,
     pub tcp_closed: Family<TcpLabels, Counter>,
     /// Request bytes: from the source task towards the destination (Istio's meaning).
@@ -71,6 +77,12 @@ impl Default for Istio {
             requests: Family::default(),
             duration: Family::new_with_constructor(|| {
                 Histogram::new(DURATION_BUCKETS.iter().copied())
+            }),
+            request_bytes: Family::new_with_constructor(|| {
+                Histogram::new(SIZE_BUCKETS.iter().copied())
+            }),
+            response_bytes: Family::new_with_constructor(|| {
+                Histogram::new(SIZE_BUCKETS.iter().copied())
             }),
             tcp_opened: Family::default(),
             tcp_closed: Family::default(),
@@ -112,13 +124,47 @@ impl Istio {
             "Request duration until the response headers, milliseconds",
             self.duration.clone(),
         );
+        registry.register(
+            "istio_request_bytes",
+            "Request body size, bytes",
+            self.request_bytes.clone(),
+        );
+        registry.register(
+            "istio_response_bytes",
+            "Response body size, bytes",
+            self.response_bytes.clone(),
+        );
     }
 
-    pub fn record(&self, labels: RequestLabels, elapsed: std::time::Duration) {
+    /// Counts a request and its duration (until the response headers); the returned
+    /// handles observe its body sizes when the response body ends.
+    pub fn record(&self, labels: RequestLabels, elapsed: std::time::Duration) -> BodySizes {
+        let sizes = self.sizes(&labels);
         self.duration
             .get_or_create(&labels)
             .observe(elapsed.as_secs_f64() * 1000.0);
         self.requests.get_or_create(&labels).inc();
+        sizes
+    }
+
+    pub(crate) fn sizes(&self, labels: &RequestLabels) -> BodySizes {
+        BodySizes {
+            request: self.request_bytes.get_or_create(labels).clone(),
+            response: self.response_bytes.get_or_create(labels).clone(),
+        }
+    }
+}
+
+/// One request's size histograms (shared handles: observing needs no label lookup).
+pub struct BodySizes {
+    request: Histogram,
+    response: Histogram,
+}
+
+impl BodySizes {
+    pub fn observe(self, request: u64, response: u64) {
+        self.request.observe(request as f64);
+        self.response.observe(response as f64);
     }
 }
 
@@ -143,8 +189,25 @@ pub fn request_protocol(headers: &http::HeaderMap) -> &'static str {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
+
+    pub(crate) fn labels() -> RequestLabels {
+        RequestLabels {
+            reporter: "source",
+            source_workload: "web".into(),
+            source_workload_namespace: "c".into(),
+            source_principal: "spiffe://td/a".into(),
+            destination_workload: "api".into(),
+            destination_workload_namespace: "c".into(),
+            destination_principal: "spiffe://td/b".into(),
+            destination_service: "api".into(),
+            request_protocol: "http",
+            response_code: 200,
+            response_flags: "-",
+            connection_security_policy: "unknown",
+        }
+    }
 
     #[test]
     fn flags_and_protocol() {

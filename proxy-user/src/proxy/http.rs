@@ -7,7 +7,11 @@
 //! A request asking for a protocol `Upgrade` (WebSocket) is carried in a CONNECT stream:
 //! its head is replayed to the application as HTTP/1.1 and, after `101 Switching
 //! Protocols`, the connection continues as opaque bytes both ways.
-use std::{convert::Infallible, net::SocketAddr, sync::Arc};
+use std::{
+    convert::Infallible,
+    net::SocketAddr,
+    sync::{Arc, atomic::AtomicU64},
+};
 
 use http::{HeaderValue, Request, Response, StatusCode, header};
 use http_body_util::{BodyExt, Full};
@@ -121,15 +125,16 @@ impl HttpFlow {
                     .map(str::to_owned)
             })
             .unwrap_or_else(|| self.service.clone());
+        let request_bytes = Arc::<AtomicU64>::default();
         let resp = if req.headers().contains_key(header::UPGRADE)
             && req.version() < http::Version::HTTP_2
         {
             self.upgrade(req).await
         } else {
-            self.send(req, &service).await
+            self.send(req, &service, request_bytes.clone()).await
         };
-        self.report(service, protocol, &resp, started.elapsed(), logged);
-        resp
+        let sizes = self.report(service, protocol, &resp, started.elapsed(), logged);
+        resp.map(|body| l7::Reported::wrap(body, request_bytes, sizes))
     }
 
     /// The source hop's telemetry: the destination is the endpoint that answered.
@@ -140,7 +145,7 @@ impl HttpFlow {
         resp: &Response<Body>,
         elapsed: std::time::Duration,
         logged: Option<(String, String)>,
-    ) {
+    ) -> istio::BodySizes {
         let chosen = resp.extensions().get::<Chosen>();
         let (destination_workload, destination_principal) = match chosen {
             Some(c) => (c.family.clone(), c.principal.clone()),
@@ -186,7 +191,7 @@ impl HttpFlow {
                 "endpoint": chosen.map_or(self.target, |c| c.addr).to_string(),
             }));
         }
-        self.metrics.istio.record(labels, elapsed);
+        self.metrics.istio.record(labels, elapsed)
     }
 
     fn tunnel_error(&self, e: &TunnelError) -> Response<Body> {
@@ -198,9 +203,15 @@ impl HttpFlow {
 
     /// A request of `service`: balanced over its endpoints, retried and timed out by its
     /// policy (`route`).
-    async fn send(&self, req: Request<Incoming>, service: &str) -> Response<Body> {
+    async fn send(
+        &self,
+        req: Request<Incoming>,
+        service: &str,
+        request_bytes: Arc<AtomicU64>,
+    ) -> Response<Body> {
         let proto = OrigProto::of(req.version());
         let (mut parts, body) = req.into_parts();
+        let body = l7::Metered::new(body, request_bytes).boxed();
         let authority = parts
             .uri
             .authority()

@@ -1,7 +1,11 @@
 //! Inbound side (port 15008): verifies the caller's workload certificate, then serves
 //! HTTP/2 CONNECT streams — only to endpoints of tasks enrolled on this instance (never an
 //! open relay) and only where the authorization policy allows.
-use std::{convert::Infallible, net::SocketAddr, sync::Arc};
+use std::{
+    convert::Infallible,
+    net::SocketAddr,
+    sync::{Arc, atomic::AtomicU64},
+};
 
 use http_body_util::BodyExt;
 use hyper::{Method, Request, Response, StatusCode, body::Incoming, service::service_fn};
@@ -300,6 +304,8 @@ impl Inbound {
         let destination_principal = peer.served.to_string();
         // The workload the source reached: the local task its certificate (by SNI) names.
         let workload = peer.family.clone();
+        let request_bytes = Arc::<AtomicU64>::default();
+        let req = req.map(|body| l7::Metered::new(body, request_bytes.clone()).boxed());
         let (service, resp) = self
             .forward(req, peer.source, peer.family, peer.local)
             .await;
@@ -349,8 +355,8 @@ impl Inbound {
                 "endpoint": target,
             }));
         }
-        self.metrics.istio.record(labels, started.elapsed());
-        resp
+        let sizes = self.metrics.istio.record(labels, started.elapsed());
+        resp.map(|body| l7::Reported::wrap(body, request_bytes, sizes))
     }
 
     /// Checked like a CONNECT, then sent to the application in the protocol the task
@@ -358,7 +364,7 @@ impl Inbound {
     /// before it is known) and the response.
     async fn forward(
         &self,
-        req: Request<Incoming>,
+        req: Request<Body>,
         source: SpiffeId,
         family: String,
         local: SocketAddr,
@@ -406,7 +412,7 @@ impl Inbound {
             destination_family: ep.family.clone(),
         };
         self.metrics.inbound_streams.get_or_create(&labels).inc();
-        let req = Request::from_parts(parts, body.boxed());
+        let req = Request::from_parts(parts, body);
         let sent = tokio::select! {
             r = self.apps.send(normalise(target), proto, req) => r,
             () = drain.cancelled() => {

@@ -18,7 +18,7 @@ use std::{
 use bytes::Bytes;
 use http::{HeaderMap, HeaderValue, Method, Request, Response, StatusCode, Uri, Version};
 use http_body_util::{BodyExt, Full};
-use hyper::body::{Body as _, Frame, Incoming, SizeHint};
+use hyper::body::{Body as _, Frame, SizeHint};
 use tokio::time::Instant;
 
 use super::{Mesh, TunnelError};
@@ -62,12 +62,12 @@ enum ReqBody {
 impl ReqBody {
     /// Reads up to `limit` bytes: a body that ends within it is kept whole; otherwise what
     /// was read goes first and the rest streams behind it.
-    async fn read(body: Incoming, limit: usize) -> Result<Self, hyper::Error> {
+    async fn read(body: Body, limit: usize) -> Result<Self, hyper::Error> {
         if body.is_end_stream() {
             return Ok(Self::Replay(Bytes::new()));
         }
         if body.size_hint().lower() > limit as u64 {
-            return Ok(Self::Once(Some(body.boxed())));
+            return Ok(Self::Once(Some(body)));
         }
         let mut body = body;
         let mut read: VecDeque<Frame<Bytes>> = VecDeque::new();
@@ -112,7 +112,7 @@ impl ReqBody {
 /// Frames already read, then the rest of the body.
 struct Replayed {
     read: VecDeque<Frame<Bytes>>,
-    rest: Incoming,
+    rest: Body,
 }
 
 impl hyper::body::Body for Replayed {
@@ -186,7 +186,7 @@ impl Routed<'_> {
     }
 
     /// Sends the request, balancing and retrying; always answers.
-    pub async fn send(&self, head: Head, body: Incoming) -> Response<Body> {
+    pub async fn send(&self, head: Head, body: Body) -> Response<Body> {
         let started = Instant::now();
         let deadline = self.policy.request_timeout.map(|t| started + t);
         let work = self.attempts(head, body, deadline);
@@ -202,12 +202,7 @@ impl Routed<'_> {
         }
     }
 
-    async fn attempts(
-        &self,
-        head: Head,
-        body: Incoming,
-        deadline: Option<Instant>,
-    ) -> Response<Body> {
+    async fn attempts(&self, head: Head, body: Body, deadline: Option<Instant>) -> Response<Body> {
         let retryable = self.policy.retryable(&head.method, head.uri.path());
         // Only a request that may be retried after it was sent is read ahead (a POST
         // streams at once: a gRPC stream waiting for its first answer must not wait on
@@ -218,7 +213,7 @@ impl Routed<'_> {
                 Err(_) => return proxy_error(StatusCode::BAD_REQUEST, "request_body"),
             }
         } else {
-            ReqBody::Once(Some(body.boxed()))
+            ReqBody::Once(Some(body))
         };
         self.state.budget.deposit(std::time::Instant::now());
         let mut rng = fastrand::Rng::new();
