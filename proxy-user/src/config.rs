@@ -175,6 +175,8 @@ pub struct Config {
     pub traffic: Traffic,
     /// Access logs (HTTP, TCP), off by default.
     pub access_log: crate::access_log::AccessLogSettings,
+    /// `[metrics]`: how long series of stopped tasks stay, how many each metric holds.
+    pub metrics: MetricsSettings,
     /// Meshed endpoints; empty without `discovery_file`.
     #[serde(skip)]
     pub discovery: Discovery,
@@ -186,6 +188,24 @@ pub struct Config {
     pub ecs: Option<EcsSettings>,
     /// Meshed endpoints from AWS Cloud Map (in addition to `discovery_file`).
     pub cloudmap: Option<CloudMapSettings>,
+}
+
+#[derive(Debug, Clone, PartialEq, serde::Serialize)]
+pub struct MetricsSettings {
+    /// Series naming a task that left (its workload, SPIFFE ID or endpoint no longer on
+    /// this node or in discovery) are removed this long after it left.
+    #[serde(rename = "series_grace_secs", serialize_with = "secs")]
+    pub series_grace: Duration,
+    pub max_series_per_metric: usize,
+}
+
+impl Default for MetricsSettings {
+    fn default() -> Self {
+        Self {
+            series_grace: Duration::from_secs(300),
+            max_series_per_metric: crate::metrics::DEFAULT_MAX_SERIES,
+        }
+    }
 }
 
 #[derive(Debug, Clone, serde::Serialize)]
@@ -326,4 +346,8 @@ pub fn resolv_conf_nameservers(text: &str) -> Vec<IpAddr> {
 
 fn display<T: std::fmt::Display, S: serde::Serializer>(v: &T, s: S) -> Result<S::Ok, S::Error> {
     s.collect_str(v)
+}
+
+fn secs<S: serde::Serializer>(v: &Duration, s: S) -> Result<S::Ok, S::Error> {
+    s.serialize_f64(v.as_secs_f64())
 }

@@ -1,12 +1,16 @@
 //! Prometheus metrics of the data path. Names follow Istio's `istio_tcp_*` family so
 //! existing dashboards translate; every series is labelled by the source ECS task.
-use std::sync::{Arc, OnceLock};
+use std::sync::{
+    Arc, OnceLock,
+    atomic::{AtomicUsize, Ordering},
+};
 
 use prometheus_client::{
     encoding::EncodeLabelSet,
     metrics::{counter::Counter, family::Family, gauge::Gauge, histogram::Histogram},
     registry::Registry,
 };
+use series::{Bounded, MetricLabels, OVERFLOW, Sweep, TaskNames};
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct ReasonLabels {
@@ -95,7 +99,7 @@ fn duration_buckets() -> impl Iterator<Item = f64> {
 pub struct Metrics {
     registry: Registry,
     /// How long task TCP connections stayed open, by Istio's TCP labels.
-    pub tcp_duration: Family<crate::metrics::istio::TcpLabels, Histogram>,
+    pub tcp_duration: Bounded<istio::TcpLabels, Histogram>,
     /// mTLS tunnel handshakes that completed, how long they took (TCP connect excluded).
     pub handshake_duration: Family<RoleLabels, Histogram>,
     /// The access log, once started (`[access_log]`; off by default).
@@ -112,7 +116,16 @@ pub struct Metrics {
     /// Timeouts by service and kind: connect, per_try, request.
     pub timeouts: Family<ServiceReasonLabels, Counter>,
     /// Attempts per endpoint chosen by the balancer.
-    pub endpoint_requests: Family<EndpointLabels, Counter>,
+    pub endpoint_requests: Bounded<EndpointLabels, Counter>,
+    /// The most label sets one task-labelled metric holds (`[metrics]
+    /// max_series_per_metric`).
+    series_cap: Arc<AtomicUsize>,
+    /// Observations folded into a metric's overflow series, by metric.
+    series_overflow: Family<MetricLabels, Counter>,
+    /// Label sets each task-labelled metric holds (updated at each sweep).
+    series: Family<MetricLabels, Gauge>,
+    /// Series removed because a task they name is gone.
+    series_removed: Counter,
     /// Filled once the eBPF programs are installed.
     pub kernel: KernelCounters,
     /// Istio's request metrics (unprefixed, in the standard registry).
@@ -126,15 +139,15 @@ pub struct Metrics {
     /// ECS agent polls by result.
     pub ecs_syncs: Family<ResultLabels, Counter>,
     /// mTLS handshakes completed, per identity pair.
-    pub handshakes: Family<HandshakeLabels, Counter>,
+    pub handshakes: Bounded<HandshakeLabels, Counter>,
     /// Tunnel handshakes and streams refused, by side and reason.
     pub rejected: Family<RejectLabels, Counter>,
     /// Tunnel streams accepted by the inbound side.
-    pub inbound_streams: Family<StreamLabels, Counter>,
+    pub inbound_streams: Bounded<StreamLabels, Counter>,
     /// Inbound tunnel bytes from the remote caller to the local task.
-    pub inbound_to_task: Family<StreamLabels, Counter>,
+    pub inbound_to_task: Bounded<StreamLabels, Counter>,
     /// Inbound tunnel bytes from the local task back to the remote caller.
-    pub inbound_from_task: Family<StreamLabels, Counter>,
+    pub inbound_from_task: Bounded<StreamLabels, Counter>,
     /// Connections the proxy accepted but could not forward, by reason.
     pub failed: Family<ReasonLabels, Counter>,
     /// Accept errors by listener and error; resource errors pause accepting.
@@ -161,23 +174,50 @@ impl Metrics {
     pub fn with_extra(extra: impl FnOnce(&mut Registry)) -> Self {
         let mut registry = Registry::with_prefix("ecsmesh");
         extra(&mut registry);
+        let cap = Arc::new(AtomicUsize::new(DEFAULT_MAX_SERIES));
+        let overflow = Family::default();
         let mut m = Self {
             retries: Family::default(),
             retry_budget_exhausted: Family::default(),
             timeouts: Family::default(),
-            endpoint_requests: Family::default(),
+            endpoint_requests: Bounded::new(
+                "endpoint_requests",
+                Family::default(),
+                &cap,
+                &overflow,
+            ),
             failed: Family::default(),
-            handshakes: Family::default(),
+            handshakes: Bounded::new("tls_handshakes", Family::default(), &cap, &overflow),
             ecs_tasks: Family::default(),
             ecs_syncs: Family::default(),
             rejected: Family::default(),
-            inbound_streams: Family::default(),
-            inbound_to_task: Family::default(),
-            inbound_from_task: Family::default(),
+            inbound_streams: Bounded::new(
+                "tunnel_inbound_streams",
+                Family::default(),
+                &cap,
+                &overflow,
+            ),
+            inbound_to_task: Bounded::new(
+                "tunnel_inbound_received_bytes",
+                Family::default(),
+                &cap,
+                &overflow,
+            ),
+            inbound_from_task: Bounded::new(
+                "tunnel_inbound_sent_bytes",
+                Family::default(),
+                &cap,
+                &overflow,
+            ),
             trust_anchors: Family::default(),
             issuer: Family::default(),
-            istio: istio::Istio::default(),
-            tcp_duration: Family::new_with_constructor(|| Histogram::new(duration_buckets())),
+            istio: istio::Istio::new(&cap, &overflow),
+            tcp_duration: Bounded::new(
+                "tcp_connection_duration_seconds",
+                Family::new_with_constructor(|| Histogram::new(duration_buckets())),
+                &cap,
+                &overflow,
+            ),
             handshake_duration: Family::new_with_constructor(|| Histogram::new(duration_buckets())),
             access_log: OnceLock::new(),
             access_log_dropped: Counter::default(),
@@ -189,6 +229,10 @@ impl Metrics {
             kernel: KernelCounters::default(),
             registry: Registry::default(),
             standard: Registry::default(),
+            series_cap: cap.clone(),
+            series_overflow: overflow.clone(),
+            series: Family::default(),
+            series_removed: Counter::default(),
         };
         registry.register_collector(Box::new(m.kernel.clone()));
         m.istio.register(&mut m.standard);
@@ -213,7 +257,7 @@ impl Metrics {
         registry.register(
             "tls_handshakes",
             "mTLS tunnel handshakes completed, per identity pair",
-            m.handshakes.clone(),
+            m.handshakes.family(),
         );
         registry.register(
             "tunnel_rejected",
@@ -223,22 +267,22 @@ impl Metrics {
         registry.register(
             "tunnel_inbound_streams",
             "Tunnel streams accepted by this proxy's inbound side",
-            m.inbound_streams.clone(),
+            m.inbound_streams.family(),
         );
         registry.register(
             "tunnel_inbound_received_bytes",
             "Bytes from tunnel callers to local tasks",
-            m.inbound_to_task.clone(),
+            m.inbound_to_task.family(),
         );
         registry.register(
             "tunnel_inbound_sent_bytes",
             "Bytes from local tasks back to tunnel callers",
-            m.inbound_from_task.clone(),
+            m.inbound_from_task.family(),
         );
         registry.register(
             "tcp_connection_duration_seconds",
             "How long task TCP connections stayed open",
-            m.tcp_duration.clone(),
+            m.tcp_duration.family(),
         );
         registry.register(
             "tunnel_handshake_duration_seconds",
@@ -268,7 +312,7 @@ impl Metrics {
         registry.register(
             "endpoint_requests",
             "Attempts the balancer sent to each endpoint of a service",
-            m.endpoint_requests.clone(),
+            m.endpoint_requests.family(),
         );
         registry.register(
             "tcp_connections_failed",
@@ -300,7 +344,56 @@ impl Metrics {
             "The soft RLIMIT_NOFILE the proxy runs with",
             m.open_files_limit.clone(),
         );
+        registry.register(
+            "metric_series_overflow",
+            "Observations folded into a metric's overflow series (task names `overflow`) because it held max_series_per_metric label sets",
+            m.series_overflow.clone(),
+        );
+        registry.register(
+            "metric_series",
+            "Label sets held by each task-labelled metric (at the last sweep)",
+            m.series.clone(),
+        );
+        registry.register(
+            "metric_series_removed",
+            "Series removed because a task they name stopped (after the grace period)",
+            m.series_removed.clone(),
+        );
         Self { registry, ..m }
+    }
+
+    /// Sets the most label sets each task-labelled metric holds.
+    pub fn set_max_series(&self, max: usize) {
+        self.series_cap.store(max, Ordering::Relaxed);
+    }
+
+    /// Every task-labelled metric.
+    fn bounded(&self) -> Vec<&dyn Sweep> {
+        let mut all: Vec<&dyn Sweep> = self.istio.bounded().to_vec();
+        all.extend([
+            &self.tcp_duration as &dyn Sweep,
+            &self.handshakes,
+            &self.inbound_streams,
+            &self.inbound_to_task,
+            &self.inbound_from_task,
+            &self.endpoint_requests,
+        ]);
+        all
+    }
+
+    /// Removes the series naming a task `gone` matches, and updates the series gauges.
+    pub fn remove_series(&self, gone: &dyn Fn(&str) -> bool) -> usize {
+        let mut removed = 0;
+        for family in self.bounded() {
+            removed += family.remove_mentioning(gone);
+            self.series
+                .get_or_create(&MetricLabels {
+                    metric: family.name(),
+                })
+                .set(family.series_count() as i64);
+        }
+        self.series_removed.inc_by(removed as u64);
+        removed
     }
 
     /// One HTTP request through the mesh, counted with its response at one side.
@@ -367,9 +460,53 @@ impl Metrics {
     }
 }
 
+/// `[metrics] max_series_per_metric` by default.
+pub const DEFAULT_MAX_SERIES: usize = 10_000;
+
+impl TaskNames for HandshakeLabels {
+    fn task_names(&self) -> Vec<&str> {
+        vec![&self.source_identity, &self.destination_identity]
+    }
+
+    fn overflowed(&self) -> Self {
+        Self {
+            role: self.role,
+            source_identity: OVERFLOW.into(),
+            destination_identity: OVERFLOW.into(),
+        }
+    }
+}
+
+impl TaskNames for StreamLabels {
+    fn task_names(&self) -> Vec<&str> {
+        vec![&self.source_identity, &self.destination_family]
+    }
+
+    fn overflowed(&self) -> Self {
+        Self {
+            source_identity: OVERFLOW.into(),
+            destination_family: OVERFLOW.into(),
+        }
+    }
+}
+
+impl TaskNames for EndpointLabels {
+    fn task_names(&self) -> Vec<&str> {
+        vec![&self.endpoint]
+    }
+
+    fn overflowed(&self) -> Self {
+        Self {
+            service: self.service.clone(),
+            endpoint: OVERFLOW.into(),
+        }
+    }
+}
+
 pub mod classic;
 pub mod istio;
 pub mod process;
+pub mod series;
 
 /// The kernel programs' counters (`ecsmesh_kernel_connects_total{verdict}`), read from the
 /// per-CPU map at each scrape; nothing is exported until the programs are installed.

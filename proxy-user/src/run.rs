@@ -9,6 +9,7 @@ mod cloud;
 mod ecs;
 mod mesh;
 mod node;
+mod sweep;
 
 use crate::{
     config::Config,

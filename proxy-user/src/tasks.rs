@@ -72,7 +72,13 @@ impl TaskRef {
 #[derive(Debug, Default)]
 pub struct TaskTable {
     slots: RwLock<Vec<Option<Arc<TaskRef>>>>,
+    /// Tasks removed since the last `take_departed` (newest kept when it overflows): the
+    /// metrics sweep learns of tasks that came and went between two sweeps.
+    departed: std::sync::Mutex<std::collections::VecDeque<Arc<TaskRef>>>,
 }
+
+/// The most departures kept between two metrics sweeps.
+const DEPARTED_KEPT: usize = 4096;
 
 impl TaskTable {
     /// Add a task; returns its index (the kernel's `task_index`).
@@ -116,7 +122,18 @@ impl TaskTable {
         let mut slots = self.slots.write().unwrap_or_else(|p| p.into_inner());
         let task = slots.get_mut(index as usize)?.take()?;
         task.drain.cancel();
+        let mut departed = self.departed.lock().unwrap_or_else(|p| p.into_inner());
+        if departed.len() == DEPARTED_KEPT {
+            departed.pop_front();
+        }
+        departed.push_back(task.clone());
         Some(task)
+    }
+
+    /// The tasks removed since the last call.
+    pub fn take_departed(&self) -> Vec<Arc<TaskRef>> {
+        let mut departed = self.departed.lock().unwrap_or_else(|p| p.into_inner());
+        departed.drain(..).collect()
     }
 
     pub fn all(&self) -> Vec<(u32, Arc<TaskRef>)> {

@@ -211,9 +211,11 @@ fn cluster_with(initial: &[&FakeTask], wait_ready: bool, base: ProxyOptions) -> 
         sock.display(),
         w.instances[1].cgroup_root.display()
     );
+    // The base's own TOML (e.g. `[metrics]`) goes to both instances.
+    let shared = base.extra_toml.clone();
     let opts = ProxyOptions {
         enrol: Some(vec![]),
-        extra_toml: extra,
+        extra_toml: extra + &shared,
         ..base
     };
     if wait_ready {
@@ -221,7 +223,10 @@ fn cluster_with(initial: &[&FakeTask], wait_ready: bool, base: ProxyOptions) -> 
     } else {
         spawn_unready(&mut w, &opts);
     }
-    w.instances[0].start_proxy(&ProxyOptions::default());
+    w.instances[0].start_proxy(&ProxyOptions {
+        extra_toml: shared,
+        ..Default::default()
+    });
     Cluster {
         w,
         agent,
@@ -590,4 +595,155 @@ fn a_connection_to_a_stopping_task_of_a_balanced_service_goes_to_another() {
         assert!(r.ok, "{r:?}");
         assert_eq!(r.served_by.as_deref(), Some(served.as_str()), "{r:?}");
     }
+}
+
+/// Every series (name and labels) in an instance's `/metrics`.
+fn series(c: &Cluster, inst: usize) -> std::collections::BTreeSet<String> {
+    let i = &c.w.instances[inst];
+    let (status, body) = i.netns.http_get(i.admin, "/metrics").expect("GET /metrics");
+    assert_eq!(status, 200);
+    body.lines()
+        .filter(|l| !l.starts_with('#') && !l.is_empty())
+        .filter_map(|l| l.rsplit_once(' ').map(|(k, _)| k.to_owned()))
+        .collect()
+}
+
+/// Churn task `k`. Its names are generated, so leaked to fit `FakeTask`'s `&'static str`
+/// (a hundred short strings, for the test's lifetime).
+fn churn_task(k: usize) -> FakeTask {
+    let leak = |s: String| -> &'static str { Box::leak(s.into_boxed_str()) };
+    FakeTask {
+        id: leak(format!("{k:032x}")),
+        family: leak(format!("churn{k}")),
+        desired: "RUNNING",
+        known: "RUNNING",
+        container: leak(format!("{k:064x}")),
+        health: None,
+        awsvpc: false,
+    }
+}
+
+#[test]
+fn series_of_stopped_tasks_are_removed_and_the_count_returns_to_its_baseline() {
+    const BATCH: usize = 20;
+    const BATCHES: usize = 5;
+    let base = ProxyOptions {
+        extra_toml: "\n[metrics]\nseries_grace_secs = 1\n".into(),
+        ..Default::default()
+    };
+    let mut c = cluster_with(&[&T1], true, base);
+    let ports: Vec<SocketAddr> = (0..BATCH)
+        .map(|i| c.w.instances[1].addr(9100 + i as u16))
+        .collect();
+    c.w.instances[1].echo_server(&ports);
+    let discovery = c.w.instances[1].mesh.as_ref().unwrap().discovery.clone();
+    let write_discovery = |tasks: &[(SocketAddr, &FakeTask)]| {
+        let mut text = String::new();
+        for (ep, t) in tasks {
+            text += &format!(
+                "[[services]]\nname = \"{f}\"\n[[services.endpoints]]\naddress = \"{ep}\"\nfamily = \"{f}\"\ntask = \"{id}\"\n\n",
+                f = t.family,
+                id = t.id
+            );
+        }
+        std::fs::write(&discovery, text).unwrap();
+    };
+    // A batch comes (enrolled on instance 1, in discovery, each called once through the
+    // mesh from instance 0) and goes (stopped, out of discovery).
+    let run_batch = |c: &Cluster, batch: &[FakeTask]| {
+        for t in batch {
+            c.w.cgroups.dir(&format!(
+                "inst1/ecstasks.slice/ecstasks-{}.slice/docker-{}.scope",
+                t.id, t.container
+            ));
+            c.docker.set(
+                &format!("/containers/{}/json", t.container),
+                200,
+                docker_inspect(t),
+            );
+        }
+        let mut listed: Vec<(SocketAddr, &FakeTask)> = vec![(c.eps[0], &T1)];
+        listed.extend(ports.iter().copied().zip(batch));
+        write_discovery(&listed);
+        let mut running = vec![&T1];
+        running.extend(batch);
+        c.agent.set("/v1/tasks", 200, agent_tasks(&running));
+        let last = batch.last().unwrap().family;
+        wait_until("batch enrolled", || {
+            identities(c).contains(&format!("/{last}\""))
+        });
+        let a = &c.w.instances[0];
+        wait_until("batch in instance 0's discovery", || {
+            a.netns
+                .http_get(a.admin, "/endpoints")
+                .is_ok_and(|(_, body)| body.contains(&format!("\"{last}\"")))
+        });
+        let reports = c.w.instances[0].tasks[0].client(&ports[..batch.len()], 1, 64);
+        assert_all_ok(&reports);
+        let peak = [series(c, 0).len(), series(c, 1).len()];
+        write_discovery(&[(c.eps[0], &T1)]);
+        c.agent.set("/v1/tasks", 200, agent_tasks(&[&T1]));
+        peak
+    };
+    let settled = |c: &Cluster, baseline: &[std::collections::BTreeSet<String>; 2]| {
+        let deadline = Instant::now() + Duration::from_secs(15);
+        loop {
+            let now = [series(c, 0), series(c, 1)];
+            if now == *baseline {
+                return;
+            }
+            if Instant::now() > deadline {
+                for i in 0..2 {
+                    let extra: Vec<_> = now[i].difference(&baseline[i]).take(10).collect();
+                    let missing: Vec<_> = baseline[i].difference(&now[i]).take(10).collect();
+                    eprintln!("instance {i}: extra {extra:#?}\nmissing {missing:#?}");
+                }
+                panic!("series did not return to their baseline");
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    };
+    // Warm-up: one task comes and goes, so series that exist once anything has happened
+    // (sweep gauges, counters of events) are part of the baseline.
+    run_batch(&c, &[churn_task(1000)]);
+    let deadline = Instant::now() + Duration::from_secs(15);
+    loop {
+        let left: Vec<String> = [series(&c, 0), series(&c, 1)]
+            .into_iter()
+            .flatten()
+            .filter(|s| s.contains("churn1000"))
+            .collect();
+        if left.is_empty() {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the warm-up task's series stayed: {left:#?}"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let baseline = [series(&c, 0), series(&c, 1)];
+
+    let mut peaks = Vec::new();
+    for n in 0..BATCHES {
+        let batch: Vec<FakeTask> = (0..BATCH).map(|i| churn_task(n * BATCH + i)).collect();
+        peaks.push(run_batch(&c, &batch));
+    }
+    // Each batch added series on both sides (Istio's TCP series and the TCP duration
+    // histogram at the source; tunnel stream series at the destination) ...
+    for (n, peak) in peaks.iter().enumerate() {
+        for i in 0..2 {
+            assert!(
+                peak[i] >= baseline[i].len() + BATCH,
+                "batch {n}, instance {i}: {} series at the peak, baseline {}",
+                peak[i],
+                baseline[i].len()
+            );
+        }
+    }
+    // ... and with every task gone, both instances are back to exactly the series they
+    // had before, and say so.
+    settled(&c, &baseline);
+    let m = c.w.instances[0].metrics();
+    assert!(counter(&m, "ecsmesh_metric_series_removed_total", &[]) >= (BATCHES * BATCH) as f64);
 }

@@ -10,7 +10,8 @@ use serde::Deserialize;
 use super::{
     CloudMapSettings, Config, DEFAULT_ADMIN_ADDR, DEFAULT_ADMIN_SOCKET_DIR, DEFAULT_INBOUND_PORT,
     DEFAULT_OUTBOUND_PORT, DEFAULT_PIN_DIR, DEFAULT_SOCKET_MARK, DEFAULT_STATE_DIR,
-    DEFAULT_STREAM_CAP, EcsSettings, IdentitySettings, Mode, NetworkMode, TaskConfig,
+    DEFAULT_STREAM_CAP, EcsSettings, IdentitySettings, MetricsSettings, Mode, NetworkMode,
+    TaskConfig,
 };
 use crate::{
     authz::{AllowRule, Policy},
@@ -87,6 +88,8 @@ pub(super) struct RawConfig {
     #[serde(default)]
     access_log: Option<RawAccessLog>,
     #[serde(default)]
+    metrics: Option<RawMetrics>,
+    #[serde(default)]
     traffic: Option<super::traffic::RawPolicy>,
     #[serde(default)]
     services: std::collections::BTreeMap<String, super::traffic::RawPolicy>,
@@ -101,6 +104,48 @@ struct RawAccessLog {
     tcp: bool,
     #[serde(default)]
     path: Option<PathBuf>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawMetrics {
+    #[serde(default)]
+    series_grace_secs: Option<f64>,
+    #[serde(default)]
+    max_series_per_metric: Option<usize>,
+}
+
+impl RawMetrics {
+    fn validate(this: Option<Self>) -> Result<MetricsSettings, (String, String)> {
+        let d = MetricsSettings::default();
+        let Some(m) = this else { return Ok(d) };
+        let grace = match m.series_grace_secs {
+            None => d.series_grace,
+            Some(s) if s.is_finite() && s > 0.0 && s <= 86_400.0 => {
+                std::time::Duration::from_secs_f64(s)
+            }
+            Some(_) => {
+                return Err(invalid(
+                    "metrics.series_grace_secs",
+                    "must be more than 0 and at most 86400",
+                ));
+            }
+        };
+        let max = match m.max_series_per_metric {
+            None => d.max_series_per_metric,
+            Some(n) if (1..=1_000_000).contains(&n) => n,
+            Some(_) => {
+                return Err(invalid(
+                    "metrics.max_series_per_metric",
+                    "must be from 1 to 1000000",
+                ));
+            }
+        };
+        Ok(MetricsSettings {
+            series_grace: grace,
+            max_series_per_metric: max,
+        })
+    }
 }
 
 #[derive(Debug, Deserialize)]
@@ -354,6 +399,7 @@ impl RawConfig {
                 }
             }
         };
+        let metrics = RawMetrics::validate(self.metrics)?;
         let discovery = match &self.discovery_file {
             Some(path) => Discovery::load(path, inbound_port)
                 .map_err(|e| invalid("discovery_file", e.to_string()))?,
@@ -459,6 +505,7 @@ impl RawConfig {
             limits,
             traffic,
             access_log,
+            metrics,
             discovery,
             discovery_file: self.discovery_file,
             identity,

@@ -19,7 +19,14 @@ pub struct Sources {
     view: Arc<ArcSwap<Discovery>>,
     file: Option<PathBuf>,
     inbound_port: u16,
+    /// Endpoints that left since the last `take_departed` (newest kept when it
+    /// overflows): the metrics sweep learns of endpoints that came and went between two
+    /// sweeps.
+    departed: Mutex<std::collections::VecDeque<Endpoint>>,
 }
+
+/// The most departed endpoints kept between two metrics sweeps.
+const DEPARTED_KEPT: usize = 4096;
 
 #[derive(Default)]
 struct Parts {
@@ -38,7 +45,14 @@ impl Sources {
             view: Arc::new(ArcSwap::from_pointee(initial.clone())),
             file,
             inbound_port,
+            departed: Mutex::default(),
         })
+    }
+
+    /// The endpoints that left discovery since the last call.
+    pub fn take_departed(&self) -> Vec<Endpoint> {
+        let mut departed = self.departed.lock().unwrap_or_else(|e| e.into_inner());
+        departed.drain(..).collect()
     }
 
     /// The merged endpoints, swapped as a whole on every change.
@@ -51,7 +65,20 @@ impl Sources {
         let merged = Discovery::from_endpoints(all)
             .map_err(|(addr, a, b)| format!("{addr} is listed for both {a} and {b}"))?;
         let n = merged.len();
-        self.view.store(Arc::new(merged));
+        let old = self.view.swap(Arc::new(merged));
+        let now = self.view.load();
+        let mut departed = self.departed.lock().unwrap_or_else(|e| e.into_inner());
+        for ep in old.endpoints() {
+            let kept = now
+                .endpoints()
+                .any(|e| e.addr == ep.addr && e.family == ep.family && e.service == ep.service);
+            if !kept {
+                if departed.len() == DEPARTED_KEPT {
+                    departed.pop_front();
+                }
+                departed.push_back(ep.clone());
+            }
+        }
         Ok(n)
     }
 
@@ -138,6 +165,14 @@ mod tests {
         assert!(v.endpoint("10.0.0.3:80".parse().unwrap()).is_some());
         assert!(v.endpoint("10.0.0.2:80".parse().unwrap()).is_none());
         assert!(v.endpoint("10.0.0.7:90".parse().unwrap()).is_some());
+        // The endpoint that left is handed to the metrics sweep, once.
+        let departed: Vec<String> = s
+            .take_departed()
+            .iter()
+            .map(|e| e.addr.to_string())
+            .collect();
+        assert_eq!(departed, ["10.0.0.2:80"]);
+        assert!(s.take_departed().is_empty());
         // A file that does not parse: refused, the previous endpoints stay.
         file(&dir, "[[services]]\nname = ");
         assert!(s.reload_file().is_err());

@@ -4,11 +4,15 @@
 //! cluster, principal = SPIFFE ID). Both hops report a request: the source proxy with
 //! `reporter="source"` once per task request (retries included), the destination proxy
 //! with `reporter="destination"` once per attempt that reached it.
+use std::sync::{Arc, atomic::AtomicUsize};
+
 use prometheus_client::{
     encoding::EncodeLabelSet,
     metrics::{counter::Counter, family::Family, histogram::Histogram},
     registry::Registry,
 };
+
+use super::series::{Bounded, MetricLabels, OVERFLOW, Sweep, TaskNames};
 
 /// Istio's default duration buckets (milliseconds).
 const DURATION_BUCKETS: [f64; 19] = [
@@ -56,84 +60,116 @@ pub struct TcpLabels {
     pub connection_security_policy: &'static str,
 }
 
-#[derive(Clone)]
+type HistogramFamily<L> = Bounded<L, Histogram, fn() -> Histogram>;
+
 pub struct Istio {
-    pub requests: Family<RequestLabels, Counter>,
-    pub duration: Family<RequestLabels, Histogram>,
+    pub requests: Bounded<RequestLabels, Counter>,
+    pub duration: HistogramFamily<RequestLabels>,
     /// Request and response body sizes (bytes), observed when the response body ends.
-    pub request_bytes: Family<RequestLabels, Histogram>,
-    pub response_bytes: Family<RequestLabels, Histogram>,
-    pub tcp_opened: Family<TcpLabels, Counter>,
-    pub tcp_closed: Family<TcpLabels, Counter>,
+    pub request_bytes: HistogramFamily<RequestLabels>,
+    pub response_bytes: HistogramFamily<RequestLabels>,
+    pub tcp_opened: Bounded<TcpLabels, Counter>,
+    pub tcp_closed: Bounded<TcpLabels, Counter>,
     /// Request bytes: from the source task towards the destination (Istio's meaning).
-    pub tcp_received: Family<TcpLabels, Counter>,
+    pub tcp_received: Bounded<TcpLabels, Counter>,
     /// Response bytes: from the destination back to the source task.
-    pub tcp_sent: Family<TcpLabels, Counter>,
+    pub tcp_sent: Bounded<TcpLabels, Counter>,
 }
 
-impl Default for Istio {
-    fn default() -> Self {
-        Self {
-            requests: Family::default(),
-            duration: Family::new_with_constructor(|| {
-                Histogram::new(DURATION_BUCKETS.iter().copied())
-            }),
-            request_bytes: Family::new_with_constructor(|| {
-                Histogram::new(SIZE_BUCKETS.iter().copied())
-            }),
-            response_bytes: Family::new_with_constructor(|| {
-                Histogram::new(SIZE_BUCKETS.iter().copied())
-            }),
-            tcp_opened: Family::default(),
-            tcp_closed: Family::default(),
-            tcp_received: Family::default(),
-            tcp_sent: Family::default(),
-        }
-    }
+fn durations() -> Histogram {
+    Histogram::new(DURATION_BUCKETS.iter().copied())
+}
+
+fn sizes() -> Histogram {
+    Histogram::new(SIZE_BUCKETS.iter().copied())
 }
 
 impl Istio {
+    /// Istio's metrics, each holding at most `cap` label sets (overflow counted in
+    /// `overflow`).
+    pub fn new(cap: &Arc<AtomicUsize>, overflow: &Family<MetricLabels, Counter>) -> Self {
+        let histograms = |name, constructor: fn() -> Histogram| {
+            Bounded::new(
+                name,
+                Family::new_with_constructor(constructor),
+                cap,
+                overflow,
+            )
+        };
+        Self {
+            requests: Bounded::new("istio_requests", Family::default(), cap, overflow),
+            duration: histograms("istio_request_duration_milliseconds", durations),
+            request_bytes: histograms("istio_request_bytes", sizes),
+            response_bytes: histograms("istio_response_bytes", sizes),
+            tcp_opened: Bounded::new(
+                "istio_tcp_connections_opened",
+                Family::default(),
+                cap,
+                overflow,
+            ),
+            tcp_closed: Bounded::new(
+                "istio_tcp_connections_closed",
+                Family::default(),
+                cap,
+                overflow,
+            ),
+            tcp_received: Bounded::new(
+                "istio_tcp_received_bytes",
+                Family::default(),
+                cap,
+                overflow,
+            ),
+            tcp_sent: Bounded::new("istio_tcp_sent_bytes", Family::default(), cap, overflow),
+        }
+    }
+
     pub fn register(&self, registry: &mut Registry) {
         registry.register(
-            "istio_requests",
+            self.requests.name(),
             "Requests, by reporter (source, destination) and Istio's workload labels",
-            self.requests.clone(),
+            self.requests.family(),
         );
-        registry.register(
-            "istio_tcp_connections_opened",
-            "TCP connections opened through the proxy, by Istio's workload labels",
-            self.tcp_opened.clone(),
-        );
-        registry.register(
-            "istio_tcp_connections_closed",
-            "TCP connections closed through the proxy",
-            self.tcp_closed.clone(),
-        );
-        registry.register(
-            "istio_tcp_received_bytes",
-            "Request bytes: from the source task towards its destination",
-            self.tcp_received.clone(),
-        );
-        registry.register(
-            "istio_tcp_sent_bytes",
-            "Response bytes: from the destination back to the source task",
-            self.tcp_sent.clone(),
-        );
-        registry.register(
-            "istio_request_duration_milliseconds",
-            "Request duration until the response headers, milliseconds",
-            self.duration.clone(),
-        );
-        registry.register(
-            "istio_request_bytes",
-            "Request body size, bytes",
-            self.request_bytes.clone(),
-        );
-        registry.register(
-            "istio_response_bytes",
-            "Response body size, bytes",
-            self.response_bytes.clone(),
-        );
+        for (family, help) in [
+            (
+                &self.tcp_opened,
+                "TCP connections opened through the proxy, by Istio's workload labels",
+            ),
+            (&self.tcp_closed, "TCP connections closed through the proxy"),
+            (
+                &self.tcp_received,
+                "Request bytes: from the source task towards its destination",
+            ),
+            (
+                &self.tcp_sent,
+                "Response bytes: from the destination back to the source task",
+            ),
+        ] {
+            registry.register(family.name(), help, family.family());
+        }
+        for (family, help) in [
+            (
+                &self.duration,
+                "Request duration until the response headers, milliseconds",
+            ),
+            (&self.request_bytes, "Request body size, bytes"),
+            (&self.response_bytes, "Response body size, bytes"),
+        ] {
+            registry.register(family.name(), help, family.family());
+        }
+    }
+
+    /// Every family, for sweeps and series counts.
+    pub fn bounded(&self) -> [&dyn Sweep; 8] {
+        [
+            &self.requests,
+            &self.duration,
+            &self.request_bytes,
+            &self.response_bytes,
+            &self.tcp_opened,
+            &self.tcp_closed,
+            &self.tcp_received,
+            &self.tcp_sent,
+        ]
     }
 
     /// Counts a request and its duration (until the response headers); the returned
@@ -152,6 +188,58 @@ impl Istio {
             request: self.request_bytes.get_or_create(labels).clone(),
             response: self.response_bytes.get_or_create(labels).clone(),
         }
+    }
+}
+
+impl TaskNames for RequestLabels {
+    fn task_names(&self) -> Vec<&str> {
+        vec![
+            &self.source_workload,
+            &self.source_principal,
+            &self.destination_workload,
+            &self.destination_principal,
+        ]
+    }
+
+    fn overflowed(&self) -> Self {
+        Self {
+            source_workload: OVERFLOW.into(),
+            source_principal: OVERFLOW.into(),
+            destination_workload: OVERFLOW.into(),
+            destination_principal: OVERFLOW.into(),
+            ..self.clone()
+        }
+    }
+}
+
+impl TaskNames for TcpLabels {
+    fn task_names(&self) -> Vec<&str> {
+        vec![
+            &self.source_workload,
+            &self.source_principal,
+            &self.destination_workload,
+            &self.destination_principal,
+        ]
+    }
+
+    fn overflowed(&self) -> Self {
+        Self {
+            source_workload: OVERFLOW.into(),
+            source_principal: OVERFLOW.into(),
+            destination_workload: OVERFLOW.into(),
+            destination_principal: OVERFLOW.into(),
+            ..self.clone()
+        }
+    }
+}
+
+#[cfg(test)]
+impl Default for Istio {
+    fn default() -> Self {
+        Self::new(
+            &Arc::new(AtomicUsize::new(super::DEFAULT_MAX_SERIES)),
+            &Family::default(),
+        )
     }
 }
 

@@ -58,6 +58,7 @@ impl Bound {
                 cloudmap_metrics.register(registry);
             }
         }));
+        metrics.set_max_series(config.metrics.max_series_per_metric);
         metrics.set_access_log(
             crate::access_log::AccessLog::start(
                 &config.access_log,
@@ -226,6 +227,13 @@ impl Installed {
         } = self;
         let (shutdown, tracker) = (&core.shutdown, &core.tracker);
         let discovery = mesh.as_ref().map(|m| m.sources.clone());
+        tokio::spawn(super::sweep::run(
+            core.metrics.clone(),
+            core.tasks.clone(),
+            mesh.as_ref().map(|m| (m.mesh.clone(), m.sources.clone())),
+            config.metrics.series_grace,
+            shutdown.clone(),
+        ));
         if let Some(parts) = mesh {
             parts.identities.spawn_background(shutdown.clone());
             parts.sources.spawn_watch(shutdown.clone());
