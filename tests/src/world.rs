@@ -350,6 +350,16 @@ impl Instance {
         self.servers.push(process::spawn_ready(cmd, &args[0]));
     }
 
+    /// Any other program (a Prometheus server, say) in the instance netns, unenrolled,
+    /// its output in `log`; killed on drop.
+    pub fn spawn_program(&mut self, program: &Path, args: &[String], log: &Path) {
+        let mut cmd = Command::new(program);
+        cmd.args(args);
+        process::place(&mut cmd, &self.placement("servers"));
+        let name = program.display().to_string();
+        self.servers.push(process::spawn_logged(cmd, &name, log));
+    }
+
     /// A meshtool command in the instance netns, in an unenrolled cgroup.
     pub fn unenrolled(&self, args: &[String]) -> Command {
         let mut cmd = Command::new(&self.tools.meshtool);
