@@ -3,6 +3,7 @@
 //! these in `journalctl`/CloudWatch where multi-line snippets get mangled.
 mod limits;
 mod raw;
+mod traces;
 mod traffic;
 
 pub use limits::Limits;
@@ -177,6 +178,8 @@ pub struct Config {
     pub access_log: crate::access_log::AccessLogSettings,
     /// `[metrics]`: how long series of stopped tasks stay, how many each metric holds.
     pub metrics: MetricsSettings,
+    /// Traces exported over OTLP/HTTP; `None`: no tracer (traceparent passes untouched).
+    pub traces: Option<crate::trace::TraceSettings>,
     /// Meshed endpoints; empty without `discovery_file`.
     #[serde(skip)]
     pub discovery: Discovery,

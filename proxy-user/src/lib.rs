@@ -21,5 +21,6 @@ pub mod proxy;
 pub(crate) mod rlimit;
 pub mod run;
 pub mod tasks;
+pub mod trace;
 pub mod types;
 pub(crate) mod watch;

@@ -106,6 +106,10 @@ pub struct Metrics {
     access_log: OnceLock<crate::access_log::AccessLog>,
     /// Access log lines dropped because the writer fell behind.
     pub access_log_dropped: Counter,
+    /// The tracer, once started (`[traces]`; off by default).
+    traces: OnceLock<crate::trace::Traces>,
+    /// Spans exported, and spans dropped (queue full, export failed or timed out).
+    pub trace_spans: crate::trace::TraceCounters,
     /// The standard series, without the `ecsmesh_` prefix: Istio's and `process_*`.
     standard: Registry,
     /// Retried attempts, by service and what failed (status, connect, reset, unavailable,
@@ -221,6 +225,8 @@ impl Metrics {
             handshake_duration: Family::new_with_constructor(|| Histogram::new(duration_buckets())),
             access_log: OnceLock::new(),
             access_log_dropped: Counter::default(),
+            traces: OnceLock::new(),
+            trace_spans: crate::trace::TraceCounters::default(),
             accept_errors: Family::default(),
             tunnel_closed: Family::default(),
             handshakes_in_progress: Gauge::default(),
@@ -293,6 +299,16 @@ impl Metrics {
             "access_log_dropped",
             "Access log lines dropped because the writer fell behind",
             m.access_log_dropped.clone(),
+        );
+        registry.register(
+            "trace_spans_exported",
+            "Spans the OTLP collector accepted",
+            m.trace_spans.exported.clone(),
+        );
+        registry.register(
+            "trace_spans_dropped",
+            "Spans dropped: the export queue was full, or their export failed or timed out",
+            m.trace_spans.dropped.clone(),
         );
         registry.register(
             "retries",
@@ -441,6 +457,16 @@ impl Metrics {
     /// The access log, when one was started.
     pub fn access_log(&self) -> Option<&crate::access_log::AccessLog> {
         self.access_log.get()
+    }
+
+    /// Installs the tracer (once, at start).
+    pub fn set_traces(&self, traces: crate::trace::Traces) {
+        let _ = self.traces.set(traces);
+    }
+
+    /// The tracer, when `[traces]` is configured.
+    pub fn traces(&self) -> Option<&crate::trace::Traces> {
+        self.traces.get()
     }
 
     /// OpenMetrics text (what `/metrics` serves when the scraper asks for it).

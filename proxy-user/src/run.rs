@@ -62,6 +62,8 @@ pub enum RunError {
     Signal(std::io::Error),
     #[error("access_log: {0}")]
     AccessLog(crate::access_log::AccessLogError),
+    #[error("traces: {0}")]
+    Traces(crate::trace::ExportError),
     #[error("identity: {0}")]
     Identity(#[from] IdentityError),
     #[error("ecs: {0}")]

@@ -89,6 +89,7 @@ pub(super) struct RawConfig {
     access_log: Option<RawAccessLog>,
     #[serde(default)]
     metrics: Option<RawMetrics>,
+    traces: Option<super::traces::RawTraces>,
     #[serde(default)]
     traffic: Option<super::traffic::RawPolicy>,
     #[serde(default)]
@@ -400,6 +401,7 @@ impl RawConfig {
             }
         };
         let metrics = RawMetrics::validate(self.metrics)?;
+        let traces = self.traces.map(|t| t.validate()).transpose()?;
         let discovery = match &self.discovery_file {
             Some(path) => Discovery::load(path, inbound_port)
                 .map_err(|e| invalid("discovery_file", e.to_string()))?,
@@ -506,6 +508,7 @@ impl RawConfig {
             traffic,
             access_log,
             metrics,
+            traces,
             discovery,
             discovery_file: self.discovery_file,
             identity,

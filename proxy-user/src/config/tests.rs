@@ -164,3 +164,58 @@ fn zero_or_bad_limits_are_rejected_by_name() {
     .to_string();
     assert!(e.contains("tunnel_keepalive_interval_secs"), "{e}");
 }
+
+#[test]
+fn traces_parse_with_defaults_and_reject_bad_values() {
+    assert!(parse(MINIMAL).unwrap().traces.is_none(), "off by default");
+    let c = parse(&format!(
+        "{MINIMAL}[traces]\notlp_endpoint = \"http://127.0.0.1:4318/v1/traces\"\n"
+    ))
+    .unwrap();
+    let t = c.traces.unwrap();
+    assert_eq!(t.otlp_endpoint, "http://127.0.0.1:4318/v1/traces");
+    assert_eq!(t.sample_ratio, traces::DEFAULT_SAMPLE_RATIO);
+    assert!(t.max_batch <= t.max_queue);
+    for (body, field) in [
+        ("otlp_endpoint = \"127.0.0.1:4318\"", "traces.otlp_endpoint"),
+        ("otlp_endpoint = \"grpc://c:4317\"", "traces.otlp_endpoint"),
+        ("otlp_endpoint = \"not a url\"", "traces.otlp_endpoint"),
+        (
+            "otlp_endpoint = \"http://c/v1/traces\"\nsample_ratio = 1.5",
+            "traces.sample_ratio",
+        ),
+        (
+            "otlp_endpoint = \"http://c/v1/traces\"\nsample_ratio = -0.1",
+            "traces.sample_ratio",
+        ),
+        (
+            "otlp_endpoint = \"http://c/v1/traces\"\nmax_queue = 0",
+            "traces.max_queue",
+        ),
+        (
+            "otlp_endpoint = \"http://c/v1/traces\"\nmax_queue = 10\nmax_batch = 11",
+            "traces.max_batch",
+        ),
+        (
+            "otlp_endpoint = \"http://c/v1/traces\"\nexport_timeout_ms = 0",
+            "traces.export_timeout_ms",
+        ),
+        (
+            "otlp_endpoint = \"http://c/v1/traces\"\nca_file = \"/etc/hostname\"",
+            "traces.ca_file",
+        ),
+        (
+            "otlp_endpoint = \"https://c/v1/traces\"\nca_file = \"/nonexistent.pem\"",
+            "traces.ca_file",
+        ),
+    ] {
+        let e = parse(&format!("{MINIMAL}[traces]\n{body}\n"))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains(field), "{body}: {e}");
+    }
+    let e = parse(&format!("{MINIMAL}[traces]\nsample_ratio = 0.5\n"))
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("otlp_endpoint"), "the endpoint is required: {e}");
+}

@@ -66,6 +66,19 @@ impl Bound {
             )
             .map_err(RunError::AccessLog)?,
         );
+        if let Some(settings) = &config.traces {
+            metrics.set_traces(
+                crate::trace::Traces::start(
+                    settings,
+                    crate::trace::ProxyIdentity {
+                        cluster: &config.cluster,
+                        instance: &config.instance,
+                    },
+                    metrics.trace_spans.clone(),
+                )
+                .map_err(RunError::Traces)?,
+            );
+        }
         if let Some(n) = raise_open_files() {
             metrics
                 .open_files_limit
@@ -338,6 +351,17 @@ impl Serving {
                 open = core.tracker.len(),
                 "drain timeout; closing remaining connections"
             );
+        }
+        if core.metrics.traces().is_some() {
+            // The last spans go out (each batch within the export timeout), off the
+            // runtime's workers.
+            let metrics = core.metrics.clone();
+            let _ = tokio::task::spawn_blocking(move || {
+                if let Some(traces) = metrics.traces() {
+                    traces.shutdown();
+                }
+            })
+            .await;
         }
         let _ = std::fs::remove_file(&config.admin_socket);
     }
