@@ -25,6 +25,8 @@ use super::{
     detect::Protocol,
     route::{Chosen, Head, Routed},
 };
+use opentelemetry::KeyValue;
+
 use crate::{
     identity::SpiffeId,
     l7::{self, Body, OrigProto, proxy_error},
@@ -32,6 +34,7 @@ use crate::{
         Metrics,
         istio::{self, RequestLabels},
     },
+    trace::{self, HopSpan},
 };
 
 /// Largest request head a task may send (request line + headers); beyond it the client
@@ -99,8 +102,20 @@ impl HttpFlow {
         }
     }
 
-    async fn forward(&self, req: Request<Incoming>) -> Response<Body> {
+    async fn forward(&self, mut req: Request<Incoming>) -> Response<Body> {
         let started = std::time::Instant::now();
+        // The source hop's span: the request leaves naming it as the parent.
+        let span = self.metrics.traces().map(|t| {
+            let mut span = t.source(req.method(), req.headers());
+            span.inject(req.headers_mut());
+            if span.recording() {
+                span.set([
+                    KeyValue::new(trace::attr::METHOD, req.method().to_string()),
+                    KeyValue::new(trace::attr::PATH, req.uri().path().to_owned()),
+                ]);
+            }
+            span
+        });
         let protocol = istio::request_protocol(req.headers());
         let logged = self
             .metrics
@@ -133,8 +148,50 @@ impl HttpFlow {
         } else {
             self.send(req, &service, request_bytes.clone()).await
         };
+        if let Some(span) = span {
+            self.trace(span, &service, &resp);
+        }
         let sizes = self.report(service, protocol, &resp, started.elapsed(), logged);
         resp.map(|body| l7::Reported::wrap(body, request_bytes, sizes))
+    }
+
+    /// Ends the source span with who answered (the endpoint of the last attempt).
+    fn trace(&self, mut span: HopSpan, service: &str, resp: &Response<Body>) {
+        let proxy_error = resp
+            .headers()
+            .get(&l7::PROXY_ERROR)
+            .and_then(|v| v.to_str().ok());
+        if span.recording() {
+            let chosen = resp.extensions().get::<Chosen>();
+            let (family, principal) = match chosen {
+                Some(c) => (c.family.clone(), c.principal.clone()),
+                None => (self.target_family.clone(), self.expected.to_string()),
+            };
+            let endpoint = chosen.map_or(self.target, |c| c.addr);
+            span.set([
+                KeyValue::new(
+                    trace::attr::SOURCE_TASK,
+                    self.source_task.as_str().to_owned(),
+                ),
+                KeyValue::new(trace::attr::SOURCE_FAMILY, self.source_family.clone()),
+                KeyValue::new(trace::attr::SOURCE_PRINCIPAL, self.source.to_string()),
+                KeyValue::new(trace::attr::DESTINATION_SERVICE, service.to_owned()),
+                KeyValue::new(trace::attr::DESTINATION_FAMILY, family),
+                KeyValue::new(trace::attr::DESTINATION_PRINCIPAL, principal),
+                KeyValue::new(trace::attr::ENDPOINT, endpoint.to_string()),
+                KeyValue::new(
+                    trace::attr::ATTEMPTS,
+                    i64::from(chosen.map_or(1, |c| c.attempts)),
+                ),
+            ]);
+            if let Some(task) = chosen.and_then(|c| c.task.as_ref()) {
+                span.set([KeyValue::new(
+                    trace::attr::DESTINATION_TASK,
+                    task.as_str().to_owned(),
+                )]);
+            }
+        }
+        span.finish(resp.status().as_u16(), proxy_error);
     }
 
     /// The source hop's telemetry: the destination is the endpoint that answered.

@@ -21,6 +21,8 @@ use super::{
     admission::{Admission, Admitted, Denied},
     tunnel::{HANDSHAKE_TIMEOUT, MAX_HEADER_LIST, handshake_reason},
 };
+use opentelemetry::KeyValue;
+
 use crate::{
     accept::Acceptor,
     config::Limits,
@@ -31,6 +33,7 @@ use crate::{
         HandshakeLabels, Metrics, StreamLabels,
         istio::{self, RequestLabels},
     },
+    trace,
     types::normalise,
 };
 
@@ -282,6 +285,19 @@ impl Inbound {
     async fn request(&self, mut req: Request<Incoming>, peer: Peer) -> Response<Body> {
         let started = std::time::Instant::now();
         let protocol = istio::request_protocol(req.headers());
+        // The destination hop's span, child of the source span; the application gets a
+        // `traceparent` naming it.
+        let span = self.metrics.traces().map(|t| {
+            let mut span = t.destination(req.method(), req.headers());
+            span.inject(req.headers_mut());
+            if span.recording() {
+                span.set([
+                    KeyValue::new(trace::attr::METHOD, req.method().to_string()),
+                    KeyValue::new(trace::attr::PATH, req.uri().path().to_owned()),
+                ]);
+            }
+            span
+        });
         let mut take = |name: &http::HeaderName| {
             req.headers_mut()
                 .remove(name)
@@ -302,6 +318,7 @@ impl Inbound {
             .map(str::to_owned);
         let source_principal = peer.source.to_string();
         let destination_principal = peer.served.to_string();
+        let served = peer.served.clone();
         // The workload the source reached: the local task its certificate (by SNI) names.
         let workload = peer.family.clone();
         let request_bytes = Arc::<AtomicU64>::default();
@@ -354,6 +371,44 @@ impl Inbound {
                 "destination_principal": labels.destination_principal,
                 "endpoint": target,
             }));
+        }
+        if let Some(mut span) = span {
+            if span.recording() {
+                let task = self
+                    .admission
+                    .tasks
+                    .all()
+                    .into_iter()
+                    .find(|(_, t)| t.identity.as_ref() == Some(&served))
+                    .map(|(_, t)| t.id.as_str().to_owned());
+                span.set([
+                    KeyValue::new(trace::attr::SOURCE_TASK, source_task),
+                    KeyValue::new(trace::attr::SOURCE_FAMILY, labels.source_workload.clone()),
+                    KeyValue::new(
+                        trace::attr::SOURCE_PRINCIPAL,
+                        labels.source_principal.clone(),
+                    ),
+                    KeyValue::new(
+                        trace::attr::DESTINATION_SERVICE,
+                        labels.destination_service.clone(),
+                    ),
+                    KeyValue::new(
+                        trace::attr::DESTINATION_FAMILY,
+                        labels.destination_workload.clone(),
+                    ),
+                    KeyValue::new(
+                        trace::attr::DESTINATION_PRINCIPAL,
+                        labels.destination_principal.clone(),
+                    ),
+                ]);
+                if let Some(task) = task {
+                    span.set([KeyValue::new(trace::attr::DESTINATION_TASK, task)]);
+                }
+                if let Some(target) = &target {
+                    span.set([KeyValue::new(trace::attr::ENDPOINT, target.clone())]);
+                }
+            }
+            span.finish(labels.response_code, proxy_error);
         }
         let sizes = self.metrics.istio.record(labels, started.elapsed());
         resp.map(|body| l7::Reported::wrap(body, request_bytes, sizes))
