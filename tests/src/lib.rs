@@ -8,6 +8,7 @@ pub mod cgroup;
 pub mod fixture;
 pub mod metrics;
 pub mod netns;
+pub mod otlp;
 pub mod process;
 pub mod world;
 

@@ -138,6 +138,12 @@ enum Cmd {
         connections: usize,
         #[arg(long, default_value_t = 120)]
         max_secs: u64,
+        /// An extra request header, `name: value` (repeatable).
+        #[arg(long = "header", value_parser = parse_header)]
+        headers: Vec<(::http::HeaderName, ::http::HeaderValue)>,
+        /// Report every response body (JSON) under `bodies`.
+        #[arg(long)]
+        keep_bodies: bool,
     },
     /// One HTTP case against TARGET (keepalive, h2c, big-body, chunked, upgrade, trailers,
     /// server-first); one JSON report.
@@ -457,6 +463,8 @@ fn main() {
             host,
             connections,
             max_secs,
+            headers,
+            keep_bodies,
         } => match requests::run(requests::Plan {
             target,
             count,
@@ -465,6 +473,8 @@ fn main() {
             host,
             connections,
             max: Duration::from_secs(max_secs),
+            headers,
+            keep_bodies,
         }) {
             Ok(report) => println!("{report}"),
             Err(e) => {
@@ -759,4 +769,13 @@ fn pingpong(target: SocketAddr, count: usize, size: usize, interval: Duration) {
             "max_us": hist.max(),
         })
     );
+}
+
+/// `name: value` → a request header.
+fn parse_header(s: &str) -> Result<(::http::HeaderName, ::http::HeaderValue), String> {
+    let (name, value) = s.split_once(':').ok_or("expected `name: value`")?;
+    Ok((
+        name.trim().parse().map_err(|e| format!("{e}"))?,
+        value.trim().parse().map_err(|e| format!("{e}"))?,
+    ))
 }

@@ -26,6 +26,10 @@ pub struct Plan {
     pub host: String,
     pub connections: usize,
     pub max: Duration,
+    /// Extra request headers (`name: value`).
+    pub headers: Vec<(http::HeaderName, http::HeaderValue)>,
+    /// Report each response body (parsed as JSON), in the order the answers came.
+    pub keep_bodies: bool,
 }
 
 #[derive(Default)]
@@ -36,6 +40,7 @@ struct Seen {
     /// Send errors (connection failed or closed under the request).
     errors: u64,
     latencies_us: Vec<u64>,
+    bodies: Vec<Value>,
 }
 
 pub fn run(plan: Plan) -> anyhow::Result<Value> {
@@ -57,6 +62,7 @@ pub fn run(plan: Plan) -> anyhow::Result<Value> {
                 plan.host.clone(),
             );
             let (target, count, rate, max) = (plan.target, plan.count, plan.rate, plan.max);
+            let (headers, keep) = (plan.headers.clone(), plan.keep_bodies);
             workers.push(tokio::spawn(async move {
                 let mut sender = None;
                 loop {
@@ -66,17 +72,26 @@ pub fn run(plan: Plan) -> anyhow::Result<Value> {
                     }
                     let due = start + Duration::from_secs_f64(i as f64 / rate);
                     tokio::time::sleep_until(due.into()).await;
-                    let req = Request::builder()
+                    let mut req = Request::builder()
                         .method(method.clone())
                         .uri(format!("/r/{i}"))
                         .header(http::header::HOST, &host)
                         .body(Full::new(Bytes::from_static(b"x")))
                         .expect("valid request");
+                    for (name, value) in &headers {
+                        req.headers_mut().append(name.clone(), value.clone());
+                    }
                     let t = Instant::now();
                     let result = send(&mut sender, target, req).await;
                     let mut s = seen.lock().unwrap();
                     match result {
-                        Ok((status, proxy_error, served_by)) => {
+                        Ok((status, proxy_error, served_by, body)) => {
+                            if keep {
+                                s.bodies.push(
+                                    serde_json::from_slice(&body)
+                                        .unwrap_or_else(|_| json!(String::from_utf8_lossy(&body))),
+                                );
+                            }
                             *s.statuses.entry(status).or_default() += 1;
                             if let Some(r) = proxy_error {
                                 *s.proxy_errors.entry(r).or_default() += 1;
@@ -124,6 +139,7 @@ pub fn run(plan: Plan) -> anyhow::Result<Value> {
         "p99_us": pct(0.99),
         "max_us": s.latencies_us.last().copied().unwrap_or(0),
         "elapsed_ms": start.elapsed().as_millis() as u64,
+        "bodies": s.bodies,
     }))
 }
 
@@ -134,7 +150,7 @@ async fn send(
     sender: &mut Option<Sender>,
     target: SocketAddr,
     req: Request<Full<Bytes>>,
-) -> anyhow::Result<(u16, Option<String>, Option<String>)> {
+) -> anyhow::Result<(u16, Option<String>, Option<String>, Bytes)> {
     if sender.as_ref().is_none_or(|s| s.is_closed()) {
         let tcp = tokio::time::timeout(
             Duration::from_secs(5),
@@ -160,6 +176,6 @@ async fn send(
         header("ecsmesh-proxy-error"),
         header("x-served-by"),
     );
-    resp.into_body().collect().await?;
-    Ok((status, proxy_error, served_by))
+    let body = resp.into_body().collect().await?.to_bytes();
+    Ok((status, proxy_error, served_by, body))
 }
