@@ -184,11 +184,16 @@ impl HttpFlow {
                     i64::from(chosen.map_or(1, |c| c.attempts)),
                 ),
             ]);
-            if let Some(task) = chosen.and_then(|c| c.task.as_ref()) {
-                span.set([KeyValue::new(
-                    trace::attr::DESTINATION_TASK,
-                    task.as_str().to_owned(),
-                )]);
+            // The endpoint's task, when discovery knows it (Cloud Map instance ids).
+            let task = self
+                .mesh
+                .discovery
+                .load()
+                .endpoint(endpoint)
+                .and_then(|e| e.task.as_ref())
+                .map(|t| t.as_str().to_owned());
+            if let Some(task) = task {
+                span.set([KeyValue::new(trace::attr::DESTINATION_TASK, task)]);
             }
         }
         span.finish(resp.status().as_u16(), proxy_error);

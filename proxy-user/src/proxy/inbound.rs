@@ -318,7 +318,6 @@ impl Inbound {
             .map(str::to_owned);
         let source_principal = peer.source.to_string();
         let destination_principal = peer.served.to_string();
-        let served = peer.served.clone();
         // The workload the source reached: the local task its certificate (by SNI) names.
         let workload = peer.family.clone();
         let request_bytes = Arc::<AtomicU64>::default();
@@ -379,7 +378,7 @@ impl Inbound {
                     .tasks
                     .all()
                     .into_iter()
-                    .find(|(_, t)| t.identity.as_ref() == Some(&served))
+                    .find(|(_, t)| t.identity.as_ref() == Some(&peer.served))
                     .map(|(_, t)| t.id.as_str().to_owned());
                 span.set([
                     KeyValue::new(trace::attr::SOURCE_TASK, source_task),

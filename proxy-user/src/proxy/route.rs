@@ -41,8 +41,6 @@ pub struct Chosen {
     pub addr: std::net::SocketAddr,
     pub family: String,
     pub principal: String,
-    /// Its ECS task, when discovery knows it.
-    pub task: Option<crate::types::TaskId>,
     /// Attempts the request took (1: no retry).
     pub attempts: u32,
 }
@@ -270,7 +268,6 @@ impl Routed<'_> {
                 addr: ep.addr,
                 attempts: attempt,
                 family: ep.family.clone(),
-                task: ep.task.clone(),
                 principal: expected.map(|id| id.to_string()).unwrap_or_default(),
             };
             let Some(failed) = failed else {
