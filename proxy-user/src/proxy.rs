@@ -13,6 +13,7 @@ mod inbound;
 mod outbound;
 mod pool;
 mod prefixed;
+mod report;
 mod route;
 mod tunnel;
 

@@ -183,6 +183,19 @@ impl HopSpan {
 
     /// Sets `traceparent` (and `tracestate`, when the trace has one) to this span,
     /// replacing what the request carried.
+    /// Hands `req` on as this span's child (its `traceparent` names this span), and
+    /// records its method and path.
+    pub fn propagate<B>(mut self, req: &mut http::Request<B>) -> Self {
+        self.inject(req.headers_mut());
+        if self.recording() {
+            self.set([
+                KeyValue::new(attr::METHOD, req.method().to_string()),
+                KeyValue::new(attr::PATH, req.uri().path().to_owned()),
+            ]);
+        }
+        self
+    }
+
     pub fn inject(&self, headers: &mut HeaderMap) {
         let cx = Context::new().with_remote_span_context(self.span.span_context().clone());
         TraceContextPropagator::new().inject_context(&cx, &mut HeaderInjector(headers));

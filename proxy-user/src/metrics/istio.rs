@@ -191,47 +191,33 @@ impl Istio {
     }
 }
 
-impl TaskNames for RequestLabels {
-    fn task_names(&self) -> Vec<&str> {
-        vec![
-            &self.source_workload,
-            &self.source_principal,
-            &self.destination_workload,
-            &self.destination_principal,
-        ]
-    }
+/// Both Istio label sets name tasks by workload and principal, at each end.
+macro_rules! workload_task_names {
+    ($($labels:ty),*) => {$(
+        impl TaskNames for $labels {
+            fn task_names(&self) -> Vec<&str> {
+                vec![
+                    &self.source_workload,
+                    &self.source_principal,
+                    &self.destination_workload,
+                    &self.destination_principal,
+                ]
+            }
 
-    fn overflowed(&self) -> Self {
-        Self {
-            source_workload: OVERFLOW.into(),
-            source_principal: OVERFLOW.into(),
-            destination_workload: OVERFLOW.into(),
-            destination_principal: OVERFLOW.into(),
-            ..self.clone()
+            fn overflowed(&self) -> Self {
+                Self {
+                    source_workload: OVERFLOW.into(),
+                    source_principal: OVERFLOW.into(),
+                    destination_workload: OVERFLOW.into(),
+                    destination_principal: OVERFLOW.into(),
+                    ..self.clone()
+                }
+            }
         }
-    }
+    )*};
 }
 
-impl TaskNames for TcpLabels {
-    fn task_names(&self) -> Vec<&str> {
-        vec![
-            &self.source_workload,
-            &self.source_principal,
-            &self.destination_workload,
-            &self.destination_principal,
-        ]
-    }
-
-    fn overflowed(&self) -> Self {
-        Self {
-            source_workload: OVERFLOW.into(),
-            source_principal: OVERFLOW.into(),
-            destination_workload: OVERFLOW.into(),
-            destination_principal: OVERFLOW.into(),
-            ..self.clone()
-        }
-    }
-}
+workload_task_names!(RequestLabels, TcpLabels);
 
 #[cfg(test)]
 impl Default for Istio {

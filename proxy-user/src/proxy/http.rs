@@ -23,18 +23,15 @@ use tokio_util::sync::CancellationToken;
 use super::{
     Mesh, TunnelError,
     detect::Protocol,
+    report::{Logged, Reporter, RequestReport},
     route::{Chosen, Head, Routed},
 };
-use opentelemetry::KeyValue;
 
 use crate::{
     identity::SpiffeId,
     l7::{self, Body, OrigProto, proxy_error},
-    metrics::{
-        Metrics,
-        istio::{self, RequestLabels},
-    },
-    trace::{self, HopSpan},
+    metrics::{Metrics, istio},
+    trace::HopSpan,
 };
 
 /// Largest request head a task may send (request line + headers); beyond it the client
@@ -105,23 +102,12 @@ impl HttpFlow {
     async fn forward(&self, mut req: Request<Incoming>) -> Response<Body> {
         let started = std::time::Instant::now();
         // The source hop's span: the request leaves naming it as the parent.
-        let span = self.metrics.traces().map(|t| {
-            let mut span = t.source(req.method(), req.headers());
-            span.inject(req.headers_mut());
-            if span.recording() {
-                span.set([
-                    KeyValue::new(trace::attr::METHOD, req.method().to_string()),
-                    KeyValue::new(trace::attr::PATH, req.uri().path().to_owned()),
-                ]);
-            }
-            span
-        });
-        let protocol = istio::request_protocol(req.headers());
-        let logged = self
+        let span = self
             .metrics
-            .access_log()
-            .filter(|l| l.http_on())
-            .map(|_| (req.method().to_string(), req.uri().path().to_owned()));
+            .traces()
+            .map(|t| t.source(req.method(), req.headers()).propagate(&mut req));
+        let protocol = istio::request_protocol(req.headers());
+        let logged = Logged::capture(&self.metrics, &req);
         let service = req
             .uri()
             .authority()
@@ -148,112 +134,52 @@ impl HttpFlow {
         } else {
             self.send(req, &service, request_bytes.clone()).await
         };
-        if let Some(span) = span {
-            self.trace(span, &service, &resp);
-        }
-        let sizes = self.report(service, protocol, &resp, started.elapsed(), logged);
+        let sizes = self.report(service, protocol, &resp, started.elapsed(), span, logged);
         resp.map(|body| l7::Reported::wrap(body, request_bytes, sizes))
     }
 
-    /// Ends the source span with who answered (the endpoint of the last attempt).
-    fn trace(&self, mut span: HopSpan, service: &str, resp: &Response<Body>) {
-        let proxy_error = resp
-            .headers()
-            .get(&l7::PROXY_ERROR)
-            .and_then(|v| v.to_str().ok());
-        if span.recording() {
-            let chosen = resp.extensions().get::<Chosen>();
-            let (family, principal) = match chosen {
-                Some(c) => (c.family.clone(), c.principal.clone()),
-                None => (self.target_family.clone(), self.expected.to_string()),
-            };
-            let endpoint = chosen.map_or(self.target, |c| c.addr);
-            span.set([
-                KeyValue::new(
-                    trace::attr::SOURCE_TASK,
-                    self.source_task.as_str().to_owned(),
-                ),
-                KeyValue::new(trace::attr::SOURCE_FAMILY, self.source_family.clone()),
-                KeyValue::new(trace::attr::SOURCE_PRINCIPAL, self.source.to_string()),
-                KeyValue::new(trace::attr::DESTINATION_SERVICE, service.to_owned()),
-                KeyValue::new(trace::attr::DESTINATION_FAMILY, family),
-                KeyValue::new(trace::attr::DESTINATION_PRINCIPAL, principal),
-                KeyValue::new(trace::attr::ENDPOINT, endpoint.to_string()),
-                KeyValue::new(
-                    trace::attr::ATTEMPTS,
-                    i64::from(chosen.map_or(1, |c| c.attempts)),
-                ),
-            ]);
-            // The endpoint's task, when discovery knows it (Cloud Map instance ids).
-            let task = self
-                .mesh
-                .discovery
-                .load()
-                .endpoint(endpoint)
-                .and_then(|e| e.task.as_ref())
-                .map(|t| t.as_str().to_owned());
-            if let Some(task) = task {
-                span.set([KeyValue::new(trace::attr::DESTINATION_TASK, task)]);
-            }
-        }
-        span.finish(resp.status().as_u16(), proxy_error);
-    }
-
-    /// The source hop's telemetry: the destination is the endpoint that answered.
+    /// The source hop's telemetry: the destination is the endpoint of the last attempt.
     fn report(
         &self,
         service: String,
         protocol: &'static str,
         resp: &Response<Body>,
         elapsed: std::time::Duration,
-        logged: Option<(String, String)>,
+        span: Option<HopSpan>,
+        logged: Option<Logged>,
     ) -> istio::BodySizes {
         let chosen = resp.extensions().get::<Chosen>();
         let (destination_workload, destination_principal) = match chosen {
             Some(c) => (c.family.clone(), c.principal.clone()),
             None => (self.target_family.clone(), self.expected.to_string()),
         };
-        let cluster = &self.mesh.expected.cluster;
-        let proxy_error = resp
-            .headers()
-            .get(&l7::PROXY_ERROR)
-            .and_then(|v| v.to_str().ok());
-        let labels = RequestLabels {
-            reporter: "source",
+        let endpoint = chosen.map_or(self.target, |c| c.addr);
+        let report = RequestReport {
+            reporter: Reporter::Source,
+            cluster: &self.mesh.expected.cluster,
+            source_task: self.source_task.as_str(),
             source_workload: self.source_family.clone(),
-            source_workload_namespace: cluster.clone(),
             source_principal: self.source.to_string(),
             destination_workload,
-            destination_workload_namespace: cluster.clone(),
             destination_principal,
-            destination_service: service,
-            request_protocol: protocol,
-            response_code: resp.status().as_u16(),
-            response_flags: istio::response_flags(proxy_error),
-            connection_security_policy: "unknown",
+            service,
+            protocol,
+            status: resp.status().as_u16(),
+            proxy_error: resp
+                .headers()
+                .get(&l7::PROXY_ERROR)
+                .and_then(|v| v.to_str().ok()),
+            endpoint: Some(endpoint.to_string()),
+            original_destination: Some(self.target),
+            attempts: Some(chosen.map_or(1, |c| c.attempts)),
+            elapsed,
         };
-        if let (Some((method, path)), Some(log)) = (logged, self.metrics.access_log()) {
-            log.write(&serde_json::json!({
-                "time": crate::access_log::now(),
-                "kind": "http",
-                "reporter": "source",
-                "method": method,
-                "path": path,
-                "status": labels.response_code,
-                "response_flags": labels.response_flags,
-                "duration_ms": elapsed.as_secs_f64() * 1000.0,
-                "attempts": chosen.map_or(1, |c| c.attempts),
-                "source_task": self.source_task.as_str(),
-                "source_workload": labels.source_workload,
-                "source_principal": labels.source_principal,
-                "destination_service": labels.destination_service,
-                "destination_workload": labels.destination_workload,
-                "destination_principal": labels.destination_principal,
-                "original_destination": self.target.to_string(),
-                "endpoint": chosen.map_or(self.target, |c| c.addr).to_string(),
-            }));
-        }
-        self.metrics.istio.record(labels, elapsed)
+        // The endpoint's task, when discovery knows it (Cloud Map instance ids).
+        report.emit(&self.metrics, span, logged, || {
+            let discovery = self.mesh.discovery.load();
+            let task = discovery.endpoint(endpoint)?.task.as_ref()?;
+            Some(task.as_str().to_owned())
+        })
     }
 
     fn tunnel_error(&self, e: &TunnelError) -> Response<Body> {

@@ -19,9 +19,9 @@ use tokio_util::{sync::CancellationToken, task::TaskTracker};
 
 use super::{
     admission::{Admission, Admitted, Denied},
+    report::{Logged, Reporter, RequestReport},
     tunnel::{HANDSHAKE_TIMEOUT, MAX_HEADER_LIST, handshake_reason},
 };
-use opentelemetry::KeyValue;
 
 use crate::{
     accept::Acceptor,
@@ -29,11 +29,7 @@ use crate::{
     copy,
     identity::{IdentityManager, SpiffeId, peer_identity},
     l7::{self, AppClients, Body, OrigProto, proxy_error},
-    metrics::{
-        HandshakeLabels, Metrics, StreamLabels,
-        istio::{self, RequestLabels},
-    },
-    trace,
+    metrics::{HandshakeLabels, Metrics, StreamLabels, istio},
     types::normalise,
 };
 
@@ -288,15 +284,8 @@ impl Inbound {
         // The destination hop's span, child of the source span; the application gets a
         // `traceparent` naming it.
         let span = self.metrics.traces().map(|t| {
-            let mut span = t.destination(req.method(), req.headers());
-            span.inject(req.headers_mut());
-            if span.recording() {
-                span.set([
-                    KeyValue::new(trace::attr::METHOD, req.method().to_string()),
-                    KeyValue::new(trace::attr::PATH, req.uri().path().to_owned()),
-                ]);
-            }
-            span
+            t.destination(req.method(), req.headers())
+                .propagate(&mut req)
         });
         let mut take = |name: &http::HeaderName| {
             req.headers_mut()
@@ -306,11 +295,7 @@ impl Inbound {
         };
         let source_workload = take(&l7::SOURCE_WORKLOAD);
         let source_task = take(&l7::SOURCE_TASK);
-        let logged = self
-            .metrics
-            .access_log()
-            .filter(|l| l.http_on())
-            .map(|_| (req.method().to_string(), req.uri().path().to_owned()));
+        let logged = Logged::capture(&self.metrics, &req);
         let target = req
             .headers()
             .get(&l7::TARGET)
@@ -325,91 +310,34 @@ impl Inbound {
         let (service, resp) = self
             .forward(req, peer.source, peer.family, peer.local)
             .await;
-        let proxy_error = resp
-            .headers()
-            .get(&l7::PROXY_ERROR)
-            .and_then(|v| v.to_str().ok());
-        let cluster = self.cluster.clone();
-        let labels = RequestLabels {
-            reporter: "destination",
+        let report = RequestReport {
+            reporter: Reporter::Destination,
+            cluster: &self.cluster,
+            source_task: &source_task,
             source_workload,
-            source_workload_namespace: cluster.clone(),
             source_principal,
             destination_workload: workload,
-            destination_workload_namespace: cluster,
             destination_principal,
-            destination_service: service,
-            request_protocol: protocol,
-            response_code: resp.status().as_u16(),
-            response_flags: istio::response_flags(proxy_error),
-            connection_security_policy: "mutual_tls",
+            service,
+            protocol,
+            status: resp.status().as_u16(),
+            proxy_error: resp
+                .headers()
+                .get(&l7::PROXY_ERROR)
+                .and_then(|v| v.to_str().ok()),
+            endpoint: target,
+            original_destination: None,
+            attempts: None,
+            elapsed: started.elapsed(),
         };
-        if let (Some((method, path)), Some(log)) = (logged, self.metrics.access_log()) {
-            let destination_task = self
-                .admission
-                .tasks
-                .all()
-                .into_iter()
-                .find(|(_, t)| t.family == labels.destination_workload)
-                .map(|(_, t)| t.id.as_str().to_owned());
-            log.write(&serde_json::json!({
-                "time": crate::access_log::now(),
-                "kind": "http",
-                "reporter": "destination",
-                "method": method,
-                "path": path,
-                "status": labels.response_code,
-                "response_flags": labels.response_flags,
-                "duration_ms": started.elapsed().as_secs_f64() * 1000.0,
-                "source_task": source_task,
-                "source_workload": labels.source_workload,
-                "source_principal": labels.source_principal,
-                "destination_task": destination_task,
-                "destination_service": labels.destination_service,
-                "destination_workload": labels.destination_workload,
-                "destination_principal": labels.destination_principal,
-                "endpoint": target,
-            }));
-        }
-        if let Some(mut span) = span {
-            if span.recording() {
-                let task = self
-                    .admission
-                    .tasks
-                    .all()
-                    .into_iter()
-                    .find(|(_, t)| t.identity.as_ref() == Some(&peer.served))
-                    .map(|(_, t)| t.id.as_str().to_owned());
-                span.set([
-                    KeyValue::new(trace::attr::SOURCE_TASK, source_task),
-                    KeyValue::new(trace::attr::SOURCE_FAMILY, labels.source_workload.clone()),
-                    KeyValue::new(
-                        trace::attr::SOURCE_PRINCIPAL,
-                        labels.source_principal.clone(),
-                    ),
-                    KeyValue::new(
-                        trace::attr::DESTINATION_SERVICE,
-                        labels.destination_service.clone(),
-                    ),
-                    KeyValue::new(
-                        trace::attr::DESTINATION_FAMILY,
-                        labels.destination_workload.clone(),
-                    ),
-                    KeyValue::new(
-                        trace::attr::DESTINATION_PRINCIPAL,
-                        labels.destination_principal.clone(),
-                    ),
-                ]);
-                if let Some(task) = task {
-                    span.set([KeyValue::new(trace::attr::DESTINATION_TASK, task)]);
-                }
-                if let Some(target) = &target {
-                    span.set([KeyValue::new(trace::attr::ENDPOINT, target.clone())]);
-                }
-            }
-            span.finish(labels.response_code, proxy_error);
-        }
-        let sizes = self.metrics.istio.record(labels, started.elapsed());
+        // The local task serving the identity the source reached.
+        let sizes = report.emit(&self.metrics, span, logged, || {
+            let tasks = self.admission.tasks.all();
+            let (_, task) = tasks
+                .iter()
+                .find(|(_, t)| t.identity.as_ref() == Some(&peer.served))?;
+            Some(task.id.as_str().to_owned())
+        });
         resp.map(|body| l7::Reported::wrap(body, request_bytes, sizes))
     }
 
