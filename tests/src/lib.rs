@@ -5,6 +5,7 @@
 //! test panics. Names carry the process id and a counter so tests can run in parallel.
 pub mod capture;
 pub mod cgroup;
+pub mod demo;
 pub mod fixture;
 pub mod metrics;
 pub mod netns;
