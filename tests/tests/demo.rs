@@ -88,12 +88,13 @@ fn the_demo_shows_identities_a_retry_a_refusal_and_the_split() {
     assert_eq!(f.log.len(), 2, "{f:?}");
     assert!(f.log.iter().all(|l| l.contains(&frontend)), "{f:?}");
 
-    // 4. About 10 % to v2 (binomial: 1,000 draws, 3 standard deviations ≈ 3 %).
+    // 4. About 10 % to v2: 1,000 draws of p = 0.1 have a standard deviation of 0.95 %;
+    // 4 of them keep a correct split from failing here while 50/50 or no split fail.
     let s = &r.split;
     assert_eq!(s.client["ok"], demo::SPLIT_REQUESTS, "{}", s.client);
     assert_eq!(s.v1 + s.v2, demo::SPLIT_REQUESTS, "{s:?}");
     let v2 = s.v2 as f64 / demo::SPLIT_REQUESTS as f64;
-    assert!((v2 - 0.10).abs() <= 0.03, "v2 got {v2}: {s:?}");
+    assert!((v2 - 0.10).abs() <= 0.04, "v2 got {v2}: {s:?}");
 
     // 5. Each proxy counted what the client sent: the source once per request, the
     // destination once per attempt that reached it.
