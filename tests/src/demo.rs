@@ -58,8 +58,8 @@ pub struct Report {
 pub struct InstanceInfo {
     pub name: String,
     pub address: std::net::Ipv4Addr,
-    /// (task id, family).
-    pub tasks: Vec<(String, String)>,
+    /// (task id, family, what the demo runs in it).
+    pub tasks: Vec<(String, String, String)>,
     /// The SVIDs the node proxy holds for its tasks (`GET /identities`).
     pub identities: Vec<String>,
 }
@@ -340,6 +340,18 @@ pub fn run(tools: Tools, mut step: impl FnMut(&str)) -> Report {
     }
 }
 
+/// What task `k` of instance `i` runs (as `run` sets it up).
+fn role(i: usize, k: usize) -> String {
+    match (i, k) {
+        (0, _) => "the client".into(),
+        (_, 0) => format!(
+            "v1: :{V1} API, :{FLAKY} API answering {FAIL_PERCENT} % with 503, \
+             :{ADMIN} admin (HTTP), :{TCP_ADMIN} admin (TCP)"
+        ),
+        _ => format!("v2: :{V2} API"),
+    }
+}
+
 fn instance_info(inst: &crate::Instance) -> InstanceInfo {
     let (status, body) = inst
         .netns
@@ -353,7 +365,8 @@ fn instance_info(inst: &crate::Instance) -> InstanceInfo {
         tasks: inst
             .tasks
             .iter()
-            .map(|t| (t.id.clone(), t.family.clone()))
+            .enumerate()
+            .map(|(k, t)| (t.id.clone(), t.family.clone(), role(inst.index, k)))
             .collect(),
         identities: v
             .as_array()

@@ -34,20 +34,22 @@ fn intro(o: &mut String, r: &Report) {
          mTLS tunnel (HTTP/2 inside) to the other instance's proxy, which hands it to the task.\n"
     );
     for i in &r.instances {
-        let tasks: Vec<String> = i
-            .tasks
-            .iter()
-            .map(|(id, f)| format!("{id} ({f})"))
-            .collect();
-        let _ = writeln!(o, "  {} {}: tasks {}", i.name, i.address, tasks.join(", "));
-        for id in &i.identities {
-            let _ = writeln!(o, "      node proxy holds the SVID {id}");
+        let _ = writeln!(
+            o,
+            "  {} {}, node proxy holding the SVID(s) {}",
+            i.name,
+            i.address,
+            i.identities.join(", ")
+        );
+        for (id, family, role) in &i.tasks {
+            let _ = writeln!(o, "      task {id} (family {family}) {role}");
         }
     }
     let _ = writeln!(
         o,
-        "  backend v1 serves :{V1} (API), :{FLAKY} (flaky: 503 to {FAIL_PERCENT} % of requests),\n  \
-         :{ADMIN} (admin HTTP), :{TCP_ADMIN} (admin TCP); backend v2 serves :{V2} (API)."
+        "  discovery file (service = endpoints): backend = v1 :{V1} weight {} + v2 :{V2} weight {};\n  \
+         backend-flaky = :{FLAKY}; backend-admin = :{ADMIN}; backend-admin-tcp = :{TCP_ADMIN}",
+        WEIGHTS.0, WEIGHTS.1
     );
 }
 
@@ -132,7 +134,7 @@ fn refusal(o: &mut String, r: &Refusal) {
         o,
         "\n3. Refused by authorization: inst1 allows frontend's identity only on backend ports\n   \
          {V1}, {V2} and {FLAKY}; frontend tries the admin ports.\n   \
-         HTTP GET :{ADMIN}: client got {} with ecsmesh-proxy-error {}\n   \
+         HTTP GET :{ADMIN}: client got {} with ecsmesh-proxy-error {} (made by inst1's proxy)\n   \
          TCP connection :{TCP_ADMIN}: {}\n   \
          inst1 rejected tunnel streams by reason: {}\n   \
          inst0 failed task connections by reason: {}",
@@ -142,7 +144,7 @@ fn refusal(o: &mut String, r: &Refusal) {
             "went through".to_owned()
         } else {
             format!(
-                "closed by the proxy ({})",
+                "closed by inst0's proxy when inst1 refused the tunnel stream ({})",
                 r.tcp_error.as_deref().unwrap_or("no error text")
             )
         },
@@ -179,7 +181,8 @@ fn proxies(o: &mut String, ps: &[ProxyStats]) {
     let _ = writeln!(
         o,
         "\n5. What each proxy counted: istio_requests_total, and p50/p99 interpolated from the\n   \
-         istio_request_duration_milliseconds buckets (as Prometheus's histogram_quantile does)"
+         istio_request_duration_milliseconds buckets as Prometheus's histogram_quantile does\n   \
+         (Istio's bucket bounds 0.5, 1, 5, 10, 25 ... ms: an estimate within a bucket)"
     );
     let ms = |v: Option<f64>| v.map_or("-".into(), |v| format!("{v:.2} ms"));
     for p in ps {
