@@ -33,7 +33,8 @@ enum Cmd {
     },
     /// Format and lint checks, then every test (privileged ones need root).
     Test,
-    /// Two simulated container instances, traffic between their tasks, what the proxies saw.
+    /// Two simulated container instances: identities, a retry, an authorization refusal, a
+    /// 90/10 split and each proxy's counts and latency quantiles, explained.
     Demo,
     /// Node mode vs sidecar mode vs a Debian mTLS sidecar pair vs no mesh: latency, CPU,
     /// memory, throughput, tasks-per-host sweep; report in target/bench/.
