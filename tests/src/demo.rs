@@ -313,7 +313,10 @@ pub fn run(tools: Tools, mut step: impl FnMut(&str)) -> Report {
     step("step 3: frontend -> backend's admin ports, which no rule allows");
     let refusal = refusal(&d, tcp);
 
-    step("step 4: 1,000 GETs to backend, split 90/10 between v1 and v2");
+    step(&format!(
+        "step 4: {SPLIT_REQUESTS} GETs to backend, split {}/{} between v1 and v2",
+        WEIGHTS.0, WEIGHTS.1
+    ));
     let client = d.requests(V1, "backend", SPLIT_REQUESTS, 500.0, 16);
     let served = |a: SocketAddr| client["servers"][a.to_string()].as_u64().unwrap_or(0);
     let split = Split {
