@@ -102,7 +102,9 @@ pub enum CaCommand {
     Issue {
         #[arg(long)]
         ca: PathBuf,
-        /// Sign with this instance issuer instead of the active anchor.
+        /// Sign with this instance issuer (a certificate nodes accept). Without it the
+        /// active anchor signs the leaf itself, which every node refuses
+        /// (`issued_by_anchor`): for testing that refusal.
         #[arg(long)]
         issuer: Option<PathBuf>,
         /// URI SAN; repeat for several.

@@ -112,6 +112,38 @@ fn client_cert_from_another_ca_is_rejected() {
     assert_rejected(&m, &p, "unknown_ca");
 }
 
+/// The root stays offline and signs issuing CAs only: a leaf it signed itself is refused
+/// at the tunnel port, though it chains to the anchor and names a valid identity.
+#[test]
+fn a_leaf_signed_directly_by_the_root_is_refused() {
+    let m = mesh(ProxyOptions::default(), ProxyOptions::default());
+    let cert = issue(
+        &m.w,
+        "root-signed",
+        &[
+            "--ca",
+            &m.w.ca_dir().display().to_string(),
+            "--uri",
+            &m.w.identity(&m.fam_a),
+        ],
+    );
+    assert_rejected(&m, &probe(&m, Some(&cert), m.ep), "issued_by_anchor");
+    // The same identity through the instance issuer is accepted.
+    let good = issue(
+        &m.w,
+        "issued",
+        &[
+            "--ca",
+            &m.w.ca_dir().display().to_string(),
+            "--issuer",
+            &issuer_a(&m),
+            "--uri",
+            &m.w.identity(&m.fam_a),
+        ],
+    );
+    assert_eq!(probe(&m, Some(&good), m.ep)["echo_ok"], true);
+}
+
 #[test]
 fn expired_client_cert_is_rejected() {
     let m = mesh(ProxyOptions::default(), ProxyOptions::default());
@@ -254,6 +286,8 @@ fn destination_presenting_the_wrong_identity_is_refused_by_the_outbound_side() {
         &[
             "--ca",
             &m.w.ca_dir().display().to_string(),
+            "--issuer",
+            &issuer_a(&m),
             "--uri",
             &m.w.identity("intruder"),
         ],

@@ -285,11 +285,19 @@ fn trust_anchor_rotation_under_load_then_retiring_the_old_anchor() {
     let ca = m.w.ca_dir().display().to_string();
     let first = anchors(&m.w.instances[0].trust());
     assert_eq!(first.len(), 1);
-    // A certificate chained only to the first anchor.
+    // A certificate chained only to the first anchor (through instance 0's issuer of
+    // the time).
     let old = issue(
         &m.w,
         "old-chain",
-        &["--ca", &ca, "--uri", &m.w.identity(&m.fam_a)],
+        &[
+            "--ca",
+            &ca,
+            "--issuer",
+            &issuer_a(&m),
+            "--uri",
+            &m.w.identity(&m.fam_a),
+        ],
     );
     let stop = Arc::new(AtomicBool::new(false));
     let load = background_load(&m, stop.clone());
@@ -323,7 +331,14 @@ fn trust_anchor_rotation_under_load_then_retiring_the_old_anchor() {
     let new = issue(
         &m.w,
         "new-chain",
-        &["--ca", &ca, "--uri", &m.w.identity(&m.fam_a)],
+        &[
+            "--ca",
+            &ca,
+            "--issuer",
+            &issuer_a(&m),
+            "--uri",
+            &m.w.identity(&m.fam_a),
+        ],
     );
     assert_eq!(probe(&m, Some(&old), m.ep)["echo_ok"], true);
     assert_eq!(probe(&m, Some(&new), m.ep)["echo_ok"], true);

@@ -47,6 +47,10 @@ pub enum Rejection {
     IdentityMismatch { expected: SpiffeId, got: SpiffeId },
     #[error("malformed certificate: {0}")]
     BadCertificate(String),
+    #[error("{0} is signed directly by a trust anchor; SVIDs are issued by an issuing CA")]
+    IssuedByAnchor(SpiffeId),
+    #[error("{id} chains to an anchor of trust domain {anchor}")]
+    AnchorDomain { id: SpiffeId, anchor: String },
 }
 
 impl Rejection {
@@ -64,6 +68,8 @@ impl Rejection {
             Rejection::KeyUsage(_) => "key_usage",
             Rejection::IdentityMismatch { .. } => "identity_mismatch",
             Rejection::BadCertificate(_) => "bad_certificate",
+            Rejection::IssuedByAnchor(_) => "issued_by_anchor",
+            Rejection::AnchorDomain { .. } => "anchor_trust_domain",
         }
     }
 
@@ -100,6 +106,10 @@ impl Rejection {
 pub struct TrustBundle {
     certs: Vec<CertificateDer<'static>>,
     anchors: Vec<TrustAnchor<'static>>,
+    /// The trust domain each anchor speaks for (same order as `anchors`): its
+    /// `spiffe://<td>` URI SAN, else its Organization (what `ecsmesh ca init` writes);
+    /// `None` when it names none — then nothing chained to it is accepted.
+    domains: Vec<Option<TrustDomain>>,
 }
 
 impl TrustBundle {
@@ -138,7 +148,21 @@ impl TrustBundle {
             .map(|c| webpki::anchor_from_trusted_cert(c).map(|a| a.to_owned()))
             .collect::<Result<Vec<_>, _>>()
             .map_err(|e| IdentityError::invalid(what, format!("{e:?}")))?;
-        Ok(TrustBundle { certs, anchors })
+        let domains = certs.iter().map(|c| anchor_domain(c)).collect();
+        Ok(TrustBundle {
+            certs,
+            anchors,
+            domains,
+        })
+    }
+
+    /// The trust domain of the anchor a verified path ended at.
+    fn domain_of(&self, anchor: &TrustAnchor<'_>) -> Option<&TrustDomain> {
+        let i = self.anchors.iter().position(|a| {
+            a.subject.as_ref() == anchor.subject.as_ref()
+                && a.subject_public_key_info.as_ref() == anchor.subject_public_key_info.as_ref()
+        })?;
+        self.domains[i].as_ref()
     }
 
     pub fn len(&self) -> usize {
@@ -181,7 +205,8 @@ pub fn verify_peer(
         Usage::Server => webpki::KeyUsage::server_auth(),
     };
     let algs = super::provider().signature_verification_algorithms.all;
-    ee.verify_for_usage(algs, bundle.anchors(), intermediates, now, eku, None, None)
+    let path = ee
+        .verify_for_usage(algs, bundle.anchors(), intermediates, now, eku, None, None)
         .map_err(Rejection::from_webpki)?;
     let info = CertInfo::parse(end_entity).map_err(Rejection::BadCertificate)?;
     let id = info.spiffe_id()?;
@@ -197,7 +222,31 @@ pub fn verify_peer(
     if !allowed.contains(id.trust_domain()) {
         return Err(Rejection::TrustDomain(id));
     }
-    Ok(id)
+    // Only an issuing CA signs SVIDs: the root stays offline, and a leaf signed by it
+    // directly is not one ecsmesh issued.
+    if path.intermediate_certificates().next().is_none() {
+        return Err(Rejection::IssuedByAnchor(id));
+    }
+    // An anchor signs only for its own trust domain: a federated anchor cannot vouch
+    // for identities of ours.
+    match bundle.domain_of(path.anchor()) {
+        Some(td) if td == id.trust_domain() => Ok(id),
+        other => Err(Rejection::AnchorDomain {
+            anchor: other.map_or_else(|| "(none named)".to_owned(), ToString::to_string),
+            id,
+        }),
+    }
+}
+
+/// The trust domain an anchor certificate names: a `spiffe://<td>` URI SAN (as SPIFFE
+/// CA certificates carry), else its Organization.
+fn anchor_domain(cert: &CertificateDer<'_>) -> Option<TrustDomain> {
+    let info = CertInfo::parse(cert).ok()?;
+    let from_uri = info.uris.iter().find_map(|u| {
+        let td = u.strip_prefix("spiffe://")?;
+        td.parse::<TrustDomain>().ok()
+    });
+    from_uri.or_else(|| info.organization.as_deref()?.parse().ok())
 }
 
 /// The SPIFFE ID in the first certificate (the peer's leaf), without verifying anything:

@@ -145,16 +145,50 @@ fn rejects_a_self_signed_leaf() {
 }
 
 #[test]
-fn rejects_a_leaf_signed_directly_by_an_untrusted_anchor() {
+fn a_leaf_signed_directly_by_an_anchor_is_refused_even_by_its_own_bundle() {
     let pki = Pki::new("example.org");
     let other = Pki::new("example.org");
     let chain = other.leaf(LeafSpec {
         issuer_dir: None,
         ..other.leaf_spec(&[ID])
     });
+    assert_eq!(chain.len(), 1, "the root signed the leaf itself");
     assert_eq!(reason(pki.check(&chain)), "unknown_ca");
-    // ...while the anchor's own bundle accepts it.
-    assert!(other.check(&chain).is_ok());
+    // The root stays offline and signs issuing CAs only: its own bundle refuses the
+    // leaf too (a stolen root key still cannot mint SVIDs nodes accept without also
+    // minting an issuer, which the chain then shows).
+    assert_eq!(reason(other.check(&chain)), "issued_by_anchor");
+    assert!(
+        matches!(other.check(&chain), Err(Rejection::IssuedByAnchor(id)) if id.to_string() == ID)
+    );
+}
+
+#[test]
+fn a_federated_anchor_signs_only_for_its_own_trust_domain() {
+    let ours = Pki::new("example.org");
+    let partner = Pki::new("partner.test");
+    // A node that federates with partner.test: both anchors, both trust domains allowed.
+    let mut anchors = ours.bundle().certificates().to_vec();
+    anchors.extend(partner.bundle().certificates().iter().cloned());
+    let bundle = TrustBundle::from_certificates(anchors).unwrap();
+    let allowed = [ours.td.clone(), partner.td.clone()];
+    // Partner identities issued by the partner's CA: accepted.
+    let theirs = partner.leaf(partner.leaf_spec(&["spiffe://partner.test/ecs/prod/api"]));
+    assert_eq!(
+        check_with(&bundle, &allowed, &theirs).unwrap().to_string(),
+        "spiffe://partner.test/ecs/prod/api"
+    );
+    // The partner's CA (or whoever holds its issuer key) minting one of *our* identities:
+    // refused, though the chain is valid and both trust domains are allowed.
+    let forged = partner.leaf(partner.leaf_spec(&[ID]));
+    let got = check_with(&bundle, &allowed, &forged);
+    assert_eq!(reason(got.clone()), "anchor_trust_domain", "{got:?}");
+    // Our own CA still issues our identities.
+    let mine = ours.leaf(ours.leaf_spec(&[ID]));
+    assert_eq!(
+        check_with(&bundle, &allowed, &mine).unwrap().to_string(),
+        ID
+    );
 }
 
 #[test]
@@ -187,11 +221,19 @@ fn reasons_are_stable_labels() {
         (
             Rejection::IdentityMismatch {
                 expected: id.clone(),
-                got: id,
+                got: id.clone(),
             },
             "identity_mismatch",
         ),
         (Rejection::BadCertificate(String::new()), "bad_certificate"),
+        (Rejection::IssuedByAnchor(id.clone()), "issued_by_anchor"),
+        (
+            Rejection::AnchorDomain {
+                id: id.clone(),
+                anchor: "partner.test".into(),
+            },
+            "anchor_trust_domain",
+        ),
     ];
     for (r, label) in all {
         assert_eq!(r.reason(), label);
