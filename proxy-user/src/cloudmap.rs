@@ -59,6 +59,9 @@ pub const ATTR_WEIGHT: &str = "ecsmesh.weight";
 /// Optional custom attribute: the subset the instance belongs to (say, the task
 /// definition revision) for traffic shifting.
 pub const ATTR_SUBSET: &str = "ecsmesh.subset";
+/// Optional custom attribute: the SPIFFE ID the instance presents, when callers cannot
+/// render it from the template (an identity naming the task's IAM role, say).
+pub const ATTR_IDENTITY: &str = "ecsmesh.identity";
 
 /// The most instances one `DiscoverInstances` call returns (the API's maximum; the call
 /// has no pagination, the default would be 100).
@@ -376,6 +379,13 @@ fn endpoint_of(
             .ok_or_else(|| invalid(format!("{ATTR_PORT} {p:?} is not a port")))?,
     };
 
+    // Who the endpoint must prove to be is not a thing to guess: a bad value excludes it.
+    let identity = attr(ATTR_IDENTITY)
+        .map(|v| {
+            crate::identity::SpiffeId::parse(v)
+                .map_err(|e| invalid(format!("{ATTR_IDENTITY} {v:?}: {e}")))
+        })
+        .transpose()?;
     let mut defaulted = Vec::new();
     // ECS registers each task under its task id; other registrations name no task.
     let task = attr(ATTR_FAMILY).and_then(|_| TaskId::new(id).ok());
@@ -411,6 +421,7 @@ fn endpoint_of(
                 .map(str::to_owned),
             tunnel: SocketAddr::new(ip, inbound_port),
             task,
+            identity,
         },
         defaulted,
     })

@@ -9,7 +9,7 @@ use std::{
 
 use serde::Deserialize;
 
-use crate::types::TaskId;
+use crate::{identity::SpiffeId, types::TaskId};
 
 mod sources;
 pub use sources::Sources;
@@ -49,6 +49,10 @@ pub struct Endpoint {
     /// The ECS task behind the endpoint, when the source knows it (Cloud Map instance ids
     /// of ECS services are task ids): lets the destination gate on that task's health.
     pub task: Option<TaskId>,
+    /// The SPIFFE ID the endpoint must present, when discovery says it (an identity the
+    /// caller cannot render from the template, say one naming the task's IAM role);
+    /// otherwise the caller renders the template from the family and service.
+    pub identity: Option<SpiffeId>,
 }
 
 #[derive(Debug, Default, Clone)]
@@ -87,6 +91,9 @@ struct RawEndpoint {
     /// ECS task id behind the endpoint (optional).
     #[serde(default)]
     task: Option<String>,
+    /// The SPIFFE ID the endpoint presents (optional; default: rendered from the template).
+    #[serde(default)]
+    identity: Option<String>,
 }
 
 impl Discovery {
@@ -136,8 +143,15 @@ impl Discovery {
                     .map(TaskId::new)
                     .transpose()
                     .map_err(|e| invalid(format!("{field}.task"), e))?;
+                let identity = ep
+                    .identity
+                    .as_deref()
+                    .map(SpiffeId::parse)
+                    .transpose()
+                    .map_err(|e| invalid(format!("{field}.identity"), e.to_string()))?;
                 endpoints.push(Endpoint {
                     task,
+                    identity,
                     service: svc.name.clone(),
                     addr: ep.address,
                     family: ep.family,
@@ -277,6 +291,32 @@ tunnel = "10.0.1.3:15008"
         );
         assert_eq!(d.service("orders").len(), 2);
         assert!(d.endpoint("10.0.0.9:8080".parse().unwrap()).is_none());
+    }
+
+    #[test]
+    fn an_endpoint_may_name_its_identity() {
+        let text = FILE.replace(
+            "weight = 3",
+            "identity = \"spiffe://example.org/role/orders-role\"",
+        );
+        let d = Discovery::parse(Path::new("d.toml"), &text, 15008).unwrap();
+        let named = d.endpoint("10.0.0.3:8080".parse().unwrap()).unwrap();
+        assert_eq!(
+            named.identity.as_ref().unwrap().to_string(),
+            "spiffe://example.org/role/orders-role"
+        );
+        assert!(
+            d.endpoint("10.0.0.2:8080".parse().unwrap())
+                .unwrap()
+                .identity
+                .is_none()
+        );
+        let bad = FILE.replace("weight = 3", "identity = \"orders-role\"");
+        let e = Discovery::parse(Path::new("d.toml"), &bad, 15008).unwrap_err();
+        assert!(
+            e.to_string().contains("services[0].endpoints[1].identity"),
+            "{e}"
+        );
     }
 
     #[test]

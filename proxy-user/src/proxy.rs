@@ -44,8 +44,13 @@ impl ExpectedIdentity {
         self.render(family, None)
     }
 
+    /// The identity discovery names for the endpoint, else the template rendered from
+    /// what discovery knows (family, service); `None` when it cannot be rendered.
     pub fn for_endpoint(&self, ep: &Endpoint) -> Option<SpiffeId> {
-        self.render(&ep.family, Some(&ep.service))
+        match &ep.identity {
+            Some(id) => Some(id.clone()),
+            None => self.render(&ep.family, Some(&ep.service)),
+        }
     }
 
     fn render(&self, family: &str, service: Option<&str>) -> Option<SpiffeId> {

@@ -112,6 +112,7 @@ async fn populate(sd: &aws_sdk_servicediscovery::Client) -> (String, String) {
     let mut weighted = ecs_task("10.0.0.3", "orders");
     weighted.push(("ecsmesh.weight", "3"));
     weighted.push(("ecsmesh.subset", "v2"));
+    weighted.push(("ecsmesh.identity", WEIGHTED_IDENTITY));
     register(sd, &orders, ORDERS_B, &weighted).await;
     register(sd, &orders, ORDERS_SICK, &ecs_task("10.0.0.4", "orders")).await;
     sd.update_instance_custom_health_status()
@@ -152,8 +153,13 @@ fn endpoint(service: &str, addr: &str, family: &str, weight: u32, task: Option<&
         subset: (weight == 3).then(|| "v2".to_owned()),
         tunnel: std::net::SocketAddr::new(addr.ip(), INBOUND_PORT),
         task: task.map(|t| TaskId::new(t).unwrap()),
+        // The weighted instance names its SPIFFE ID (`ecsmesh.identity`).
+        identity: (weight == 3).then(|| WEIGHTED_IDENTITY.parse().unwrap()),
     }
 }
+
+/// The identity the weighted instance's `ecsmesh.identity` attribute names.
+const WEIGHTED_IDENTITY: &str = "spiffe://example.org/role/orders-v2";
 
 fn expected_initial() -> Vec<Endpoint> {
     vec![

@@ -281,6 +281,10 @@ pub struct ProxyOptions {
     /// Start the proxy with this soft `RLIMIT_NOFILE` (`ulimit -n`); the hard limit is
     /// kept.
     pub nofile_soft: Option<u64>,
+    /// `[identity] template` instead of the default.
+    pub identity_template: Option<String>,
+    /// `task_role` of every static task (for templates naming `{task_role}`).
+    pub task_role: Option<String>,
 }
 
 /// Identity material of one instance, made by `World::enable_mesh`.
@@ -420,6 +424,9 @@ impl Instance {
                     "bridge"
                 },
             );
+            if let Some(role) = &opts.task_role {
+                t += &format!("task_role = \"{role}\"\n");
+            }
         }
         t
     }
@@ -445,6 +452,9 @@ impl Instance {
                 mesh.issuer_dir.display(),
                 opts.svid_lifetime_secs.unwrap_or(86_400)
             );
+            if let Some(template) = &opts.identity_template {
+                t += &format!("template = \"{template}\"\n");
+            }
             for (source, family, port) in &opts.allow {
                 t += &format!("\n[[authorization.allow]]\nsource = \"{source}\"\n");
                 if let Some(f) = family {

@@ -3,7 +3,10 @@
 //! refused with a reason.
 mod common;
 
-use std::net::SocketAddr;
+use std::{
+    net::SocketAddr,
+    time::{Duration, Instant},
+};
 
 use common::{mesh::*, *};
 use harness::{
@@ -363,5 +366,59 @@ fn ipv4_and_ipv6_endpoints_of_one_service_both_go_through_the_tunnel() {
         counter(&mb, "ecsmesh_tunnel_inbound_streams_total", &[]),
         4.0,
         "all four connections arrived through the tunnel"
+    );
+}
+
+/// An identity callers cannot render (the template names the task's IAM role, which
+/// discovery does not know): discovery names it, and the caller expects exactly that.
+#[test]
+fn discovery_names_an_identity_the_caller_cannot_render() {
+    let role_template = "spiffe://{trust_domain}/role/{task_role}";
+    let m = mesh(
+        ProxyOptions::default(),
+        ProxyOptions {
+            identity_template: Some(role_template.into()),
+            task_role: Some("orders-role".into()),
+            ..Default::default()
+        },
+    );
+    let a = &m.w.instances[0];
+    // Rendered from the family, the expected identity is not the one instance 1's task
+    // holds: the connection fails closed.
+    let before = a.tasks[0].client(&[m.ep], 1, 256);
+    assert!(!before[0].ok, "{before:?}");
+    // Discovery names the endpoint's identity (as Cloud Map's `ecsmesh.identity` would).
+    let named = format!("spiffe://{TRUST_DOMAIN}/role/orders-role");
+    let discovery = a.mesh.as_ref().unwrap().discovery.clone();
+    std::fs::write(
+        &discovery,
+        format!(
+            "[[services]]\nname = \"svc-b\"\n[[services.endpoints]]\naddress = \"{}\"\nfamily = \"{}\"\nidentity = \"{named}\"\n",
+            m.ep, m.fam_b
+        ),
+    )
+    .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let r = a.tasks[0].client(&[m.ep], 1, 256);
+        if r[0].ok {
+            assert_redirected(&r, a.outbound_v4(Host));
+            break;
+        }
+        assert!(Instant::now() < deadline, "never connected: {r:?}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    // The tunnel stream was accepted under the named identity.
+    let mb = m.w.instances[1].metrics();
+    assert!(
+        counter(
+            &mb,
+            "ecsmesh_tunnel_inbound_streams_total",
+            &[("destination_family", m.fam_b.as_str())]
+        ) >= 1.0
+    );
+    assert!(
+        m.w.instances[1].proxy_log().contains(&named),
+        "instance 1 issued its task the role identity"
     );
 }

@@ -15,6 +15,7 @@ fn ep(port: u16, subset: Option<&str>, weight: u32) -> Endpoint {
         subset: subset.map(str::to_owned),
         tunnel: "10.0.0.2:15008".parse().unwrap(),
         task: None,
+        identity: None,
     }
 }
 

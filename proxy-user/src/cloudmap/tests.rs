@@ -44,6 +44,7 @@ fn ecs_attributes_map_to_an_endpoint() {
                 subset: None,
                 tunnel: "10.0.0.2:15008".parse().unwrap(),
                 task: Some(TaskId::new(TASK).unwrap()),
+                identity: None,
             }
         );
         assert!(m.defaulted.is_empty());
@@ -122,6 +123,25 @@ fn instances_without_address_or_port_are_skipped() {
             }
             other => panic!("{attrs:?}: {:?}", other.map(|m| m.endpoint)),
         }
+    }
+}
+
+#[test]
+fn an_identity_attribute_names_the_endpoint_and_a_bad_one_excludes_it() {
+    let id = "spiffe://example.org/role/orders-task-role";
+    let mut attrs = FULL.to_vec();
+    attrs.push((ATTR_IDENTITY, id));
+    let m = endpoint_of("orders", &instance(None, &attrs), 15008).unwrap();
+    assert_eq!(m.endpoint.identity.unwrap().to_string(), id);
+    // Without it, the caller renders the template.
+    let m = endpoint_of("orders", &instance(None, FULL), 15008).unwrap();
+    assert!(m.endpoint.identity.is_none());
+    // Not a SPIFFE ID: left out, not guessed.
+    let mut attrs = FULL.to_vec();
+    attrs.push((ATTR_IDENTITY, "https://example.org/orders"));
+    match endpoint_of("orders", &instance(None, &attrs), 15008) {
+        Err(Excluded::Invalid(why)) => assert!(why.contains(ATTR_IDENTITY), "{why}"),
+        other => panic!("{:?}", other.map(|m| m.endpoint)),
     }
 }
 

@@ -144,6 +144,7 @@ mod tests {
             subset: None,
             tunnel: "10.0.0.9:15008".parse().unwrap(),
             task: None,
+            identity: None,
         }
     }
 

@@ -110,6 +110,7 @@ mod tests {
             subset: None,
             tunnel: tunnel.parse().unwrap(),
             task: Some(TaskId::new(task).unwrap()),
+            identity: None,
         }
     }
 
