@@ -41,7 +41,13 @@ pub struct ExpectedIdentity {
 impl ExpectedIdentity {
     /// A local task's own identity (no service or role known from the ECS agent).
     pub fn for_family(&self, family: &str) -> Option<SpiffeId> {
-        self.render(family, None)
+        self.render_family(family).ok()
+    }
+
+    /// [`Self::for_family`], saying why it cannot be rendered (a template naming
+    /// `{service}` or `{task_role}`, which a local ECS task's agent record lacks).
+    pub fn render_family(&self, family: &str) -> Result<SpiffeId, crate::identity::IdentityError> {
+        self.template.render(&self.vars(family, None))
     }
 
     /// The identity discovery names for the endpoint, else the template rendered from
@@ -54,15 +60,17 @@ impl ExpectedIdentity {
     }
 
     fn render(&self, family: &str, service: Option<&str>) -> Option<SpiffeId> {
-        self.template
-            .render(&TemplateVars {
-                trust_domain: self.trust_domain.clone(),
-                cluster: self.cluster.clone(),
-                family: family.to_owned(),
-                service: service.map(str::to_owned),
-                task_role: None,
-            })
-            .ok()
+        self.template.render(&self.vars(family, service)).ok()
+    }
+
+    fn vars(&self, family: &str, service: Option<&str>) -> TemplateVars {
+        TemplateVars {
+            trust_domain: self.trust_domain.clone(),
+            cluster: self.cluster.clone(),
+            family: family.to_owned(),
+            service: service.map(str::to_owned),
+            task_role: None,
+        }
     }
 }
 

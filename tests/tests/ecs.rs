@@ -747,3 +747,41 @@ fn series_of_stopped_tasks_are_removed_and_the_count_returns_to_its_baseline() {
     let m = c.w.instances[0].metrics();
     assert!(counter(&m, "ecsmesh_metric_series_removed_total", &[]) >= (BATCHES * BATCH) as f64);
 }
+
+/// A template naming what the ECS agent does not report (`{task_role}`): the task is
+/// still enrolled and redirected, never left to go around the mesh, and its meshed
+/// connections fail closed — said in the log, the task gauge and the failure counter.
+#[test]
+fn an_ecs_task_whose_identity_cannot_be_rendered_stays_redirected_and_fails_closed() {
+    let base = ProxyOptions {
+        identity_template: Some("spiffe://{trust_domain}/role/{task_role}".into()),
+        ..Default::default()
+    };
+    let c = cluster_with(&[&T1], true, base);
+    let b = &c.w.instances[1];
+    let m = b.metrics();
+    assert_eq!(
+        counter(&m, "ecsmesh_ecs_tasks", &[("state", "enrolled")]),
+        1.0
+    );
+    assert_eq!(
+        counter(&m, "ecsmesh_ecs_tasks", &[("state", "no_identity")]),
+        1.0
+    );
+    let log = b.proxy_log();
+    assert!(
+        log.contains("no identity for this task") && log.contains(T1.id),
+        "{log}"
+    );
+    // T3's endpoint is meshed and its echo server answers anyone who reaches it directly:
+    // T1's connection fails, so it went to the proxy and was refused there.
+    let r = from_task(&c, &T1, c.eps[2]);
+    assert!(!r[0].ok, "{r:?}");
+    assert!(
+        counter(
+            &b.metrics(),
+            "ecsmesh_tcp_connections_failed_total",
+            &[("reason", "no_identity")]
+        ) >= 1.0
+    );
+}

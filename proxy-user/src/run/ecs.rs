@@ -73,6 +73,8 @@ pub struct Reconciler {
     reported_awsvpc: HashSet<TaskId>,
     reported_outside: HashSet<TaskId>,
     reported_stopping: HashSet<TaskId>,
+    /// Tasks the identity template cannot be rendered for (reported once each).
+    reported_no_identity: HashSet<TaskId>,
     state_file: PathBuf,
     /// What the state file holds now.
     saved: Vec<SavedTask>,
@@ -103,6 +105,7 @@ impl Reconciler {
             reported_awsvpc: HashSet::new(),
             reported_outside: HashSet::new(),
             reported_stopping: HashSet::new(),
+            reported_no_identity: HashSet::new(),
             state_file: node.state_file,
             saved: Vec::new(),
         })
@@ -217,6 +220,7 @@ impl Reconciler {
         self.reported_awsvpc.retain(|_| awsvpc > 0);
         self.reported_outside.retain(|_| outside > 0);
         self.reported_stopping.retain(|id| present.contains(id));
+        self.reported_no_identity.retain(|id| present.contains(id));
         let serving = self.tasks.all().iter().filter(|(_, t)| t.serving()).count();
         let set = |state, n: usize| {
             self.metrics
@@ -229,6 +233,15 @@ impl Reconciler {
         set("pending", pending);
         set("not_meshed_awsvpc", awsvpc);
         set("not_meshed_outside_cgroup_root", outside);
+        if self.identities.is_some() {
+            let without = self
+                .tasks
+                .all()
+                .iter()
+                .filter(|(_, t)| t.identity.is_none())
+                .count();
+            set("no_identity", without);
+        }
         self.save();
         Ok(())
     }
@@ -314,10 +327,18 @@ impl Reconciler {
         serving: bool,
         index: Option<u32>,
     ) -> bool {
-        let identity = self
-            .identities
-            .as_ref()
-            .and_then(|(_, e)| e.for_family(family));
+        let identity = match &self.identities {
+            None => None,
+            Some((_, expected)) => match expected.render_family(family) {
+                Ok(identity) => Some(identity),
+                Err(e) => {
+                    if self.reported_no_identity.insert(id.clone()) {
+                        tracing::warn!(task = %id, family, error = %e, "no identity for this task: the identity template needs what the ECS agent does not report; the task stays redirected and its meshed connections fail (no_identity)");
+                    }
+                    None
+                }
+            },
+        };
         if let (Some((manager, _)), Some(identity)) = (&self.identities, &identity) {
             match manager.ensure(identity) {
                 Ok(svid) => {
