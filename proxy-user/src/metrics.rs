@@ -10,7 +10,7 @@ use prometheus_client::{
     metrics::{counter::Counter, family::Family, gauge::Gauge, histogram::Histogram},
     registry::Registry,
 };
-use series::{Bounded, MetricLabels, OVERFLOW, Sweep, TaskNames};
+use series::{Bounded, MetricLabels, Sweep};
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct ReasonLabels {
@@ -489,82 +489,10 @@ impl Metrics {
 /// `[metrics] max_series_per_metric` by default.
 pub const DEFAULT_MAX_SERIES: usize = 10_000;
 
-impl TaskNames for HandshakeLabels {
-    fn task_names(&self) -> Vec<&str> {
-        vec![&self.source_identity, &self.destination_identity]
-    }
-
-    fn overflowed(&self) -> Self {
-        Self {
-            role: self.role,
-            source_identity: OVERFLOW.into(),
-            destination_identity: OVERFLOW.into(),
-        }
-    }
-}
-
-impl TaskNames for StreamLabels {
-    fn task_names(&self) -> Vec<&str> {
-        vec![&self.source_identity, &self.destination_family]
-    }
-
-    fn overflowed(&self) -> Self {
-        Self {
-            source_identity: OVERFLOW.into(),
-            destination_family: OVERFLOW.into(),
-        }
-    }
-}
-
-impl TaskNames for EndpointLabels {
-    fn task_names(&self) -> Vec<&str> {
-        vec![&self.endpoint]
-    }
-
-    fn overflowed(&self) -> Self {
-        Self {
-            service: self.service.clone(),
-            endpoint: OVERFLOW.into(),
-        }
-    }
-}
-
 pub mod classic;
 pub mod istio;
+mod kernel;
 pub mod process;
 pub mod series;
 
-/// The kernel programs' counters (`ecsmesh_kernel_connects_total{verdict}`), read from the
-/// per-CPU map at each scrape; nothing is exported until the programs are installed.
-#[derive(Clone, Debug, Default)]
-pub struct KernelCounters(Arc<OnceLock<Arc<crate::ebpf::KernelStats>>>);
-
-impl KernelCounters {
-    pub fn set(&self, stats: Arc<crate::ebpf::KernelStats>) {
-        let _ = self.0.set(stats);
-    }
-}
-
-impl prometheus_client::collector::Collector for KernelCounters {
-    fn encode(
-        &self,
-        mut encoder: prometheus_client::encoding::DescriptorEncoder,
-    ) -> Result<(), std::fmt::Error> {
-        use prometheus_client::encoding::EncodeMetric;
-        let Some(stats) = self.0.get() else {
-            return Ok(());
-        };
-        let mut family = encoder.encode_descriptor(
-            "kernel_connects",
-            "TCP connects seen by the eBPF connect hooks of enrolled tasks, by verdict",
-            None,
-            prometheus_client::metrics::MetricType::Counter,
-        )?;
-        for (verdict, value) in stats.read() {
-            let labels = [("verdict", verdict)];
-            prometheus_client::metrics::counter::ConstCounter::new(value)
-                .encode(family.encode_family(&labels)?)?;
-        }
-        Ok(())
-    }
-}
+pub use kernel::KernelCounters;

@@ -132,18 +132,7 @@ fn a_leaf_signed_directly_by_the_root_is_refused() {
     );
     assert_rejected(&m, &probe(&m, Some(&cert), m.ep), "issued_by_anchor");
     // The same identity through the instance issuer is accepted.
-    let good = issue(
-        &m.w,
-        "issued",
-        &[
-            "--ca",
-            &m.w.ca_dir().display().to_string(),
-            "--issuer",
-            &issuer_a(&m),
-            "--uri",
-            &m.w.identity(&m.fam_a),
-        ],
-    );
+    let good = issued_by_a(&m, "issued", &m.w.identity(&m.fam_a));
     assert_eq!(probe(&m, Some(&good), m.ep)["echo_ok"], true);
 }
 
@@ -283,18 +272,7 @@ fn authorization_deny_closes_the_task_connection() {
 fn destination_presenting_the_wrong_identity_is_refused_by_the_outbound_side() {
     let m = mesh(ProxyOptions::default(), ProxyOptions::default());
     // A fake "destination proxy" on instance 1 with a valid certificate of another identity.
-    let intruder = issue(
-        &m.w,
-        "intruder",
-        &[
-            "--ca",
-            &m.w.ca_dir().display().to_string(),
-            "--issuer",
-            &issuer_a(&m),
-            "--uri",
-            &m.w.identity("intruder"),
-        ],
-    );
+    let intruder = issued_by_a(&m, "intruder", &m.w.identity("intruder"));
     let fake = SocketAddr::new(m.w.instances[1].ipv4.into(), 16008);
     let (c, k) = (
         intruder.0.display().to_string(),

@@ -287,18 +287,7 @@ fn trust_anchor_rotation_under_load_then_retiring_the_old_anchor() {
     assert_eq!(first.len(), 1);
     // A certificate chained only to the first anchor (through instance 0's issuer of
     // the time).
-    let old = issue(
-        &m.w,
-        "old-chain",
-        &[
-            "--ca",
-            &ca,
-            "--issuer",
-            &issuer_a(&m),
-            "--uri",
-            &m.w.identity(&m.fam_a),
-        ],
-    );
+    let old = issued_by_a(&m, "old-chain", &m.w.identity(&m.fam_a));
     let stop = Arc::new(AtomicBool::new(false));
     let load = background_load(&m, stop.clone());
     std::thread::sleep(Duration::from_secs(2));
@@ -328,18 +317,7 @@ fn trust_anchor_rotation_under_load_then_retiring_the_old_anchor() {
     }
     std::thread::sleep(Duration::from_secs(2));
     // Overlap: both chains verify.
-    let new = issue(
-        &m.w,
-        "new-chain",
-        &[
-            "--ca",
-            &ca,
-            "--issuer",
-            &issuer_a(&m),
-            "--uri",
-            &m.w.identity(&m.fam_a),
-        ],
-    );
+    let new = issued_by_a(&m, "new-chain", &m.w.identity(&m.fam_a));
     assert_eq!(probe(&m, Some(&old), m.ep)["echo_ok"], true);
     assert_eq!(probe(&m, Some(&new), m.ep)["echo_ok"], true);
 

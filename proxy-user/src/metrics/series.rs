@@ -15,6 +15,7 @@ use std::{
     time::{Duration, Instant},
 };
 
+use super::{EndpointLabels, HandshakeLabels, StreamLabels};
 use prometheus_client::{
     encoding::EncodeLabelSet,
     metrics::{MetricType, TypedMetric, counter::Counter, family::Family},
@@ -187,6 +188,48 @@ impl Janitor {
             .filter(|(_, since)| now >= **since + grace)
             .map(|(name, _)| name.clone())
             .collect()
+    }
+}
+
+// The proxy's own task-labelled label sets (Istio's are in `istio.rs`).
+
+impl TaskNames for HandshakeLabels {
+    fn task_names(&self) -> Vec<&str> {
+        vec![&self.source_identity, &self.destination_identity]
+    }
+
+    fn overflowed(&self) -> Self {
+        Self {
+            role: self.role,
+            source_identity: OVERFLOW.into(),
+            destination_identity: OVERFLOW.into(),
+        }
+    }
+}
+
+impl TaskNames for StreamLabels {
+    fn task_names(&self) -> Vec<&str> {
+        vec![&self.source_identity, &self.destination_family]
+    }
+
+    fn overflowed(&self) -> Self {
+        Self {
+            source_identity: OVERFLOW.into(),
+            destination_family: OVERFLOW.into(),
+        }
+    }
+}
+
+impl TaskNames for EndpointLabels {
+    fn task_names(&self) -> Vec<&str> {
+        vec![&self.endpoint]
+    }
+
+    fn overflowed(&self) -> Self {
+        Self {
+            service: self.service.clone(),
+            endpoint: OVERFLOW.into(),
+        }
     }
 }
 

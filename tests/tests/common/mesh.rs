@@ -131,18 +131,16 @@ pub fn assert_rejected(m: &Mesh, probe: &serde_json::Value, reason: &str) {
 /// A client certificate instance 0's node proxy could have issued to its task: the
 /// control that makes each rejection test mean something.
 pub fn valid_client_cert(m: &Mesh) -> (PathBuf, PathBuf) {
+    issued_by_a(m, "good", &m.w.identity(&m.fam_a))
+}
+
+/// A leaf for `uri` signed by instance 0's issuer (as its node proxy signs), named `name`.
+pub fn issued_by_a(m: &Mesh, name: &str, uri: &str) -> (PathBuf, PathBuf) {
     let (ca, issuer) = (m.w.ca_dir().display().to_string(), issuer_a(m));
     issue(
         &m.w,
-        "good",
-        &[
-            "--ca",
-            &ca,
-            "--issuer",
-            &issuer,
-            "--uri",
-            &m.w.identity(&m.fam_a),
-        ],
+        name,
+        &["--ca", &ca, "--issuer", &issuer, "--uri", uri],
     )
 }
 
