@@ -44,6 +44,14 @@ pub fn empty() -> Body {
 
 /// A response the proxy made itself: `status`, `ecsmesh-proxy-error: reason`, the reason
 /// as a one-line body.
+/// The reason of a proxy-made answer (`ecsmesh-proxy-error`), `None` for the
+/// application's.
+pub fn proxy_error_of<B>(resp: &Response<B>) -> Option<&str> {
+    resp.headers()
+        .get(&PROXY_ERROR)
+        .and_then(|v| v.to_str().ok())
+}
+
 pub fn proxy_error(status: StatusCode, reason: &'static str) -> Response<Body> {
     Response::builder()
         .status(status)
@@ -132,14 +140,17 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
 }
 
 /// A body that holds `guard` until it ends (a tunnel stream slot, for one).
-pub struct Guarded<G> {
-    inner: Body,
+pub struct Guarded<G, B = Body> {
+    inner: B,
     _guard: G,
 }
 
 impl<G: Send + Sync + Unpin + 'static> Guarded<G> {
-    pub fn wrap(inner: Body, guard: G) -> Body {
-        Self {
+    pub fn wrap<B>(inner: B, guard: G) -> Body
+    where
+        B: hyper::body::Body<Data = Bytes, Error = hyper::Error> + Send + Sync + Unpin + 'static,
+    {
+        Guarded {
             inner,
             _guard: guard,
         }
@@ -147,7 +158,10 @@ impl<G: Send + Sync + Unpin + 'static> Guarded<G> {
     }
 }
 
-impl<G: Unpin> hyper::body::Body for Guarded<G> {
+impl<G: Unpin, B> hyper::body::Body for Guarded<G, B>
+where
+    B: hyper::body::Body<Data = Bytes, Error = hyper::Error> + Unpin,
+{
     type Data = Bytes;
     type Error = hyper::Error;
 

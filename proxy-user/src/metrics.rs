@@ -261,7 +261,7 @@ impl Metrics {
         );
         registry.register("ecs_sync", "ECS agent polls by result", m.ecs_syncs.clone());
         registry.register(
-            "tls_handshakes",
+            m.handshakes.name(),
             "mTLS tunnel handshakes completed, per identity pair",
             m.handshakes.family(),
         );
@@ -271,22 +271,22 @@ impl Metrics {
             m.rejected.clone(),
         );
         registry.register(
-            "tunnel_inbound_streams",
+            m.inbound_streams.name(),
             "Tunnel streams accepted by this proxy's inbound side",
             m.inbound_streams.family(),
         );
         registry.register(
-            "tunnel_inbound_received_bytes",
+            m.inbound_to_task.name(),
             "Bytes from tunnel callers to local tasks",
             m.inbound_to_task.family(),
         );
         registry.register(
-            "tunnel_inbound_sent_bytes",
+            m.inbound_from_task.name(),
             "Bytes from local tasks back to tunnel callers",
             m.inbound_from_task.family(),
         );
         registry.register(
-            "tcp_connection_duration_seconds",
+            m.tcp_duration.name(),
             "How long task TCP connections stayed open",
             m.tcp_duration.family(),
         );
@@ -326,7 +326,7 @@ impl Metrics {
             m.timeouts.clone(),
         );
         registry.register(
-            "endpoint_requests",
+            m.endpoint_requests.name(),
             "Attempts the balancer sent to each endpoint of a service",
             m.endpoint_requests.family(),
         );

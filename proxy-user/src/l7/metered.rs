@@ -12,10 +12,9 @@ use std::{
 };
 
 use bytes::Bytes;
-use http_body_util::BodyExt;
 use hyper::body::{Frame, SizeHint};
 
-use super::Body;
+use super::{Body, Guarded};
 use crate::metrics::istio::BodySizes;
 
 /// A body whose data bytes are added to a shared count as they pass.
@@ -59,22 +58,26 @@ where
     }
 }
 
-/// A response body that, once it ends or is dropped, observes the request's body size
-/// (counted by a [`Metered`] request body) and its own.
+/// Held by a response body until it ends or is dropped ([`Guarded`]): then observes
+/// the request's body size (counted by a [`Metered`] request body) and the response's.
 pub struct Reported {
-    inner: Metered<Body>,
     request: Arc<AtomicU64>,
+    response: Arc<AtomicU64>,
     sizes: Option<BodySizes>,
 }
 
 impl Reported {
     pub fn wrap(inner: Body, request: Arc<AtomicU64>, sizes: BodySizes) -> Body {
-        Self {
-            inner: Metered::new(inner, Arc::default()),
-            request,
-            sizes: Some(sizes),
-        }
-        .boxed()
+        let response = Arc::<AtomicU64>::default();
+        let counted = Metered::new(inner, response.clone());
+        Guarded::wrap(
+            counted,
+            Self {
+                request,
+                response,
+                sizes: Some(sizes),
+            },
+        )
     }
 }
 
@@ -83,35 +86,15 @@ impl Drop for Reported {
         if let Some(sizes) = self.sizes.take() {
             sizes.observe(
                 self.request.load(Ordering::Relaxed),
-                self.inner.bytes.load(Ordering::Relaxed),
+                self.response.load(Ordering::Relaxed),
             );
         }
     }
 }
 
-impl hyper::body::Body for Reported {
-    type Data = Bytes;
-    type Error = hyper::Error;
-
-    fn poll_frame(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
-        Pin::new(&mut self.inner).poll_frame(cx)
-    }
-
-    fn is_end_stream(&self) -> bool {
-        self.inner.is_end_stream()
-    }
-
-    fn size_hint(&self) -> SizeHint {
-        self.inner.size_hint()
-    }
-}
-
 #[cfg(test)]
 mod tests {
-    use http_body_util::Full;
+    use http_body_util::{BodyExt, Full};
 
     use super::*;
     use crate::metrics::istio::Istio;

@@ -165,10 +165,7 @@ impl HttpFlow {
             service,
             protocol,
             status: resp.status().as_u16(),
-            proxy_error: resp
-                .headers()
-                .get(&l7::PROXY_ERROR)
-                .and_then(|v| v.to_str().ok()),
+            proxy_error: l7::proxy_error_of(resp),
             endpoint: Some(endpoint.to_string()),
             original_destination: Some(self.target),
             attempts: Some(chosen.map_or(1, |c| c.attempts)),

@@ -321,10 +321,7 @@ impl Inbound {
             service,
             protocol,
             status: resp.status().as_u16(),
-            proxy_error: resp
-                .headers()
-                .get(&l7::PROXY_ERROR)
-                .and_then(|v| v.to_str().ok()),
+            proxy_error: l7::proxy_error_of(&resp),
             endpoint: target,
             original_destination: None,
             attempts: None,

@@ -251,11 +251,7 @@ impl Routed<'_> {
             let now = std::time::Instant::now();
             let rtt = now.saturating_duration_since(flight.started());
             let failed = match &result {
-                Ok(resp) => match resp
-                    .headers()
-                    .get(&l7::PROXY_ERROR)
-                    .and_then(|v| v.to_str().ok())
-                {
+                Ok(resp) => match l7::proxy_error_of(resp) {
                     Some(r) if NOT_DELIVERED.contains(&r) => Some(Failed::NotSent("unavailable")),
                     _ if self.policy.retry_statuses.contains(&resp.status().as_u16()) => {
                         Some(Failed::Maybe("status"))
