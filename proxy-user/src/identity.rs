@@ -6,6 +6,7 @@
 //! crate never depends on, or installs, a process-wide default provider.
 pub mod ca;
 pub mod manager;
+pub mod protocol;
 pub mod spiffe;
 pub mod trust;
 pub mod verify;
