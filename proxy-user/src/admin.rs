@@ -35,6 +35,8 @@ pub struct AdminState {
     pub discovery: Option<Arc<crate::discovery::Sources>>,
     /// Present with the mesh: `/endpoints` shows discovery and the balancer's state.
     pub mesh: Option<Arc<crate::proxy::Mesh>>,
+    /// The node's enrolled tasks: `/identities` also lists those without a certificate.
+    pub tasks: Option<Arc<crate::tasks::TaskTable>>,
     /// `/config_dump`: the effective configuration, as `check-config` prints it (paths,
     /// never key material: the config holds none).
     pub config_dump: String,
@@ -152,28 +154,48 @@ fn route(state: &AdminState, caller: Caller, req: AdminRequest<'_>) -> Response<
             "application/json",
             state.config_dump.clone(),
         ),
-        (_, "/identities") => {
-            let list: Vec<serde_json::Value> = state
-                .identities
-                .iter()
-                .flat_map(|ids| ids.identities())
-                .filter_map(|id| state.identities.as_ref()?.current(&id))
-                .map(|svid| {
-                    serde_json::json!({
-                        "identity": svid.id.to_string(),
-                        "serial": svid.serial,
-                        "not_after": svid.not_after.duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0),
-                    })
-                })
-                .collect();
-            respond(
-                StatusCode::OK,
-                "application/json",
-                serde_json::Value::Array(list).to_string(),
-            )
-        }
+        (_, "/identities") => respond(
+            StatusCode::OK,
+            "application/json",
+            identities_json(state).to_string(),
+        ),
         _ => route_get(state, path, accept),
     }
+}
+
+/// The certificates held (identity, serial, expiry), then every enrolled task that has
+/// none (`"error": "no_identity"`: its meshed connections fail until it gets one).
+fn identities_json(state: &AdminState) -> serde_json::Value {
+    let Some(ids) = &state.identities else {
+        return serde_json::Value::Array(Vec::new());
+    };
+    let mut list: Vec<serde_json::Value> = ids
+        .identities()
+        .iter()
+        .filter_map(|id| ids.current(id))
+        .map(|svid| {
+            serde_json::json!({
+                "identity": svid.id.to_string(),
+                "serial": svid.serial,
+                "not_after": svid.not_after.duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0),
+            })
+        })
+        .collect();
+    for (_, task) in state.tasks.iter().flat_map(|t| t.all()) {
+        let held = task
+            .identity
+            .as_ref()
+            .is_some_and(|id| ids.current(id).is_some());
+        if !held {
+            list.push(serde_json::json!({
+                "task": task.id.as_str(),
+                "family": task.family,
+                "identity": null,
+                "error": "no_identity",
+            }));
+        }
+    }
+    serde_json::Value::Array(list)
 }
 
 /// `%XX` escapes of a query value decoded (`+` is a space); bad escapes stay as they are.

@@ -186,13 +186,14 @@ pub fn run(cmd: CaCommand) -> Result<(), CaCliError> {
             let mut ca = Ca::open(&ca)?;
             let active = ca.active_fingerprint()?;
             if !force {
-                rollout::check(&nodes, "retire", |n| {
-                    (n.issuer.anchor != active).then(|| {
+                rollout::check(&nodes, "retire", |n| match &n.issuer {
+                    None => Some("has no certificate from an issuer yet".to_owned()),
+                    Some(i) => (i.anchor != active).then(|| {
                         format!(
                             "still signs under anchor {} (not the active {active})",
-                            n.issuer.anchor
+                            i.anchor
                         )
-                    })
+                    }),
                 })?;
             }
             let dropped = ca.retire()?;
@@ -216,14 +217,17 @@ pub fn run(cmd: CaCommand) -> Result<(), CaCliError> {
             for node in &nodes {
                 match rollout::fetch(node) {
                     Ok(t) => println!(
-                        "node {node}: trusts [{}], issuer {} under {}",
+                        "node {node}: trusts [{}], issuer {}",
                         t.anchors
                             .iter()
                             .map(|f| f.short())
                             .collect::<Vec<_>>()
                             .join(", "),
-                        t.issuer.identity,
-                        t.issuer.anchor.short()
+                        t.issuer.as_ref().map_or("none yet".to_owned(), |i| format!(
+                            "{} under {}",
+                            i.identity,
+                            i.anchor.short()
+                        ))
                     ),
                     Err(e) => println!("node {node}: {e}"),
                 }

@@ -108,10 +108,27 @@ pub enum Mode {
 pub struct IdentitySettings {
     pub trust_domain: TrustDomain,
     pub bundle: PathBuf,
-    pub issuer_dir: PathBuf,
+    pub source: IdentitySource,
     pub svid_lifetime: Duration,
     pub template: IdentityTemplate,
     pub allowed_trust_domains: Vec<TrustDomain>,
+}
+
+/// Where the node's SVIDs come from.
+#[derive(Debug, Clone, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum IdentitySource {
+    /// File mode (`issuer_dir`): an issuing CA key on this node. For offline use, the
+    /// harness and the demo.
+    IssuerDir(PathBuf),
+    /// Issuer mode (`issuer_url`): the node attests to `ecsmesh issuer` with its instance
+    /// identity document from IMDS and holds no CA key.
+    Issuer {
+        #[serde(serialize_with = "display")]
+        url: http::Uri,
+        #[serde(serialize_with = "display")]
+        imds_url: http::Uri,
+    },
 }
 
 /// Where local tasks come from when they are not listed in the config: the ECS agent.

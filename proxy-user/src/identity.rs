@@ -7,6 +7,7 @@
 pub mod ca;
 pub mod manager;
 pub mod protocol;
+pub mod remote;
 pub mod spiffe;
 pub mod trust;
 pub mod verify;

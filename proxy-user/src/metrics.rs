@@ -48,6 +48,12 @@ pub struct ResultLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct IssuerCallLabels {
+    pub call: &'static str,
+    pub result: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct AcceptLabels {
     /// `outbound`, `tunnel`, `admin` or `admin_socket`.
     pub listener: &'static str,
@@ -142,6 +148,8 @@ pub struct Metrics {
     pub ecs_tasks: Family<StateLabels, Gauge>,
     /// ECS agent polls by result.
     pub ecs_syncs: Family<ResultLabels, Counter>,
+    /// Issuer mode: calls to `ecsmesh issuer` by call and result.
+    pub issuer_calls: Family<IssuerCallLabels, Counter>,
     /// mTLS handshakes completed, per identity pair.
     pub handshakes: Bounded<HandshakeLabels, Counter>,
     /// Tunnel handshakes and streams refused, by side and reason.
@@ -194,6 +202,7 @@ impl Metrics {
             handshakes: Bounded::new("tls_handshakes", Family::default(), &cap, &overflow),
             ecs_tasks: Family::default(),
             ecs_syncs: Family::default(),
+            issuer_calls: Family::default(),
             rejected: Family::default(),
             inbound_streams: Bounded::new(
                 "tunnel_inbound_streams",
@@ -260,6 +269,11 @@ impl Metrics {
             m.ecs_tasks.clone(),
         );
         registry.register("ecs_sync", "ECS agent polls by result", m.ecs_syncs.clone());
+        registry.register(
+            "issuer_calls",
+            "Issuer mode: calls to ecsmesh issuer (attest, node, svid) by result (issued, unreachable, or the issuer's refusal reason)",
+            m.issuer_calls.clone(),
+        );
         registry.register(
             m.handshakes.name(),
             "mTLS tunnel handshakes completed, per identity pair",
@@ -434,13 +448,15 @@ impl Metrics {
                 .set(1);
         }
         self.issuer.clear();
-        self.issuer
-            .get_or_create(&IssuerLabels {
-                issuer: status.issuer.identity.to_string(),
-                fingerprint: status.issuer.fingerprint.to_string(),
-                anchor_fingerprint: status.issuer.anchor.to_string(),
-            })
-            .set(1);
+        if let Some(issuer) = &status.issuer {
+            self.issuer
+                .get_or_create(&IssuerLabels {
+                    issuer: issuer.identity.to_string(),
+                    fingerprint: issuer.fingerprint.to_string(),
+                    anchor_fingerprint: issuer.anchor.to_string(),
+                })
+                .set(1);
+        }
     }
 
     pub fn handshake_took(&self, role: &'static str, took: std::time::Duration) {

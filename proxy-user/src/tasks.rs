@@ -112,6 +112,26 @@ impl TaskTable {
         Ok(())
     }
 
+    /// Gives the task at `index` its identity (issuer mode: it arrived after enrolment).
+    /// The slot gets a new `TaskRef` sharing the old one's drain token and gate, so
+    /// connections opened before still drain with the task.
+    pub fn set_identity(&self, index: u32, identity: SpiffeId) -> bool {
+        let mut slots = self.slots.write().unwrap_or_else(|e| e.into_inner());
+        let Some(Some(old)) = slots.get(index as usize) else {
+            return false;
+        };
+        let new = TaskRef {
+            id: old.id.clone(),
+            family: old.family.clone(),
+            identity: Some(identity),
+            drain: old.drain.clone(),
+            serving: AtomicBool::new(old.serving()),
+            open: AtomicUsize::new(0),
+        };
+        slots[index as usize] = Some(Arc::new(new));
+        true
+    }
+
     pub fn get(&self, index: u32) -> Option<Arc<TaskRef>> {
         let slots = self.slots.read().unwrap_or_else(|p| p.into_inner());
         slots.get(index as usize).cloned().flatten()

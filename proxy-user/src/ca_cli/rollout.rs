@@ -88,7 +88,11 @@ pub(super) fn check(
         match fetch(node) {
             Ok(status) => {
                 if let Some(p) = problem(&status) {
-                    problems.push(format!("node {node} ({}) {p}", status.issuer.identity));
+                    let who = status
+                        .issuer
+                        .as_ref()
+                        .map_or("no issuer yet".to_owned(), |i| i.identity.to_string());
+                    problems.push(format!("node {node} ({who}) {p}"));
                 }
             }
             Err(e) => problems.push(format!("node {node} did not answer: {e}")),

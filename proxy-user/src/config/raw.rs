@@ -10,8 +10,8 @@ use serde::Deserialize;
 use super::{
     CloudMapSettings, Config, DEFAULT_ADMIN_ADDR, DEFAULT_ADMIN_SOCKET_DIR, DEFAULT_INBOUND_PORT,
     DEFAULT_OUTBOUND_PORT, DEFAULT_PIN_DIR, DEFAULT_SOCKET_MARK, DEFAULT_STATE_DIR,
-    DEFAULT_STREAM_CAP, EcsSettings, IdentitySettings, MetricsSettings, Mode, NetworkMode,
-    TaskConfig,
+    DEFAULT_STREAM_CAP, EcsSettings, IdentitySettings, IdentitySource, MetricsSettings, Mode,
+    NetworkMode, TaskConfig,
 };
 use crate::{
     authz::{AllowRule, Policy},
@@ -257,7 +257,12 @@ impl RawEcs {
 struct RawIdentity {
     trust_domain: String,
     bundle: PathBuf,
-    issuer_dir: PathBuf,
+    #[serde(default)]
+    issuer_dir: Option<PathBuf>,
+    #[serde(default)]
+    issuer_url: Option<String>,
+    #[serde(default)]
+    imds_url: Option<String>,
     #[serde(default)]
     svid_lifetime_secs: Option<u64>,
     #[serde(default)]
@@ -521,6 +526,9 @@ impl RawConfig {
     }
 }
 
+/// AWS's instance metadata service.
+const DEFAULT_IMDS_URL: &str = "http://169.254.169.254";
+
 impl RawIdentity {
     fn validate(self) -> Result<IdentitySettings, Invalid> {
         let trust_domain = TrustDomain::new(&self.trust_domain)
@@ -544,18 +552,71 @@ impl RawIdentity {
                 })
                 .collect::<Result<_, _>>()?,
         };
-        for (field, path) in [
-            ("identity.bundle", &self.bundle),
-            ("identity.issuer_dir", &self.issuer_dir),
-        ] {
-            if !path.exists() {
-                return Err(invalid(field, format!("{}: not found", path.display())));
-            }
+        if !self.bundle.exists() {
+            return Err(invalid(
+                "identity.bundle",
+                format!("{}: not found", self.bundle.display()),
+            ));
         }
+        let url = |field: &str, text: &str| -> Result<http::Uri, Invalid> {
+            let uri: http::Uri = text
+                .parse()
+                .map_err(|e| invalid(field, format!("{text:?}: {e}")))?;
+            if uri.host().is_none() || uri.path() != "/" {
+                return Err(invalid(
+                    field,
+                    format!("{text:?}: want scheme://host[:port]"),
+                ));
+            }
+            Ok(uri)
+        };
+        let source = match (self.issuer_dir, self.issuer_url) {
+            (Some(dir), None) => {
+                if self.imds_url.is_some() {
+                    return Err(invalid("identity.imds_url", "only with issuer_url"));
+                }
+                if !dir.exists() {
+                    return Err(invalid(
+                        "identity.issuer_dir",
+                        format!("{}: not found", dir.display()),
+                    ));
+                }
+                IdentitySource::IssuerDir(dir)
+            }
+            (None, Some(u)) => {
+                let issuer = url("identity.issuer_url", &u)?;
+                if issuer.scheme_str() != Some("https") {
+                    return Err(invalid("identity.issuer_url", "must be https://"));
+                }
+                let imds = url(
+                    "identity.imds_url",
+                    self.imds_url.as_deref().unwrap_or(DEFAULT_IMDS_URL),
+                )?;
+                if imds.scheme_str() != Some("http") {
+                    return Err(invalid("identity.imds_url", "must be http://"));
+                }
+                IdentitySource::Issuer {
+                    url: issuer,
+                    imds_url: imds,
+                }
+            }
+            (Some(_), Some(_)) => {
+                return Err(invalid(
+                    "identity.issuer_url",
+                    "set issuer_dir (a CA key on this node) or issuer_url (ecsmesh issuer), not both",
+                ));
+            }
+            (None, None) => {
+                return Err(invalid(
+                    "identity",
+                    "needs issuer_url (ecsmesh issuer) or issuer_dir (a CA key on this node)",
+                ));
+            }
+        };
         Ok(IdentitySettings {
             trust_domain,
             bundle: self.bundle,
-            issuer_dir: self.issuer_dir,
+            source,
             svid_lifetime: std::time::Duration::from_secs(lifetime),
             template: IdentityTemplate::new(self.template.as_deref().unwrap_or(DEFAULT_TEMPLATE))
                 .map_err(|e| invalid("identity.template", e.to_string()))?,

@@ -643,6 +643,32 @@ impl std::fmt::Debug for Svid {
 }
 
 impl Svid {
+    /// An SVID from a chain made elsewhere (the issuer) for a key made here.
+    pub fn from_chain(
+        id: SpiffeId,
+        chain: Vec<CertificateDer<'static>>,
+        key: &KeyPair,
+    ) -> Result<Svid, IdentityError> {
+        let leaf = chain
+            .first()
+            .ok_or_else(|| IdentityError::invalid("SVID", "empty chain"))?;
+        let info = CertInfo::parse(leaf).map_err(|r| IdentityError::invalid("SVID", r))?;
+        let key_der = rustls_pki_types::PrivatePkcs8KeyDer::from(key.serialize_der());
+        let certified = rustls::sign::CertifiedKey::from_der(
+            chain.clone(),
+            key_der.into(),
+            &super::provider(),
+        )?;
+        Ok(Svid {
+            id,
+            chain,
+            not_before: info.not_before,
+            not_after: info.not_after,
+            serial: info.serial,
+            certified: std::sync::Arc::new(certified),
+        })
+    }
+
     pub fn certified_key(&self) -> std::sync::Arc<rustls::sign::CertifiedKey> {
         self.certified.clone()
     }

@@ -5,8 +5,8 @@
 //! the certificate they were made with, and only new handshakes see the new one, because
 //! the resolvers and verifiers read the current state on every handshake.
 use std::{
-    collections::HashMap,
-    path::PathBuf,
+    collections::{BTreeSet, HashMap},
+    path::{Path, PathBuf},
     sync::{Arc, RwLock},
     time::{Duration, SystemTime},
 };
@@ -23,7 +23,9 @@ use tokio_util::sync::CancellationToken;
 
 use super::{
     IdentityError, Issuer, SpiffeClientVerifier, SpiffeId, SpiffeServerVerifier, Svid, TrustBundle,
-    TrustDomain, TrustStatus, Usage, verify_peer,
+    TrustDomain, TrustStatus, Usage,
+    remote::{RemoteConfig, RemoteError, RemoteIssuer},
+    verify_peer,
 };
 
 /// Called with the new trust state after every successful load or reload.
@@ -33,21 +35,39 @@ type TrustObserver = Box<dyn Fn(&TrustStatus) + Send + Sync>;
 const RETRY_AFTER_FAILURE: Duration = Duration::from_secs(1);
 /// Upper bound of one refresher sleep, so a wall-clock jump is noticed.
 const MAX_SLEEP: Duration = Duration::from_secs(60);
+/// Longest wait between two refresh rounds that keep failing.
+const MAX_RETRY_BACKOFF: Duration = Duration::from_secs(30);
 
 /// Where the node's identity material lives and how long its SVIDs last.
 #[derive(Clone, Debug)]
 pub struct IdentityConfig {
     pub bundle: PathBuf,
-    /// Directory with `issuer.pem` and `issuer.key`.
-    pub issuer_dir: PathBuf,
+    pub source: SvidSource,
+    /// File mode only: the issuer decides SVID lifetimes in issuer mode.
     pub svid_lifetime: Duration,
     /// Trust domains whose peers are accepted; empty means the issuer's own.
     pub allowed_trust_domains: Vec<TrustDomain>,
 }
 
+/// Where SVIDs come from.
+#[derive(Clone, Debug)]
+pub enum SvidSource {
+    /// File mode: an issuing CA in a directory with `issuer.pem` and `issuer.key`.
+    IssuerDir(PathBuf),
+    /// Issuer mode: `ecsmesh issuer`, by task ARN; no CA key on the node.
+    Issuer(RemoteConfig),
+}
+
+enum Source {
+    Local(ArcSwap<Issuer>),
+    Remote(Arc<RemoteIssuer>),
+}
+
 #[derive(Default)]
 struct Table {
     by_id: HashMap<SpiffeId, Arc<Svid>>,
+    /// Issuer mode: the task ARNs holding each identity (any of them renews it).
+    holders: HashMap<SpiffeId, BTreeSet<String>>,
     /// `SpiffeId::sni()` → identity, for the server certificate resolver.
     by_sni: HashMap<String, SpiffeId>,
 }
@@ -57,13 +77,15 @@ pub struct IdentityManager {
     cfg: IdentityConfig,
     allowed: Vec<TrustDomain>,
     bundle: Arc<ArcSwap<TrustBundle>>,
-    issuer: ArcSwap<Issuer>,
+    source: Source,
     svids: RwLock<Table>,
     /// Fingerprints of the bundle's anchors and of the issuer, for `/trust` and metrics.
     status: ArcSwap<TrustStatus>,
     observers: std::sync::Mutex<Vec<TrustObserver>>,
     /// Wakes the refresher when the set of SVIDs changed.
     changed: tokio::sync::Notify,
+    /// Consecutive failed refresh rounds (backoff while the issuer is unreachable).
+    failures: std::sync::atomic::AtomicU32,
 }
 
 impl std::fmt::Debug for IdentityManager {
@@ -79,23 +101,132 @@ impl IdentityManager {
     /// Loads the bundle and issuer; fails if the issuer does not chain to the bundle, since
     /// every SVID it signed would then be refused by every peer.
     pub fn new(cfg: IdentityConfig) -> Result<Arc<Self>, IdentityError> {
-        let (bundle, issuer, status) = load_material(&cfg)?;
+        let (bundle, source, status, own_td) = match &cfg.source {
+            SvidSource::IssuerDir(dir) => {
+                let (bundle, issuer, status) = load_material(&cfg.bundle, dir)?;
+                let td = issuer.instance_id().trust_domain().clone();
+                let bundle = Arc::new(ArcSwap::from_pointee(bundle));
+                (
+                    bundle,
+                    Source::Local(ArcSwap::from_pointee(issuer)),
+                    status,
+                    td,
+                )
+            }
+            SvidSource::Issuer(remote) => {
+                let bundle = Arc::new(ArcSwap::from_pointee(TrustBundle::load(&cfg.bundle)?));
+                let r = Arc::new(RemoteIssuer::new(remote.clone(), bundle.clone()));
+                let status = TrustStatus::of_remote(
+                    &bundle.load(),
+                    r.issuing_chain().as_deref().map(Vec::as_slice),
+                );
+                (
+                    bundle,
+                    Source::Remote(r),
+                    status,
+                    remote.trust_domain.clone(),
+                )
+            }
+        };
         log_trust(&status, "trust bundle and issuer loaded");
         let allowed = if cfg.allowed_trust_domains.is_empty() {
-            vec![issuer.instance_id().trust_domain().clone()]
+            vec![own_td]
         } else {
             cfg.allowed_trust_domains.clone()
         };
         Ok(Arc::new(Self {
             cfg,
             allowed,
-            bundle: Arc::new(ArcSwap::from_pointee(bundle)),
-            issuer: ArcSwap::from_pointee(issuer),
+            bundle,
+            source,
             svids: RwLock::default(),
             status: ArcSwap::from_pointee(status),
             observers: Default::default(),
             changed: tokio::sync::Notify::new(),
+            failures: Default::default(),
         }))
+    }
+
+    /// The issuer client in issuer mode.
+    pub fn remote(&self) -> Option<&Arc<RemoteIssuer>> {
+        match &self.source {
+            Source::Remote(r) => Some(r),
+            Source::Local(_) => None,
+        }
+    }
+
+    fn local(&self, id: &SpiffeId) -> Result<arc_swap::Guard<Arc<Issuer>>, IdentityError> {
+        match &self.source {
+            Source::Local(issuer) => Ok(issuer.load()),
+            Source::Remote(_) => Err(IdentityError::invalid(
+                id,
+                "in issuer mode identities come from the issuer, by task ARN",
+            )),
+        }
+    }
+
+    /// Issuer mode: the SVID of the ECS task `task_arn`, asked of the issuer (which names
+    /// it from what ECS says); the identity is kept while any task holding it is here.
+    pub async fn obtain(&self, task_arn: &str) -> Result<Arc<Svid>, RemoteError> {
+        let Some(remote) = self.remote() else {
+            return Err(IdentityError::invalid(task_arn, "not in issuer mode").into());
+        };
+        let svid = Arc::new(remote.svid(task_arn).await?);
+        let svid = {
+            let mut table = self.write();
+            let id = svid.id.clone();
+            table
+                .holders
+                .entry(id.clone())
+                .or_default()
+                .insert(task_arn.to_owned());
+            table.by_sni.insert(id.sni(), id.clone());
+            table.by_id.insert(id, svid.clone());
+            svid
+        };
+        self.remote_issued(remote);
+        self.changed.notify_one();
+        Ok(svid)
+    }
+
+    /// Issuer mode: the task `task_arn` no longer holds `id`; the SVID goes with the last
+    /// holder.
+    pub fn release(&self, id: &SpiffeId, task_arn: &str) {
+        let mut table = self.write();
+        let empty = table.holders.get_mut(id).is_some_and(|h| {
+            h.remove(task_arn);
+            h.is_empty()
+        });
+        if empty {
+            table.holders.remove(id);
+            table.by_id.remove(id);
+            table.by_sni.remove(&id.sni());
+        }
+    }
+
+    /// After an issuance in issuer mode: the trust status follows the issuing CA the
+    /// issuer signs with now.
+    fn remote_issued(&self, remote: &RemoteIssuer) {
+        let status = TrustStatus::of_remote(
+            &self.bundle.load(),
+            remote.issuing_chain().as_deref().map(Vec::as_slice),
+        );
+        if status != **self.status.load() {
+            self.publish(status, "issuer mode: issuing CA seen");
+        }
+    }
+
+    fn publish(&self, status: TrustStatus, message: &str) {
+        log_trust(&status, message);
+        for observe in self
+            .observers
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .iter()
+        {
+            observe(&status);
+        }
+        self.status.store(Arc::new(status));
     }
 
     /// What this node trusts and signs with now.
@@ -120,17 +251,12 @@ impl IdentityManager {
         &self.allowed
     }
 
-    /// The instance issuer's identity.
-    pub fn issuer_id(&self) -> SpiffeId {
-        self.issuer.load().instance_id().clone()
-    }
-
     /// The SVID for `id`, issuing it first if there is none.
     pub fn ensure(&self, id: &SpiffeId) -> Result<Arc<Svid>, IdentityError> {
         if let Some(svid) = self.current(id) {
             return Ok(svid);
         }
-        let svid = Arc::new(self.issuer.load().issue_svid(id, self.cfg.svid_lifetime)?);
+        let svid = Arc::new(self.local(id)?.issue_svid(id, self.cfg.svid_lifetime)?);
         let svid = {
             let mut table = self.write();
             table.by_sni.insert(id.sni(), id.clone());
@@ -156,8 +282,64 @@ impl IdentityManager {
         ids
     }
 
-    /// Re-issues every SVID at or past its refresh time; returns how many were replaced.
-    pub fn refresh_due(&self) -> usize {
+    /// Re-issues (file mode) or asks the issuer again for (issuer mode) every SVID at or
+    /// past its refresh time, and renews the node certificate when due; returns how many
+    /// SVIDs were replaced.
+    pub async fn refresh_due(&self) -> usize {
+        let Some(remote) = self.remote() else {
+            return self.refresh_due_local();
+        };
+        if let Err(e) = remote.refresh_node().await {
+            tracing::warn!(error = %e, "node certificate renewal failed; retrying");
+        }
+        let now = SystemTime::now();
+        let due: Vec<(SpiffeId, Vec<String>)> = {
+            let table = self.read();
+            table
+                .by_id
+                .values()
+                .filter(|s| s.refresh_at() <= now)
+                .map(|s| {
+                    let holders = table.holders.get(&s.id);
+                    (
+                        s.id.clone(),
+                        holders.into_iter().flatten().cloned().collect(),
+                    )
+                })
+                .collect()
+        };
+        let mut refreshed = 0;
+        for (id, holders) in due {
+            for arn in holders {
+                match remote.svid(&arn).await {
+                    Ok(svid) if svid.id == id => {
+                        tracing::info!(identity = %id, serial = %svid.serial, "certificate refreshed");
+                        let mut table = self.write();
+                        if let Some(slot) = table.by_id.get_mut(&id) {
+                            *slot = Arc::new(svid);
+                            refreshed += 1;
+                        }
+                        break;
+                    }
+                    Ok(svid) => {
+                        tracing::warn!(task = %arn, identity = %id, issued = %svid.id, "the issuer names this task differently now; keeping the old certificate until the task is re-enrolled");
+                        break;
+                    }
+                    Err(e) if e.about_task() => {
+                        tracing::warn!(task = %arn, identity = %id, error = %e, "the issuer refuses this task; trying another holder");
+                    }
+                    Err(e) => {
+                        tracing::warn!(identity = %id, error = %e, "certificate refresh failed; retrying with backoff");
+                        break;
+                    }
+                }
+            }
+        }
+        self.remote_issued(remote);
+        refreshed
+    }
+
+    pub(crate) fn refresh_due_local(&self) -> usize {
         let now = SystemTime::now();
         let due: Vec<SpiffeId> = self
             .read()
@@ -183,7 +365,22 @@ impl IdentityManager {
     /// Re-reads bundle and issuer and re-issues every SVID under the new issuer. On any
     /// error nothing changes: the previous good state stays in use.
     pub fn reload(&self) -> Result<(), IdentityError> {
-        let (bundle, issuer, status) = load_material(&self.cfg)?;
+        let (local, dir) = match (&self.source, &self.cfg.source) {
+            (Source::Local(local), SvidSource::IssuerDir(dir)) => (local, dir),
+            (Source::Remote(remote), _) => {
+                // Issuer mode: only the bundle is ours to reload.
+                let bundle = TrustBundle::load(&self.cfg.bundle)?;
+                let status = TrustStatus::of_remote(
+                    &bundle,
+                    remote.issuing_chain().as_deref().map(Vec::as_slice),
+                );
+                self.bundle.store(Arc::new(bundle));
+                self.publish(status, "trust bundle reloaded");
+                return Ok(());
+            }
+            (Source::Local(_), SvidSource::Issuer(_)) => unreachable!("source follows config"),
+        };
+        let (bundle, issuer, status) = load_material(&self.cfg.bundle, dir)?;
         // Issue everything first, then swap, so a failure leaves the old state whole.
         let ids = self.identities();
         let fresh = ids
@@ -192,7 +389,7 @@ impl IdentityManager {
             .collect::<Result<Vec<_>, IdentityError>>()?;
         let issuer_cert = issuer.certificate().clone();
         self.bundle.store(Arc::new(bundle));
-        self.issuer.store(Arc::new(issuer));
+        local.store(Arc::new(issuer));
         {
             let mut table = self.write();
             for svid in fresh {
@@ -218,21 +415,12 @@ impl IdentityManager {
             }
         }
         self.changed.notify_one();
-        log_trust(&status, "trust bundle and issuer reloaded");
-        for observe in self
-            .observers
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .iter()
-        {
-            observe(&status);
-        }
-        self.status.store(Arc::new(status));
+        self.publish(status, "trust bundle and issuer reloaded");
         Ok(())
     }
 
     fn reissue(&self, id: &SpiffeId) -> Result<Option<Arc<Svid>>, IdentityError> {
-        let svid = Arc::new(self.issuer.load().issue_svid(id, self.cfg.svid_lifetime)?);
+        let svid = Arc::new(self.local(id)?.issue_svid(id, self.cfg.svid_lifetime)?);
         let mut table = self.write();
         Ok(table.by_id.get_mut(id).map(|slot| {
             *slot = svid.clone();
@@ -241,7 +429,13 @@ impl IdentityManager {
     }
 
     fn earliest_refresh(&self) -> Option<SystemTime> {
-        self.read().by_id.values().map(|s| s.refresh_at()).min()
+        let node = self.remote().and_then(|r| r.node_refresh_at());
+        self.read()
+            .by_id
+            .values()
+            .map(|s| s.refresh_at())
+            .chain(node)
+            .min()
     }
 
     /// Starts the refresher, the file watcher and the SIGHUP handler; all stop on
@@ -278,26 +472,36 @@ impl IdentityManager {
                 _ = self.changed.notified() => continue,
                 _ = tokio::time::sleep(wait) => {}
             }
-            self.refresh_due();
+            self.refresh_due().await;
             if self
                 .earliest_refresh()
                 .is_some_and(|at| at <= SystemTime::now())
             {
+                // Still due: the issuer (or the CA files) failed. Back off, doubling up
+                // to MAX_RETRY_BACKOFF, so an outage is retried without hammering.
+                let n = self
+                    .failures
+                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                let wait =
+                    (RETRY_AFTER_FAILURE * 2u32.saturating_pow(n.min(8))).min(MAX_RETRY_BACKOFF);
                 tokio::select! {
                     _ = shutdown.cancelled() => return,
-                    _ = tokio::time::sleep(RETRY_AFTER_FAILURE) => {}
+                    _ = tokio::time::sleep(wait) => {}
                 }
+            } else {
+                self.failures.store(0, std::sync::atomic::Ordering::Relaxed);
             }
         }
     }
 
     fn watched_files(&self) -> Vec<PathBuf> {
         use crate::watch::absolute;
-        vec![
-            absolute(&self.cfg.bundle),
-            absolute(&self.cfg.issuer_dir.join(super::ca::ISSUER_CERT_FILE)),
-            absolute(&self.cfg.issuer_dir.join(super::ca::ISSUER_KEY_FILE)),
-        ]
+        let mut files = vec![absolute(&self.cfg.bundle)];
+        if let SvidSource::IssuerDir(dir) = &self.cfg.source {
+            files.push(absolute(&dir.join(super::ca::ISSUER_CERT_FILE)));
+            files.push(absolute(&dir.join(super::ca::ISSUER_KEY_FILE)));
+        }
+        files
     }
 
     /// Server side of the tunnel: TLS 1.3, ring, mandatory SPIFFE client auth, SVID chosen
@@ -376,14 +580,15 @@ impl IdentityManager {
 }
 
 fn load_material(
-    cfg: &IdentityConfig,
+    bundle: &Path,
+    issuer_dir: &Path,
 ) -> Result<(TrustBundle, Issuer, TrustStatus), IdentityError> {
-    let bundle = TrustBundle::load(&cfg.bundle)?;
-    let issuer = Issuer::load(&cfg.issuer_dir)?;
+    let bundle = TrustBundle::load(bundle)?;
+    let issuer = Issuer::load(issuer_dir)?;
     IdentityManager::check_anchored(&bundle, &issuer)?;
     let status = TrustStatus::of(&bundle, &issuer).ok_or_else(|| {
         IdentityError::invalid(
-            cfg.issuer_dir.display(),
+            issuer_dir.display(),
             "the issuer chains to no single anchor of the bundle",
         )
     })?;
@@ -394,13 +599,16 @@ fn load_material(
 /// the logs as well as on `/trust` and in metrics.
 fn log_trust(status: &TrustStatus, message: &str) {
     let anchors: Vec<&str> = status.anchors.iter().map(|f| f.short()).collect();
-    tracing::info!(
-        anchors = %anchors.join(","),
-        issuer = %status.issuer.identity,
-        issuer_fingerprint = %status.issuer.fingerprint.short(),
-        issuer_anchor = %status.issuer.anchor.short(),
-        "{message}"
-    );
+    match &status.issuer {
+        Some(issuer) => tracing::info!(
+            anchors = %anchors.join(","),
+            issuer = %issuer.identity,
+            issuer_fingerprint = %issuer.fingerprint.short(),
+            issuer_anchor = %issuer.anchor.short(),
+            "{message}"
+        ),
+        None => tracing::info!(anchors = %anchors.join(","), "{message} (no issuing CA seen yet)"),
+    }
 }
 
 #[derive(Debug)]

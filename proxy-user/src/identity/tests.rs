@@ -97,7 +97,7 @@ impl Pki {
     pub(super) fn manager(&self, lifetime: Duration) -> Arc<IdentityManager> {
         IdentityManager::new(IdentityConfig {
             bundle: self.node.join("bundle.pem"),
-            issuer_dir: self.node.clone(),
+            source: super::manager::SvidSource::IssuerDir(self.node.clone()),
             svid_lifetime: lifetime,
             allowed_trust_domains: vec![self.td.clone()],
         })

@@ -41,7 +41,8 @@ impl fmt::Display for Fingerprint {
 pub struct TrustStatus {
     /// Fingerprints of the anchors in the bundle, in bundle order.
     pub anchors: Vec<Fingerprint>,
-    pub issuer: IssuerStatus,
+    /// None in issuer mode until the issuer has issued this node anything.
+    pub issuer: Option<IssuerStatus>,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -58,12 +59,35 @@ impl TrustStatus {
     pub fn of(bundle: &TrustBundle, issuer: &Issuer) -> Option<TrustStatus> {
         Some(TrustStatus {
             anchors: bundle.certificates().iter().map(Fingerprint::of).collect(),
-            issuer: IssuerStatus {
+            issuer: Some(IssuerStatus {
                 identity: issuer.instance_id().clone(),
                 fingerprint: Fingerprint::of(issuer.certificate()),
                 anchor: signing_anchor(bundle, issuer)?,
-            },
+            }),
         })
+    }
+
+    /// Issuer mode: the anchors of `bundle` and the remote issuing CA of `chain` (leaf,
+    /// then issuing CA: a certificate the issuer sent), when it chains to one of them.
+    pub fn of_remote(
+        bundle: &TrustBundle,
+        chain: Option<&[CertificateDer<'static>]>,
+    ) -> TrustStatus {
+        TrustStatus {
+            anchors: bundle.certificates().iter().map(Fingerprint::of).collect(),
+            issuer: chain.and_then(|chain| {
+                let ca = chain.get(1)?;
+                let info = super::verify::CertInfo::parse(ca).ok()?;
+                let identity = SpiffeId::parse(info.uris.first()?).ok()?;
+                let leaf = super::verify::CertInfo::parse(&chain[0]).ok()?;
+                let id = SpiffeId::parse(leaf.uris.first()?).ok()?;
+                Some(IssuerStatus {
+                    identity,
+                    fingerprint: Fingerprint::of(ca),
+                    anchor: anchor_of(bundle, &id, chain)?,
+                })
+            }),
+        }
     }
 
     pub fn trusts(&self, anchor: &Fingerprint) -> bool {
@@ -76,14 +100,24 @@ impl TrustStatus {
 fn signing_anchor(bundle: &TrustBundle, issuer: &Issuer) -> Option<Fingerprint> {
     let id = issuer.instance_id();
     let probe = issuer.issue_svid(id, Duration::from_secs(60)).ok()?;
+    anchor_of(bundle, id, &probe.chain)
+}
+
+/// The anchor of `bundle` that `chain` (an SVID of `id`, then its issuers) verifies under,
+/// tried alone, exactly as a peer would verify it.
+fn anchor_of(
+    bundle: &TrustBundle,
+    id: &SpiffeId,
+    chain: &[CertificateDer<'static>],
+) -> Option<Fingerprint> {
     let td = std::slice::from_ref(id.trust_domain());
     bundle.certificates().iter().find_map(|cert| {
         let one = TrustBundle::from_certificates(vec![cert.clone()]).ok()?;
         verify_peer(
             &one,
             td,
-            &probe.chain[0],
-            &probe.chain[1..],
+            &chain[0],
+            &chain[1..],
             UnixTime::now(),
             Usage::Server,
         )

@@ -51,6 +51,8 @@ pub enum Rejection {
     IssuedByAnchor(SpiffeId),
     #[error("{id} chains to an anchor of trust domain {anchor}")]
     AnchorDomain { id: SpiffeId, anchor: String },
+    #[error("{0} is one of the mesh's own identities (node or issuer), never a workload's")]
+    MeshIdentity(SpiffeId),
 }
 
 impl Rejection {
@@ -70,6 +72,7 @@ impl Rejection {
             Rejection::BadCertificate(_) => "bad_certificate",
             Rejection::IssuedByAnchor(_) => "issued_by_anchor",
             Rejection::AnchorDomain { .. } => "anchor_trust_domain",
+            Rejection::MeshIdentity(_) => "mesh_identity",
         }
     }
 
@@ -315,6 +318,15 @@ impl ClientCertVerifier for SpiffeClientVerifier {
             now,
             Usage::Client,
         )
+        .and_then(|id| {
+            // A node certificate authenticates a node to the issuer, nothing else: a
+            // stolen one must not pass for a workload on the tunnel port.
+            if id.path().starts_with(super::protocol::RESERVED_PREFIX) {
+                Err(Rejection::MeshIdentity(id))
+            } else {
+                Ok(id)
+            }
+        })
         .map(|_| ClientCertVerified::assertion())
         .map_err(Rejection::into_tls)
     }

@@ -14,7 +14,7 @@ use crate::{
     config::{EcsSettings, NetworkMode},
     ebpf::Enroller,
     ecs::{self, CgroupLayout, DockerHealth, EcsAgent, EcsError, Gate, LocalNetworkMode},
-    identity::IdentityManager,
+    identity::{IdentityManager, SpiffeId},
     metrics::{Metrics, ResultLabels, StateLabels},
     proxy::ExpectedIdentity,
     tasks::{TaskRef, TaskTable},
@@ -23,11 +23,16 @@ use crate::{
 
 struct Enrolled {
     index: u32,
+    arn: String,
     family: String,
     mode: NetworkMode,
     cgroups: Vec<PathBuf>,
     cgroup_ids: Vec<u64>,
 }
+
+/// Issuer mode: first and longest wait before asking the issuer again for a task.
+const RETRY_FIRST: std::time::Duration = std::time::Duration::from_secs(1);
+const RETRY_MAX: std::time::Duration = std::time::Duration::from_secs(30);
 
 /// File in `state_dir` with the ECS tasks enrolled, rewritten whenever they change.
 pub const STATE_FILE: &str = "ecs-tasks.json";
@@ -38,6 +43,9 @@ pub const STATE_FILE: &str = "ecs-tasks.json";
 struct SavedTask {
     index: u32,
     id: String,
+    /// The task ARN (issuer mode asks for certificates by ARN); empty in older files.
+    #[serde(default)]
+    arn: String,
     family: String,
     mode: NetworkMode,
     cgroups: Vec<PathBuf>,
@@ -73,8 +81,11 @@ pub struct Reconciler {
     reported_awsvpc: HashSet<TaskId>,
     reported_outside: HashSet<TaskId>,
     reported_stopping: HashSet<TaskId>,
-    /// Tasks the identity template cannot be rendered for (reported once each).
+    /// Tasks the identity template cannot be rendered for, or the issuer refused
+    /// (reported once each).
     reported_no_identity: HashSet<TaskId>,
+    /// Issuer mode: enrolled tasks without an identity yet, and when to ask again.
+    identity_retry: HashMap<TaskId, (std::time::Instant, std::time::Duration)>,
     state_file: PathBuf,
     /// What the state file holds now.
     saved: Vec<SavedTask>,
@@ -106,6 +117,7 @@ impl Reconciler {
             reported_outside: HashSet::new(),
             reported_stopping: HashSet::new(),
             reported_no_identity: HashSet::new(),
+            identity_retry: HashMap::new(),
             state_file: node.state_file,
             saved: Vec::new(),
         })
@@ -193,6 +205,7 @@ impl Reconciler {
                     .filter(|c| !known.cgroups.contains(c))
                     .cloned()
                     .collect();
+                let index = known.index;
                 if !new.is_empty() {
                     match self.enroller.enrol(known.index, mode, &new) {
                         Ok(ids) => {
@@ -204,9 +217,14 @@ impl Reconciler {
                         }
                     }
                 }
+                self.retry_identity(&task.task_id, &task.arn, index).await;
                 continue;
             }
-            self.enrol_at(&task.task_id, &task.family, mode, cgroups, serving, None);
+            let identity = self
+                .identity_for(&task.task_id, &task.arn, &task.family)
+                .await;
+            let (id, arn, family) = (&task.task_id, &task.arn, &task.family);
+            self.enrol_at(id, arn, family, mode, cgroups, serving, None, identity);
         }
         let gone: Vec<TaskId> = self
             .enrolled
@@ -221,6 +239,7 @@ impl Reconciler {
         self.reported_outside.retain(|_| outside > 0);
         self.reported_stopping.retain(|id| present.contains(id));
         self.reported_no_identity.retain(|id| present.contains(id));
+        self.identity_retry.retain(|id, _| present.contains(id));
         let serving = self.tasks.all().iter().filter(|(_, t)| t.serving()).count();
         let set = |state, n: usize| {
             self.metrics
@@ -271,7 +290,20 @@ impl Reconciler {
             if !t.cgroups.iter().all(|c| c.is_dir()) {
                 continue; // gone while no proxy ran
             }
-            if self.enrol_at(&id, &t.family, t.mode, t.cgroups, t.serving, Some(t.index)) {
+            // File mode renders the identity now; issuer mode asks at the first poll.
+            let identity = match self.identities.as_ref().map(|(m, e)| (m.remote(), e)) {
+                Some((None, expected)) => self.render(&id, &t.family, expected.clone()),
+                Some((Some(_), _)) => {
+                    self.identity_retry
+                        .insert(id.clone(), (std::time::Instant::now(), RETRY_FIRST));
+                    None
+                }
+                None => None,
+            };
+            let (index, serving) = (Some(t.index), t.serving);
+            if self.enrol_at(
+                &id, &t.arn, &t.family, t.mode, t.cgroups, serving, index, identity,
+            ) {
                 restored += 1;
             }
         }
@@ -287,6 +319,7 @@ impl Reconciler {
             .map(|(id, e)| SavedTask {
                 index: e.index,
                 id: id.as_str().to_owned(),
+                arn: e.arn.clone(),
                 family: e.family.clone(),
                 mode: e.mode,
                 cgroups: e.cgroups.clone(),
@@ -316,30 +349,95 @@ impl Reconciler {
         }
     }
 
-    /// Enrols a task (certificate first), at `index` when given and free; returns whether
-    /// it is enrolled.
+    /// File mode: the task's identity rendered from the template (a task it cannot be
+    /// rendered for is reported once and gets none).
+    fn render(
+        &mut self,
+        id: &TaskId,
+        family: &str,
+        expected: Arc<ExpectedIdentity>,
+    ) -> Option<SpiffeId> {
+        match expected.render_family(family) {
+            Ok(identity) => Some(identity),
+            Err(e) => {
+                if self.reported_no_identity.insert(id.clone()) {
+                    tracing::warn!(task = %id, family, error = %e, "no identity for this task: the identity template needs what the ECS agent does not report; the task stays redirected and its meshed connections fail (no_identity)");
+                }
+                None
+            }
+        }
+    }
+
+    /// A new task's identity: rendered here (file mode) or issued by the issuer for its
+    /// ARN (issuer mode). None means the task is enrolled without one (no_identity).
+    async fn identity_for(&mut self, id: &TaskId, arn: &str, family: &str) -> Option<SpiffeId> {
+        let (manager, expected) = self.identities.clone()?;
+        if manager.remote().is_none() {
+            return self.render(id, family, expected);
+        }
+        match manager.obtain(arn).await {
+            Ok(svid) => {
+                tracing::info!(task = %id, identity = %svid.id, serial = %svid.serial, "certificate issued by the issuer");
+                Some(svid.id.clone())
+            }
+            Err(e) => {
+                self.identity_retry.insert(
+                    id.clone(),
+                    (std::time::Instant::now() + RETRY_FIRST, RETRY_FIRST),
+                );
+                if self.reported_no_identity.insert(id.clone()) {
+                    tracing::warn!(task = %id, error = %e, "no certificate from the issuer; the task stays redirected, its meshed connections fail (no_identity) until one is issued");
+                }
+                None
+            }
+        }
+    }
+
+    /// Issuer mode: asks again for an enrolled task's identity when it has none and its
+    /// backoff is over; on success the task gets it (and its meshed connections work).
+    async fn retry_identity(&mut self, id: &TaskId, arn: &str, index: u32) {
+        let Some((at, backoff)) = self.identity_retry.get(id).copied() else {
+            return;
+        };
+        let Some((manager, _)) = self.identities.clone() else {
+            return;
+        };
+        if at > std::time::Instant::now() {
+            return;
+        }
+        match manager.obtain(arn).await {
+            Ok(svid) => {
+                tracing::info!(task = %id, identity = %svid.id, serial = %svid.serial, "certificate issued by the issuer");
+                self.tasks.set_identity(index, svid.id.clone());
+                self.identity_retry.remove(id);
+                self.reported_no_identity.remove(id);
+            }
+            Err(e) => {
+                let next = (backoff * 2).min(RETRY_MAX);
+                self.identity_retry
+                    .insert(id.clone(), (std::time::Instant::now() + backoff, next));
+                tracing::debug!(task = %id, error = %e, "still no certificate from the issuer");
+            }
+        }
+    }
+
+    /// Enrols a task (file mode: certificate first), at `index` when given and free;
+    /// returns whether it is enrolled.
+    #[allow(clippy::too_many_arguments)]
     fn enrol_at(
         &mut self,
         id: &TaskId,
+        arn: &str,
         family: &str,
         mode: NetworkMode,
         cgroups: Vec<PathBuf>,
         serving: bool,
         index: Option<u32>,
+        identity: Option<SpiffeId>,
     ) -> bool {
-        let identity = match &self.identities {
-            None => None,
-            Some((_, expected)) => match expected.render_family(family) {
-                Ok(identity) => Some(identity),
-                Err(e) => {
-                    if self.reported_no_identity.insert(id.clone()) {
-                        tracing::warn!(task = %id, family, error = %e, "no identity for this task: the identity template needs what the ECS agent does not report; the task stays redirected and its meshed connections fail (no_identity)");
-                    }
-                    None
-                }
-            },
-        };
-        if let (Some((manager, _)), Some(identity)) = (&self.identities, &identity) {
+        if let (Some((manager, _)), Some(identity)) = (&self.identities, &identity)
+            && manager.remote().is_none()
+        {
             match manager.ensure(identity) {
                 Ok(svid) => {
                     tracing::info!(task = %id, identity = %identity, serial = %svid.serial, "certificate issued")
@@ -368,6 +466,7 @@ impl Reconciler {
                     id.clone(),
                     Enrolled {
                         index,
+                        arn: arn.to_owned(),
                         family: family.to_owned(),
                         mode,
                         cgroups,
@@ -394,6 +493,10 @@ impl Reconciler {
         };
         // The certificate goes with the last task of that identity on this instance.
         if let (Some((manager, _)), Some(identity)) = (&self.identities, &task.identity)
+            && manager.remote().is_some()
+        {
+            manager.release(identity, &known.arn);
+        } else if let (Some((manager, _)), Some(identity)) = (&self.identities, &task.identity)
             && !self
                 .tasks
                 .all()

@@ -5,10 +5,10 @@ use tokio::net::TcpListener;
 
 use super::{RunError, bind};
 use crate::{
-    config::Config,
+    config::{Config, IdentitySource},
     discovery::Sources,
-    identity::{IdentityConfig, IdentityManager},
-    metrics::Metrics,
+    identity::{IdentityConfig, IdentityManager, manager::SvidSource, remote::RemoteConfig},
+    metrics::{IssuerCallLabels, Metrics},
     proxy::{Admission, ExpectedIdentity, Inbound, Mesh, PoolSettings, TlsDialer, TunnelPool},
     tasks::TaskTable,
 };
@@ -31,19 +31,43 @@ pub(super) fn parts(
     let Some(idn) = &config.identity else {
         return Ok(None);
     };
+    let source = match &idn.source {
+        IdentitySource::IssuerDir(dir) => SvidSource::IssuerDir(dir.clone()),
+        IdentitySource::Issuer { url, imds_url } => SvidSource::Issuer(RemoteConfig {
+            issuer_url: url.clone(),
+            imds_url: imds_url.clone(),
+            trust_domain: idn.trust_domain.clone(),
+            state_dir: config.state_dir.join("identity"),
+        }),
+    };
     let identities = IdentityManager::new(IdentityConfig {
         bundle: idn.bundle.clone(),
-        issuer_dir: idn.issuer_dir.clone(),
+        source,
         svid_lifetime: idn.svid_lifetime,
         allowed_trust_domains: idn.allowed_trust_domains.clone(),
     })?;
     let trust_metrics = metrics.clone();
     identities.observe_trust(move |status| trust_metrics.set_trust(status));
+    if let Some(remote) = identities.remote() {
+        let calls = metrics.issuer_calls.clone();
+        remote.observe(Box::new(move |call, result| {
+            calls
+                .get_or_create(&IssuerCallLabels {
+                    call: call.as_str(),
+                    result: result.to_owned(),
+                })
+                .inc();
+        }));
+    }
     for (_, task) in tasks.all() {
-        if let Some(id) = &task.identity {
-            let svid = identities.ensure(id)?;
-            tracing::info!(task = %task.id, identity = %id, serial = %svid.serial, "certificate issued");
+        let Some(id) = &task.identity else { continue };
+        if identities.remote().is_some() {
+            // The issuer names ECS tasks by ARN; a task listed in the config has none.
+            tracing::warn!(task = %task.id, identity = %id, "issuer mode: a task listed in the config gets no certificate (the issuer issues for ECS tasks only); its meshed connections fail (no_identity)");
+            continue;
         }
+        let svid = identities.ensure(id)?;
+        tracing::info!(task = %task.id, identity = %id, serial = %svid.serial, "certificate issued");
     }
     let sources = Sources::new(
         &config.discovery,

@@ -105,6 +105,7 @@ impl Bound {
             identities: mesh.as_ref().map(|m| m.identities.clone()),
             discovery: mesh.as_ref().map(|m| m.sources.clone()),
             mesh: mesh.as_ref().map(|m| m.mesh.clone()),
+            tasks: Some(tasks.clone()),
             config_dump: serde_json::to_string_pretty(config).unwrap_or_default(),
         });
         let shutdown = CancellationToken::new();

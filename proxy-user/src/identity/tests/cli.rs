@@ -167,7 +167,7 @@ fn activate_and_retire_wait_for_every_node() {
     let node = tmp.path().join("node");
     let manager = IdentityManager::new(IdentityConfig {
         bundle: node.join("bundle.pem"),
-        issuer_dir: node.clone(),
+        source: crate::identity::manager::SvidSource::IssuerDir(node.clone()),
         svid_lifetime: std::time::Duration::from_secs(3600),
         allowed_trust_domains: Vec::new(),
     })
@@ -183,6 +183,7 @@ fn activate_and_retire_wait_for_every_node() {
         identities: Some(manager.clone()),
         discovery: None,
         mesh: None,
+        tasks: None,
         config_dump: "{}".into(),
     });
     let shutdown = tokio_util::sync::CancellationToken::new();

@@ -124,7 +124,7 @@ async fn server_refuses_a_client_of_another_ca() {
     std::fs::write(&both, pem(&stranger) + &pem(&pki)).unwrap();
     let client = IdentityManager::new(IdentityConfig {
         bundle: both,
-        issuer_dir: stranger.node.clone(),
+        source: crate::identity::manager::SvidSource::IssuerDir(stranger.node.clone()),
         svid_lifetime: HOUR,
         allowed_trust_domains: vec![],
     })

@@ -35,7 +35,7 @@ fn new_refuses_an_issuer_the_bundle_does_not_anchor() {
     let other = Pki::new("example.org");
     let err = IdentityManager::new(IdentityConfig {
         bundle: pki.node.join("bundle.pem"),
-        issuer_dir: other.node.clone(),
+        source: crate::identity::manager::SvidSource::IssuerDir(other.node.clone()),
         svid_lifetime: HOUR,
         allowed_trust_domains: vec![],
     })
@@ -53,12 +53,12 @@ fn refresh_due_reissues_at_half_life() {
     // Long-lived: nothing is due.
     let long = pki.manager(HOUR);
     long.ensure(&id).unwrap();
-    assert_eq!(long.refresh_due(), 0);
+    assert_eq!(long.refresh_due_local(), 0);
 
     let m = pki.manager(Duration::from_secs(2));
     let before = m.ensure(&id).unwrap();
     std::thread::sleep(Duration::from_millis(1100));
-    assert_eq!(m.refresh_due(), 1);
+    assert_eq!(m.refresh_due_local(), 1);
     let after = m.current(&id).unwrap();
     assert_ne!(after.serial, before.serial);
     assert!(after.not_after > before.not_after);
@@ -76,7 +76,7 @@ fn reload_picks_up_a_rotation_and_keeps_the_old_state_on_errors() {
     m.observe_trust(move |s| log.lock().unwrap().push(s.clone()));
     let first = m.trust_status();
     assert_eq!(first.anchors.len(), 1);
-    assert_eq!(first.issuer.anchor, first.anchors[0]);
+    assert_eq!(first.issuer.as_ref().unwrap().anchor, first.anchors[0]);
 
     let mut ca = Ca::open(&pki.tmp.path().join("ca")).unwrap();
     let staged = ca.rotate().unwrap();
@@ -88,7 +88,7 @@ fn reload_picks_up_a_rotation_and_keeps_the_old_state_on_errors() {
     assert_eq!(m.bundle_handle().load().len(), 2);
     ca.activate(Duration::ZERO).unwrap();
     m.reload().unwrap();
-    assert_eq!(m.trust_status().issuer.anchor, staged);
+    assert_eq!(m.trust_status().issuer.as_ref().unwrap().anchor, staged);
     assert_eq!(
         seen.lock().unwrap().len(),
         3,
