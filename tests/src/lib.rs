@@ -3,10 +3,12 @@
 //! processes in the instance netns) or netns + cgroup behind a docker0-like bridge (bridge
 //! mode). Everything created is owned by an RAII guard and removed on drop, also when a
 //! test panics. Names carry the process id and a counter so tests can run in parallel.
+pub mod aws;
 pub mod capture;
 pub mod cgroup;
 pub mod demo;
 pub mod fixture;
+pub mod issuer;
 pub mod metrics;
 pub mod netns;
 pub mod otlp;

@@ -52,13 +52,7 @@ impl Netns {
     /// Run `f` on a thread that has joined this netns (setns affects only that thread),
     /// so the test process can talk to addresses that exist only in here.
     pub fn run<T: Send + 'static>(&self, f: impl FnOnce() -> T + Send + 'static) -> T {
-        let file = File::open(self.path()).expect("open netns");
-        std::thread::spawn(move || {
-            nix::sched::setns(file.as_fd(), nix::sched::CloneFlags::CLONE_NEWNET).expect("setns");
-            f()
-        })
-        .join()
-        .expect("netns thread panicked")
+        run_at(&self.path(), f)
     }
 
     /// Minimal HTTP/1.0 GET from inside the netns: (status, body).
@@ -88,4 +82,18 @@ impl Drop for Netns {
     fn drop(&mut self) {
         sh_quiet("ip", &["netns", "del", &self.name]);
     }
+}
+
+/// [`Netns::run`] for the netns at `path` (for holders that do not own the netns).
+pub fn run_at<T: Send + 'static>(
+    path: &std::path::Path,
+    f: impl FnOnce() -> T + Send + 'static,
+) -> T {
+    let file = File::open(path).expect("open netns");
+    std::thread::spawn(move || {
+        nix::sched::setns(file.as_fd(), nix::sched::CloneFlags::CLONE_NEWNET).expect("setns");
+        f()
+    })
+    .join()
+    .expect("netns thread panicked")
 }

@@ -285,6 +285,8 @@ pub struct ProxyOptions {
     pub identity_template: Option<String>,
     /// `task_role` of every static task (for templates naming `{task_role}`).
     pub task_role: Option<String>,
+    /// Issuer mode: `[identity] issuer_url` and `imds_url` instead of `issuer_dir`.
+    pub issuer: Option<(String, String)>,
 }
 
 /// Identity material of one instance, made by `World::enable_mesh`.
@@ -443,15 +445,20 @@ impl Instance {
                 t += &format!("tunnel_stream_cap = {cap}\n");
             }
             t += &format!(
-                "\n[identity]\ntrust_domain = \"{}\"\nbundle = \"{}\"\nissuer_dir = \"{}\"\nsvid_lifetime_secs = {}\n",
+                "\n[identity]\ntrust_domain = \"{}\"\nbundle = \"{}\"\nsvid_lifetime_secs = {}\n",
                 mesh.trust_domain,
                 opts.bundle
                     .clone()
                     .unwrap_or_else(|| mesh.issuer_dir.join("bundle.pem"))
                     .display(),
-                mesh.issuer_dir.display(),
                 opts.svid_lifetime_secs.unwrap_or(86_400)
             );
+            match &opts.issuer {
+                Some((url, imds)) => {
+                    t += &format!("issuer_url = \"{url}\"\nimds_url = \"{imds}\"\n")
+                }
+                None => t += &format!("issuer_dir = \"{}\"\n", mesh.issuer_dir.display()),
+            }
             if let Some(template) = &opts.identity_template {
                 t += &format!("template = \"{template}\"\n");
             }

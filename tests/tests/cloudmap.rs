@@ -4,71 +4,16 @@
 //! readiness attribute there.
 mod common;
 
-use std::{
-    io::{Read, Write},
-    net::{SocketAddr, TcpStream},
-    time::{Duration, Instant},
-};
+use std::time::{Duration, Instant};
 
 use common::{mesh::TRUST_DOMAIN, *};
 use harness::{
     NetworkMode::Host,
     ProxyOptions, World,
+    aws::{MOTO_PORT, Moto},
     metrics::counter,
-    process::{self, Placement},
 };
-use serde_json::{Value, json};
-
-const MOTO_PORT: u16 = 5000;
-
-/// One AWS API call to moto from inside instance 1's netns. moto routes on the service in
-/// the credential scope and does not check signatures.
-fn aws(w: &World, service: &str, target: Option<&str>, body: String, form: bool) -> String {
-    let addr: SocketAddr = format!("127.0.0.1:{MOTO_PORT}").parse().unwrap();
-    let (service, target) = (service.to_owned(), target.map(str::to_owned));
-    w.instances[1].netns.run(move || {
-        let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(5)).expect("moto");
-        s.set_read_timeout(Some(Duration::from_secs(15))).unwrap();
-        let ctype = if form { "application/x-www-form-urlencoded" } else { "application/x-amz-json-1.1" };
-        let mut req = format!(
-            "POST / HTTP/1.1\r\nHost: 127.0.0.1:{MOTO_PORT}\r\nContent-Type: {ctype}\r\nContent-Length: {}\r\nConnection: close\r\n\
-             Authorization: AWS4-HMAC-SHA256 Credential=test/20260101/us-east-1/{service}/aws4_request, SignedHeaders=host, Signature=0\r\n",
-            body.len()
-        );
-        if let Some(t) = target {
-            req += &format!("X-Amz-Target: {t}\r\n");
-        }
-        req += "\r\n";
-        s.write_all(req.as_bytes()).unwrap();
-        s.write_all(body.as_bytes()).unwrap();
-        let mut resp = String::new();
-        s.read_to_string(&mut resp).unwrap();
-        assert!(resp.starts_with("HTTP/1.1 200"), "{service} {resp}");
-        resp.split_once("\r\n\r\n").map(|(_, b)| b.to_owned()).unwrap_or_default()
-    })
-}
-
-fn sd(w: &World, op: &str, body: Value) -> Value {
-    let text = aws(
-        w,
-        "servicediscovery",
-        Some(&format!("Route53AutoNaming_v20170314.{op}")),
-        body.to_string(),
-        false,
-    );
-    serde_json::from_str(&text).unwrap_or(Value::Null)
-}
-
-fn ecs(w: &World, op: &str, body: Value) -> Value {
-    let text = aws(
-        w,
-        "ecs",
-        Some(&format!("AmazonEC2ContainerServiceV20141113.{op}")),
-        body.to_string(),
-        false,
-    );
-    serde_json::from_str(&text).unwrap_or(Value::Null)
-}
+use serde_json::json;
 
 fn wait_until(what: &str, mut f: impl FnMut() -> bool) {
     let deadline = Instant::now() + Duration::from_secs(20);
@@ -89,41 +34,15 @@ fn cloudmap_endpoints_drive_the_tunnel_and_the_ready_attribute_is_published() {
     w.instances[1].echo_server(&[ep]);
 
     // moto inside instance 1, reachable by both instances.
-    let moto_bin = format!(
-        "{}/../target/pyenv/bin/moto_server",
-        env!("CARGO_MANIFEST_DIR")
-    );
-    assert!(
-        std::path::Path::new(&moto_bin).exists(),
-        "run `cargo xtask deploy-check` first (creates target/pyenv)"
-    );
-    let cg = w.cgroups.dir("inst1/moto");
-    let mut cmd = std::process::Command::new(&moto_bin);
-    cmd.args(["-H", "0.0.0.0", "-p", &MOTO_PORT.to_string()]);
-    process::place(
-        &mut cmd,
-        &Placement {
-            netns: w.instances[1].netns.path(),
-            cgroup: cg,
-            cpu: None,
-        },
-    );
-    let mut moto = process::spawn_logged(cmd, "moto", &w.workdir.join("moto.log"));
-    let moto_addr: SocketAddr = format!("127.0.0.1:{MOTO_PORT}").parse().unwrap();
-    wait_until("moto listening", || {
-        w.instances[1]
-            .netns
-            .run(move || TcpStream::connect_timeout(&moto_addr, Duration::from_millis(200)).is_ok())
-    });
+    let moto = Moto::start(&w, 1);
 
     // Cloud Map: namespace, service, one instance registered the way ECS registers tasks.
-    sd(&w, "CreateHttpNamespace", json!({ "Name": "mesh.local" }));
-    let ns = sd(&w, "ListNamespaces", json!({}))["Namespaces"][0]["Id"]
+    moto.servicediscovery("CreateHttpNamespace", json!({ "Name": "mesh.local" }));
+    let ns = moto.servicediscovery("ListNamespaces", json!({}))["Namespaces"][0]["Id"]
         .as_str()
         .unwrap()
         .to_owned();
-    let svc = sd(
-        &w,
+    let svc = moto.servicediscovery(
         "CreateService",
         json!({ "Name": "orders", "NamespaceId": ns }),
     )["Service"]["Id"]
@@ -133,39 +52,15 @@ fn cloudmap_endpoints_drive_the_tunnel_and_the_ready_attribute_is_published() {
     let attrs = json!({ "AWS_INSTANCE_IPV4": "10.0.0.2", "AWS_INSTANCE_PORT": "9000", "ECS_TASK_DEFINITION_FAMILY": "orders" });
     // ECS registers a service's tasks under their task id.
     let task_id = w.instances[1].tasks[0].id.clone();
-    sd(
-        &w,
+    moto.servicediscovery(
         "RegisterInstance",
         json!({ "ServiceId": svc, "InstanceId": task_id, "Attributes": attrs }),
     );
 
     // ECS: a cluster and a container instance (moto wants an EC2 instance behind it).
-    ecs(&w, "CreateCluster", json!({ "clusterName": "prod" }));
-    let xml = aws(
-        &w,
-        "ec2",
-        None,
-        "Action=RunInstances&ImageId=ami-12c6146b&MinCount=1&MaxCount=1&Version=2016-11-15".into(),
-        true,
-    );
-    let ec2_id = xml
-        .split("<instanceId>")
-        .nth(1)
-        .and_then(|s| s.split('<').next())
-        .expect("ec2 instance id")
-        .to_owned();
-    let doc =
-        json!({ "instanceId": ec2_id, "region": "us-east-1", "availabilityZone": "us-east-1a" })
-            .to_string();
-    let ci = ecs(
-        &w,
-        "RegisterContainerInstance",
-        json!({ "cluster": "prod", "instanceIdentityDocument": doc }),
-    );
-    let ci_arn = ci["containerInstance"]["containerInstanceArn"]
-        .as_str()
-        .expect("container instance arn")
-        .to_owned();
+    moto.ecs("CreateCluster", json!({ "clusterName": "prod" }));
+    let ec2_id = moto.run_instance();
+    let ci_arn = moto.register_container_instance("prod", &ec2_id);
 
     // The ECS agent of instance 1 reports that cluster and container instance.
     let agent = harness::fixture::HttpFixture::tcp_in(
@@ -195,8 +90,7 @@ fn cloudmap_endpoints_drive_the_tunnel_and_the_ready_attribute_is_published() {
     });
 
     // Ready published the attribute.
-    let listed = ecs(
-        &w,
+    let listed = moto.ecs(
         "ListAttributes",
         json!({ "cluster": "prod", "targetType": "container-instance", "attributeName": "ecsmesh.ready", "attributeValue": "true" }),
     );
@@ -215,8 +109,7 @@ fn cloudmap_endpoints_drive_the_tunnel_and_the_ready_attribute_is_published() {
     assert_eq!(handshakes(&a.metrics()), 1.0);
 
     // API outage: the last good set stays, the errors are counted.
-    moto.signal(nix::sys::signal::Signal::SIGKILL);
-    let _ = moto.wait_timeout(Duration::from_secs(5));
+    drop(moto);
     wait_until("refresh errors counted", || {
         counter(
             &a.metrics(),

@@ -13,20 +13,13 @@ use common::{mesh::TRUST_DOMAIN, *};
 use harness::{
     NetworkMode::Host,
     ProxyOptions, World,
+    aws::{AgentTask, fixture},
     fixture::HttpFixture,
     metrics::counter,
     process,
     world::{client_args, run_client},
 };
 use serde_json::{Value, json};
-
-fn fixture(name: &str) -> Value {
-    let path = format!(
-        "{}/../proxy-user/tests/fixtures/ecs/{name}",
-        env!("CARGO_MANIFEST_DIR")
-    );
-    serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap()
-}
 
 struct FakeTask {
     id: &'static str,
@@ -40,31 +33,18 @@ struct FakeTask {
 }
 
 fn agent_tasks(tasks: &[&FakeTask]) -> String {
-    let template = fixture("agent-tasks.json")["Tasks"][0].clone();
-    let ctemplate = template["Containers"][0].clone();
-    let list: Vec<Value> = tasks
+    let list: Vec<AgentTask> = tasks
         .iter()
-        .map(|t| {
-            let mut v = template.clone();
-            v["Arn"] = json!(format!(
-                "arn:aws:ecs:us-east-1:123456789012:task/test/{}",
-                t.id
-            ));
-            v["Family"] = json!(t.family);
-            v["DesiredStatus"] = json!(t.desired);
-            v["KnownStatus"] = json!(t.known);
-            let mut c = ctemplate.clone();
-            c["DockerId"] = json!(t.container);
-            c["Name"] = json!("app");
-            c["DockerName"] = json!(format!("ecs-{}-1-app-{}", t.family, &t.container[..8]));
-            if t.awsvpc {
-                c["Networks"] = json!([{ "NetworkMode": "awsvpc", "IPv4Addresses": ["10.0.9.5"] }]);
-            }
-            v["Containers"] = json!([c]);
-            v
+        .map(|t| AgentTask {
+            arn: format!("arn:aws:ecs:us-east-1:123456789012:task/test/{}", t.id),
+            family: t.family,
+            desired: t.desired,
+            known: t.known,
+            container: t.container,
+            awsvpc: t.awsvpc,
         })
         .collect();
-    json!({ "Tasks": list }).to_string()
+    harness::aws::agent_tasks(&list)
 }
 
 fn docker_inspect(t: &FakeTask) -> String {

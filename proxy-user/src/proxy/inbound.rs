@@ -5,6 +5,7 @@ use std::{
     convert::Infallible,
     net::SocketAddr,
     sync::{Arc, atomic::AtomicU64},
+    time::SystemTime,
 };
 
 use http_body_util::BodyExt;
@@ -157,6 +158,7 @@ impl Inbound {
         };
         let (_, session) = tls.get_ref();
         let source = session.peer_certificates().and_then(peer_identity);
+        let expires = session.peer_certificates().and_then(chain_expiry);
         let served = session
             .server_name()
             .and_then(|sni| self.admission.tasks.family_for_sni(sni));
@@ -193,8 +195,24 @@ impl Inbound {
             .max_header_list_size(MAX_HEADER_LIST)
             .serve_connection(TokioIo::new(tls), svc);
         tokio::pin!(conn);
+        // A peer is trusted only while its certificates are valid: at the first expiry in
+        // its chain the connection takes no new streams (GOAWAY), so a cut-off node's
+        // pooled tunnels end with its certificate instead of living on.
+        let lapse = async {
+            match expires.map(|at| at.duration_since(SystemTime::now())) {
+                Some(Ok(left)) => tokio::time::sleep(left).await,
+                Some(Err(_)) => {}
+                None => std::future::pending().await,
+            }
+        };
         tokio::select! {
             r = conn.as_mut() => if let Err(e) = r { tracing::debug!(%peer, error = %e, "tunnel connection ended") },
+            () = lapse => {
+                tracing::info!(%peer, "peer certificate expired: tunnel connection takes no new streams");
+                self.metrics.reject("server", "peer_certificate_expired");
+                conn.as_mut().graceful_shutdown();
+                let _ = conn.await;
+            }
             () = shutdown.cancelled() => {
                 conn.as_mut().graceful_shutdown();
                 let _ = conn.await;
@@ -411,4 +429,13 @@ impl Inbound {
         };
         (ep.service, resp)
     }
+}
+
+/// The earliest `notAfter` of a verified peer chain.
+fn chain_expiry(chain: &[rustls_pki_types::CertificateDer<'_>]) -> Option<SystemTime> {
+    chain
+        .iter()
+        .filter_map(|c| crate::identity::verify::CertInfo::parse(c).ok())
+        .map(|i| i.not_after)
+        .min()
 }

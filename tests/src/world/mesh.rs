@@ -65,6 +65,48 @@ impl World {
         }
     }
 
+    /// Issuer mode: a CA, the issuing CA of `ecsmesh issuer` (`issuer_ca_dir`), and per
+    /// instance a directory holding only a copy of the trust bundle (what a real node is
+    /// given out of band): no CA key on any node. Proxies need `ProxyOptions::issuer`.
+    pub fn enable_issuer_mesh(&mut self, trust_domain: &str) {
+        let ca = self.ca_dir();
+        self.ca(&[
+            "init",
+            "--trust-domain",
+            trust_domain,
+            "--out",
+            &ca.display().to_string(),
+        ]);
+        self.ca(&[
+            "issue-intermediate",
+            "--ca",
+            &ca.display().to_string(),
+            "--instance",
+            "issuer",
+            "--out",
+            &self.issuer_ca_dir().display().to_string(),
+        ]);
+        let discovery = self.workdir.join("discovery.toml");
+        std::fs::write(&discovery, "").unwrap();
+        for i in 0..self.instances.len() {
+            let dir = self
+                .workdir
+                .join(format!("node-{}", self.instances[i].name));
+            std::fs::create_dir_all(&dir).unwrap();
+            std::fs::copy(ca.join("bundle.pem"), dir.join("bundle.pem")).unwrap();
+            self.instances[i].mesh = Some(InstanceMesh {
+                trust_domain: trust_domain.to_owned(),
+                issuer_dir: dir,
+                discovery: discovery.clone(),
+            });
+        }
+    }
+
+    /// The issuing CA directory of `ecsmesh issuer` (see `enable_issuer_mesh`).
+    pub fn issuer_ca_dir(&self) -> PathBuf {
+        self.workdir.join("issuer-ca")
+    }
+
     /// Meshed endpoints: (service, address, task family). Tunnel address = endpoint IP.
     pub fn write_discovery(&self, endpoints: &[(&str, SocketAddr, &str)]) {
         let with: Vec<_> = endpoints
