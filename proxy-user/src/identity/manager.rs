@@ -37,6 +37,8 @@ const RETRY_AFTER_FAILURE: Duration = Duration::from_secs(1);
 const MAX_SLEEP: Duration = Duration::from_secs(60);
 /// Longest wait between two refresh rounds that keep failing.
 const MAX_RETRY_BACKOFF: Duration = Duration::from_secs(30);
+/// Shortest wait between two failed refresh rounds.
+const MIN_RETRY_WAIT: Duration = Duration::from_millis(250);
 
 /// Where the node's identity material lives and how long its SVIDs last.
 #[derive(Clone, Debug)]
@@ -428,6 +430,10 @@ impl IdentityManager {
         }))
     }
 
+    fn earliest_expiry(&self) -> Option<SystemTime> {
+        self.read().by_id.values().map(|s| s.not_after).min()
+    }
+
     fn earliest_refresh(&self) -> Option<SystemTime> {
         let node = self.remote().and_then(|r| r.node_refresh_at());
         self.read()
@@ -479,11 +485,18 @@ impl IdentityManager {
             {
                 // Still due: the issuer (or the CA files) failed. Back off, doubling up
                 // to MAX_RETRY_BACKOFF, so an outage is retried without hammering.
+                // Never wait past a quarter of the time the soonest certificate has left,
+                // so the issuer's return is noticed well before anything expires.
                 let n = self
                     .failures
                     .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                let wait =
-                    (RETRY_AFTER_FAILURE * 2u32.saturating_pow(n.min(8))).min(MAX_RETRY_BACKOFF);
+                let left = self
+                    .earliest_expiry()
+                    .and_then(|at| at.duration_since(SystemTime::now()).ok())
+                    .map_or(MAX_RETRY_BACKOFF, |d| (d / 4).max(MIN_RETRY_WAIT));
+                let wait = (RETRY_AFTER_FAILURE * 2u32.saturating_pow(n.min(8)))
+                    .min(MAX_RETRY_BACKOFF)
+                    .min(left);
                 tokio::select! {
                     _ = shutdown.cancelled() => return,
                     _ = tokio::time::sleep(wait) => {}
