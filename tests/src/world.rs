@@ -682,7 +682,7 @@ pub struct World {
     pub cgroups: CgroupTree,
     pub fabric: Netns,
     pub workdir: PathBuf,
-    tools: Tools,
+    pub tools: Tools,
 }
 
 impl World {

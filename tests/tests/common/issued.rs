@@ -1,0 +1,379 @@
+//! A two-instance world in issuer mode: moto plays ECS (a cluster, both instances as
+//! container instances, tasks placed with StartTask), each instance has an IMDS fixture
+//! with its signed identity document and a fixture ECS agent serving the same task ARNs,
+//! and `ecsmesh issuer` runs in instance 1's netns. No node has a CA key.
+#![allow(dead_code)]
+
+use std::{
+    net::SocketAddr,
+    path::{Path, PathBuf},
+    time::{Duration, Instant},
+};
+
+use harness::{
+    ProxyOptions, World,
+    aws::{self, AgentTask, MOTO_PORT, Moto},
+    fixture::HttpFixture,
+    issuer::IssuerAddr,
+    process::{self, Placement, Proc},
+    world::{CLUSTER, ConnReport, client_args, run_client},
+};
+use serde_json::json;
+
+use crate::common::{mesh::TRUST_DOMAIN, tools};
+
+pub const ISSUER_PORT: u16 = 8443;
+pub const ISSUER_ADMIN: &str = "127.0.0.1:8444";
+pub const IMDS: &str = "127.0.0.1:1338";
+pub const TEMPLATE: &str = "spiffe://{trust_domain}/ecs/{cluster}/{family}/{task_role}";
+
+/// An ECS task placed by moto on a container instance.
+#[derive(Clone, Debug)]
+pub struct EcsTask {
+    pub arn: String,
+    pub id: String,
+    pub family: String,
+    pub container: String,
+    pub cgroup: PathBuf,
+}
+
+#[derive(Clone, Debug)]
+pub struct Lifetimes {
+    pub svid_secs: u64,
+    pub node_secs: u64,
+}
+
+pub struct Issued {
+    pub w: World,
+    pub moto: Moto,
+    pub issuer: Option<Proc>,
+    pub issuer_config: PathBuf,
+    pub state_file: PathBuf,
+    pub agents: Vec<HttpFixture>,
+    pub imds: Vec<HttpFixture>,
+    /// EC2 instance id and container instance ARN per instance.
+    pub ec2: Vec<String>,
+    pub ci: Vec<String>,
+    /// The identity document and signature each instance's IMDS serves.
+    pub documents: Vec<(String, String)>,
+    /// Runs on instance 0 and calls `orders`.
+    pub client: EcsTask,
+    /// Runs on instance 1 behind `ep`.
+    pub orders: EcsTask,
+    pub ep: SocketAddr,
+}
+
+pub fn role_arn(name: &str) -> String {
+    format!("arn:aws:iam::123456789012:role/{name}")
+}
+
+/// `spiffe://mesh.test/ecs/test/<family>/<role>`: what TEMPLATE renders.
+pub fn identity(family: &str, role: &str) -> String {
+    format!("spiffe://{TRUST_DOMAIN}/ecs/{CLUSTER}/{family}/{role}")
+}
+
+impl Issued {
+    /// `federated`: a bundle of another trust domain's anchors the issuer trusts too.
+    pub fn new(life: Lifetimes, federated: Option<PathBuf>) -> Issued {
+        let mut w = World::new(tools(), 2);
+        w.enable_issuer_mesh(TRUST_DOMAIN);
+        let moto = Moto::start(&w, 1);
+        moto.ecs("CreateCluster", json!({ "clusterName": CLUSTER }));
+        let mut ec2 = Vec::new();
+        let mut ci = Vec::new();
+        for _ in 0..2 {
+            let id = moto.run_instance();
+            ci.push(moto.register_container_instance(CLUSTER, &id));
+            ec2.push(id);
+        }
+        for (family, role) in [("orders", "orders-api"), ("client", "client-app")] {
+            moto.ecs(
+                "RegisterTaskDefinition",
+                json!({ "family": family, "taskRoleArn": role_arn(role),
+                        "containerDefinitions": [{ "name": "app", "image": "app:1", "memory": 128 }] }),
+            );
+        }
+        let client = start_task(&moto, &w, 0, "client", &ci[0]);
+        let orders = start_task(&moto, &w, 1, "orders", &ci[1]);
+
+        let mut documents = Vec::new();
+        let mut imds = Vec::new();
+        let mut agents = Vec::new();
+        for i in 0..2 {
+            let doc = aws::identity_document(&ec2[i]);
+            let sig = aws::sign_document(&doc);
+            imds.push(aws::imds(
+                &w.instances[i].netns,
+                IMDS.parse().unwrap(),
+                &doc,
+                &sig,
+            ));
+            documents.push((doc, sig));
+            let agent =
+                HttpFixture::tcp_in(&w.instances[i].netns, "127.0.0.1:51678".parse().unwrap());
+            agent.set(
+                "/v1/metadata",
+                200,
+                json!({ "Cluster": CLUSTER, "ContainerInstanceArn": ci[i], "Version": "Amazon ECS Agent - v1.89.2" })
+                    .to_string(),
+            );
+            let task = if i == 0 { &client } else { &orders };
+            agent.set("/v1/tasks", 200, agent_tasks(&[task]));
+            agents.push(agent);
+        }
+
+        let state_file = w.workdir.join("issuer-state.json");
+        let issuer_config = w.workdir.join("issuer.toml");
+        let mut bundle = w.ca_dir().join("bundle.pem");
+        if let Some(extra) = federated {
+            let mut text = std::fs::read_to_string(&bundle).unwrap();
+            text += &std::fs::read_to_string(extra).unwrap();
+            bundle = w.workdir.join("issuer-federated-bundle.pem");
+            std::fs::write(&bundle, text).unwrap();
+        }
+        std::fs::write(
+            &issuer_config,
+            format!(
+                "listen = \"0.0.0.0:{ISSUER_PORT}\"\nadmin_addr = \"{ISSUER_ADMIN}\"\n\
+                 trust_domain = \"{TRUST_DOMAIN}\"\ncluster = \"{CLUSTER}\"\ntemplate = \"{TEMPLATE}\"\n\
+                 svid_lifetime_secs = {}\nnode_cert_lifetime_secs = {}\nbundle = \"{}\"\nca_dir = \"{}\"\n\
+                 iid_certificates = [\"{}\"]\nstate_file = \"{}\"\n\
+                 aws_endpoint = \"http://127.0.0.1:{MOTO_PORT}\"\nregion = \"us-east-1\"\n",
+                life.svid_secs,
+                life.node_secs,
+                bundle.display(),
+                w.issuer_ca_dir().display(),
+                aws::iid_certificate().display(),
+                state_file.display(),
+            ),
+        )
+        .unwrap();
+
+        let ep = w.instances[1].addr(9000);
+        w.instances[1].echo_server(&[ep]);
+        let discovery = w.instances[1].mesh.as_ref().unwrap().discovery.clone();
+        std::fs::write(
+            &discovery,
+            format!(
+                "[[services]]\nname = \"orders\"\n[[services.endpoints]]\naddress = \"{ep}\"\nfamily = \"orders\"\n\
+                 task = \"{}\"\nidentity = \"{}\"\n",
+                orders.id,
+                identity("orders", "orders-api")
+            ),
+        )
+        .unwrap();
+        let mut this = Issued {
+            w,
+            moto,
+            issuer: None,
+            issuer_config,
+            state_file,
+            agents,
+            imds,
+            ec2,
+            ci,
+            documents,
+            client,
+            orders,
+            ep,
+        };
+        this.start_issuer();
+        for i in [1, 0] {
+            let opts = this.proxy_options(i);
+            this.w.instances[i].start_proxy(&opts);
+        }
+        this.wait_until(
+            "both tasks hold their identities",
+            Duration::from_secs(30),
+            |s| {
+                s.holds(0, &identity("client", "client-app"))
+                    && s.holds(1, &identity("orders", "orders-api"))
+            },
+        );
+        this
+    }
+
+    pub fn proxy_options(&self, i: usize) -> ProxyOptions {
+        ProxyOptions {
+            enrol: Some(vec![]),
+            issuer: Some((
+                format!("https://10.0.0.2:{ISSUER_PORT}"),
+                format!("http://{IMDS}"),
+            )),
+            identity_template: Some(TEMPLATE.into()),
+            extra_toml: format!(
+                "\n[ecs]\ncgroup_root = \"{}\"\nlayout = \"v2\"\npoll_interval_ms = 200\n",
+                self.w.instances[i].cgroup_root.display()
+            ),
+            ..Default::default()
+        }
+    }
+
+    /// Starts (or restarts) `ecsmesh issuer` in instance 1's netns and waits until it
+    /// accepts connections.
+    pub fn start_issuer(&mut self) {
+        let mut cmd = std::process::Command::new(&self.w.tools.ecsmesh);
+        cmd.arg("issuer")
+            .arg("run")
+            .arg("--config")
+            .arg(&self.issuer_config);
+        process::place(
+            &mut cmd,
+            &Placement {
+                netns: self.w.instances[1].netns.path(),
+                cgroup: self.w.cgroups.dir("inst1/issuer"),
+                cpu: None,
+            },
+        );
+        let log = self
+            .w
+            .workdir
+            .join(format!("issuer-{}.log", harness::uid()));
+        self.issuer = Some(process::spawn_logged(cmd, "ecsmesh issuer", &log));
+        let addr: SocketAddr = format!("10.0.0.2:{ISSUER_PORT}").parse().unwrap();
+        self.wait_until("the issuer listens", Duration::from_secs(20), move |s| {
+            s.w.instances[1].netns.run(move || {
+                std::net::TcpStream::connect_timeout(&addr, Duration::from_millis(200)).is_ok()
+            })
+        });
+    }
+
+    pub fn stop_issuer(&mut self) {
+        if let Some(mut p) = self.issuer.take() {
+            p.signal(nix::sys::signal::Signal::SIGKILL);
+            let _ = p.wait_timeout(Duration::from_secs(5));
+        }
+    }
+
+    /// The issuer as seen from instance `i`.
+    pub fn issuer_addr(&self, i: usize) -> IssuerAddr {
+        IssuerAddr {
+            netns: self.w.instances[i].netns.path(),
+            addr: format!("10.0.0.2:{ISSUER_PORT}").parse().unwrap(),
+        }
+    }
+
+    /// The issuer's Prometheus text.
+    pub fn issuer_metrics(&self) -> prometheus_parse::Scrape {
+        let (status, body) = self.w.instances[1]
+            .netns
+            .http_get(ISSUER_ADMIN.parse().unwrap(), "/metrics")
+            .expect("issuer /metrics");
+        assert_eq!(status, 200, "{body}");
+        harness::metrics::parse(&body)
+    }
+
+    /// Instance `i`'s node certificate and key (what its proxy keeps in its state dir).
+    pub fn node_cert(&self, i: usize) -> (PathBuf, PathBuf) {
+        let dir = self.state_dir(i).join("identity");
+        (dir.join("node.pem"), dir.join("node.key"))
+    }
+
+    pub fn state_dir(&self, i: usize) -> PathBuf {
+        self.w
+            .workdir
+            .join(format!("{}-state", self.w.instances[i].name))
+    }
+
+    /// Whether instance `i`'s proxy holds a certificate for `id` (`/identities`).
+    pub fn holds(&self, i: usize, id: &str) -> bool {
+        let inst = &self.w.instances[i];
+        let Ok((200, body)) = inst.netns.http_get(inst.admin, "/identities") else {
+            return false;
+        };
+        serde_json::from_str::<serde_json::Value>(&body)
+            .ok()
+            .and_then(|v| v.as_array().cloned())
+            .into_iter()
+            .flatten()
+            .any(|e| e["identity"] == id)
+    }
+
+    /// `repeat` connections from the client task (instance 0) to the orders endpoint.
+    pub fn call_orders(&self, repeat: usize) -> Vec<ConnReport> {
+        let mut cmd = std::process::Command::new(&self.w.tools.meshtool);
+        cmd.args(client_args(&[self.ep], repeat, 1000));
+        process::place(
+            &mut cmd,
+            &Placement {
+                netns: self.w.instances[0].netns.path(),
+                cgroup: self.client.cgroup.clone(),
+                cpu: None,
+            },
+        );
+        run_client(cmd)
+    }
+
+    pub fn wait_until(&self, what: &str, within: Duration, mut f: impl FnMut(&Self) -> bool) {
+        let deadline = Instant::now() + within;
+        while !f(self) {
+            assert!(Instant::now() < deadline, "timed out waiting for: {what}");
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+}
+
+impl Drop for Issued {
+    fn drop(&mut self) {
+        self.stop_issuer();
+    }
+}
+
+/// StartTask with `containerInstances` (moto's RunTask ignores placement), and the task's
+/// container cgroup where the agent's layout puts it.
+fn start_task(moto: &Moto, w: &World, inst: usize, family: &str, ci: &str) -> EcsTask {
+    let r = moto.ecs(
+        "StartTask",
+        json!({ "cluster": CLUSTER, "taskDefinition": family, "containerInstances": [ci] }),
+    );
+    let arn = r["tasks"][0]["taskArn"]
+        .as_str()
+        .unwrap_or_else(|| panic!("StartTask: {r}"))
+        .to_owned();
+    let id = arn.rsplit('/').next().unwrap().to_owned();
+    let hex: String = id.chars().filter(|c| c.is_ascii_hexdigit()).collect();
+    let container = format!("{hex}{hex}").chars().take(64).collect::<String>();
+    let cgroup = w.cgroups.dir(&format!(
+        "{}/ecstasks.slice/ecstasks-{id}.slice/docker-{container}.scope",
+        w.instances[inst].name
+    ));
+    EcsTask {
+        arn,
+        id,
+        family: family.to_owned(),
+        container,
+        cgroup,
+    }
+}
+
+pub fn agent_tasks(tasks: &[&EcsTask]) -> String {
+    let list: Vec<AgentTask> = tasks
+        .iter()
+        .map(|t| AgentTask {
+            arn: t.arn.clone(),
+            family: &t.family,
+            desired: "RUNNING",
+            known: "RUNNING",
+            container: &t.container,
+            awsvpc: false,
+        })
+        .collect();
+    aws::agent_tasks(&list)
+}
+
+/// Every file below `dir`, recursively.
+pub fn files_below(dir: &Path) -> Vec<PathBuf> {
+    let mut out = Vec::new();
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return out;
+    };
+    for e in entries.flatten() {
+        let p = e.path();
+        if p.is_dir() {
+            out.extend(files_below(&p));
+        } else {
+            out.push(p);
+        }
+    }
+    out
+}

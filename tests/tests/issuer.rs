@@ -1,0 +1,444 @@
+//! Issuer mode end to end: `ecsmesh issuer` holds the only CA key, nodes attest with their
+//! signed instance identity documents, and every SVID is named from what ECS (moto) says
+//! about the task — checked against the requesting node's container instance.
+mod common;
+#[path = "common/issued.rs"]
+mod issued;
+
+use std::{path::PathBuf, time::Duration};
+
+use common::{
+    mesh::{TRUST_DOMAIN, sni_for},
+    *,
+};
+use harness::{
+    NetworkMode::Host,
+    aws,
+    issuer::{CsrSpec, IssuerAddr, csr},
+    metrics::counter,
+    process,
+};
+use issued::{Issued, Lifetimes, files_below, identity};
+use serde_json::json;
+
+const LONG: Lifetimes = Lifetimes {
+    svid_secs: 3600,
+    node_secs: 3600,
+};
+
+fn calls(m: &prometheus_parse::Scrape, call: &str, result: &str) -> f64 {
+    counter(
+        m,
+        "ecsmesh_issuer_calls_total",
+        &[("call", call), ("result", result)],
+    )
+}
+
+#[test]
+fn each_node_attests_and_gets_identities_for_its_own_tasks_only() {
+    let s = Issued::new(LONG, None);
+    // The mesh works end to end on issuer-issued identities.
+    let a = &s.w.instances[0];
+    assert_redirected(&s.call_orders(3), a.outbound_v4(Host));
+    let hs = counter(
+        &a.metrics(),
+        "ecsmesh_tls_handshakes_total",
+        &[
+            ("role", "client"),
+            ("source_identity", &identity("client", "client-app")),
+            ("destination_identity", &identity("orders", "orders-api")),
+        ],
+    );
+    assert!(hs >= 1.0, "a handshake between the role-named identities");
+    // `{task_role}` is the role name from each task definition, and each node holds only
+    // its own task's identity.
+    assert!(!s.holds(0, &identity("orders", "orders-api")));
+    assert!(!s.holds(1, &identity("client", "client-app")));
+    for i in 0..2 {
+        let m = s.w.instances[i].metrics();
+        assert_eq!(
+            calls(&m, "attest", "issued"),
+            1.0,
+            "instance {i} attested once"
+        );
+        assert_eq!(calls(&m, "svid", "issued"), 1.0, "instance {i}: one SVID");
+    }
+
+    // No CA key on any node: the config names no issuer directory, and the only private
+    // key a node keeps is its node certificate's, which is not a CA and names the node's
+    // own EC2 instance.
+    for i in 0..2 {
+        let inst = &s.w.instances[i];
+        let config = std::fs::read_to_string(&inst.proxy.as_ref().unwrap().config).unwrap();
+        assert!(!config.contains("issuer_dir"), "{config}");
+        let mesh_dir = inst.mesh.as_ref().unwrap().issuer_dir.clone();
+        let mut keys: Vec<PathBuf> = [mesh_dir, s.state_dir(i)]
+            .iter()
+            .flat_map(|d| files_below(d))
+            .filter(|f| std::fs::read_to_string(f).is_ok_and(|t| t.contains("PRIVATE KEY")))
+            .collect();
+        keys.sort();
+        let (node_pem, node_key) = s.node_cert(i);
+        assert_eq!(keys, vec![node_key], "instance {i}'s private keys");
+        let pem = std::fs::read(&node_pem).unwrap();
+        let (_, leaf) = x509_parser::pem::parse_x509_pem(&pem).unwrap();
+        let cert = leaf.parse_x509().unwrap();
+        assert!(!cert.is_ca(), "the node certificate is not a CA");
+        let san = cert.subject_alternative_name().unwrap().unwrap();
+        let uris: Vec<String> = san
+            .value
+            .general_names
+            .iter()
+            .map(|g| g.to_string())
+            .collect();
+        assert_eq!(
+            uris,
+            vec![format!(
+                "URI:spiffe://{TRUST_DOMAIN}/ecsmesh/node/{}",
+                s.ec2[i]
+            )]
+        );
+    }
+}
+
+#[test]
+fn the_issuer_refuses_what_ecs_and_the_attestation_do_not_back() {
+    // The issuer also trusts a partner trust domain's anchor (federation), so a node
+    // certificate from there chains and is refused for its trust domain alone.
+    let partner = PartnerCa::new();
+    let s = Issued::new(LONG, Some(partner.bundle()));
+    let node_a = s.node_cert(0);
+    let a = s.issuer_addr(0);
+    let post = |path: &str, body: serde_json::Value, cert: Option<&(PathBuf, PathBuf)>| {
+        let (status, text) = a.post(
+            path,
+            body.to_string().as_bytes(),
+            cert.map(|(c, k)| (c.as_path(), k.as_path())),
+        );
+        (status, IssuerAddr::reason(&text))
+    };
+    let fresh = || csr(CsrSpec::default()).0;
+
+    // The control: node A may renew its node certificate and get its own task's SVID.
+    assert_eq!(
+        post("/v1/node", json!({ "csr": fresh() }), Some(&node_a)).0,
+        200
+    );
+    let own = json!({ "task_arn": s.client.arn, "csr": fresh() });
+    assert_eq!(post("/v1/svid", own, Some(&node_a)).0, 200);
+
+    // A task that runs on B, asked for by A.
+    let on_b = json!({ "task_arn": s.orders.arn, "csr": fresh() });
+    assert_eq!(
+        post("/v1/svid", on_b, Some(&node_a)),
+        (403, "not_on_instance".into())
+    );
+    // A stopped task on A's own instance.
+    let stopped = s.moto.ecs(
+        "StartTask",
+        json!({ "cluster": "test", "taskDefinition": "client", "containerInstances": [s.ci[0]] }),
+    )["tasks"][0]["taskArn"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    s.moto
+        .ecs("StopTask", json!({ "cluster": "test", "task": stopped }));
+    let body = json!({ "task_arn": stopped, "csr": fresh() });
+    assert_eq!(
+        post("/v1/svid", body, Some(&node_a)),
+        (403, "task_not_running".into())
+    );
+
+    // Attestations: an EC2 instance that is not a container instance of the cluster
+    // (correctly signed), a forged document, a replay of A's own.
+    let outsider = s.moto.run_instance();
+    let doc = aws::identity_document(&outsider);
+    let body = json!({ "document": doc, "signature": aws::sign_document(&doc), "csr": fresh() });
+    assert_eq!(
+        post("/v1/attest", body, None),
+        (403, "not_in_cluster".into())
+    );
+    let (doc_a, sig_a) = &s.documents[0];
+    let forged = doc_a.replace(&s.ec2[0], &s.ec2[1]);
+    let body = json!({ "document": forged, "signature": sig_a, "csr": fresh() });
+    assert_eq!(
+        post("/v1/attest", body, None),
+        (403, "forged_attestation".into())
+    );
+    let body = json!({ "document": doc_a, "signature": sig_a, "csr": fresh() });
+    assert_eq!(
+        post("/v1/attest", body, None),
+        (403, "replayed_attestation".into())
+    );
+
+    // Client certificates that are not a node certificate of ours.
+    let foreign = partner.node_cert(&s.w, &s.ec2[0]);
+    let body = json!({ "task_arn": s.client.arn, "csr": fresh() });
+    assert_eq!(
+        post("/v1/svid", body.clone(), Some(&foreign)),
+        (403, "foreign_trust_domain".into())
+    );
+    let workload = issue(
+        &s.w,
+        "workload",
+        &[
+            "--issuer",
+            &s.w.issuer_ca_dir().display().to_string(),
+            "--uri",
+            &identity("client", "client-app"),
+        ],
+    );
+    assert_eq!(
+        post("/v1/svid", body.clone(), Some(&workload)),
+        (403, "not_a_node_certificate".into())
+    );
+    assert_eq!(
+        post("/v1/svid", body, None),
+        (401, "no_node_certificate".into())
+    );
+
+    // Bad input: a malformed CSR, a CSR asking for a SAN or a CA certificate, a huge body,
+    // a client that connects and sends nothing.
+    let bad = |csr: String| post("/v1/node", json!({ "csr": csr }), Some(&node_a));
+    assert_eq!(
+        bad(
+            "-----BEGIN CERTIFICATE REQUEST-----\nAAAA\n-----END CERTIFICATE REQUEST-----\n".into()
+        )
+        .1,
+        "malformed_csr"
+    );
+    let uri = identity("orders", "orders-api");
+    let with_san = csr(CsrSpec {
+        san_uri: Some(&uri),
+        ca: false,
+    })
+    .0;
+    assert_eq!(bad(with_san), (400, "csr_extra_sans".into()));
+    assert_eq!(
+        bad(csr(CsrSpec {
+            san_uri: None,
+            ca: true
+        })
+        .0),
+        (400, "csr_ca".into())
+    );
+    let huge = vec![b'x'; 4 << 20];
+    let (status, text) = a.post("/v1/node", &huge, None);
+    assert_eq!(
+        (status, IssuerAddr::reason(&text)),
+        (413, "body_too_large".into())
+    );
+    let silent = s.w.instances[0].netns.run(|| {
+        std::net::TcpStream::connect_timeout(
+            &format!("10.0.0.2:{}", issued::ISSUER_PORT).parse().unwrap(),
+            Duration::from_secs(2),
+        )
+        .unwrap()
+    });
+    assert_eq!(
+        post("/v1/node", json!({ "csr": fresh() }), Some(&node_a)).0,
+        200,
+        "the issuer still serves"
+    );
+    drop(silent);
+
+    // Each refusal was counted under its reason.
+    let m = s.issuer_metrics();
+    for (endpoint, reason) in [
+        ("svid", "not_on_instance"),
+        ("svid", "task_not_running"),
+        ("attest", "not_in_cluster"),
+        ("attest", "forged_attestation"),
+        ("attest", "replayed_attestation"),
+        ("svid", "foreign_trust_domain"),
+        ("svid", "not_a_node_certificate"),
+        ("node", "csr_extra_sans"),
+        ("node", "csr_ca"),
+    ] {
+        let n = counter(
+            &m,
+            "ecsmesh_issuer_requests_total",
+            &[("endpoint", endpoint), ("result", reason)],
+        );
+        assert_eq!(n, 1.0, "{endpoint} {reason}");
+    }
+
+    // A node certificate is not a workload identity: B's tunnel port refuses it.
+    let b = &s.w.instances[1];
+    let args: Vec<String> = vec![
+        "tunnel".into(),
+        "--connect".into(),
+        format!("{}:15008", b.ipv4),
+        "--sni".into(),
+        sni_for(&identity("orders", "orders-api")),
+        "--target".into(),
+        s.ep.to_string(),
+        "--payload-bytes".into(),
+        "100".into(),
+        "--cert".into(),
+        node_a.0.display().to_string(),
+        "--key".into(),
+        node_a.1.display().to_string(),
+    ];
+    let out = process::run(s.w.instances[0].unenrolled(&args));
+    let probe: serde_json::Value = serde_json::from_slice(&out.stdout).expect("tunnel json");
+    assert_ne!(probe["echo_ok"], true, "{probe}");
+    let n = counter(
+        &b.metrics(),
+        "ecsmesh_tunnel_rejected_total",
+        &[("side", "server"), ("reason", "mesh_identity")],
+    );
+    assert_eq!(n, 1.0, "{probe}");
+    // And the mesh still works.
+    assert_redirected(&s.call_orders(1), s.w.instances[0].outbound_v4(Host));
+}
+
+#[test]
+fn an_issuer_outage_shorter_than_the_svid_lifetime_is_invisible() {
+    let mut s = Issued::new(
+        Lifetimes {
+            svid_secs: 10,
+            node_secs: 3600,
+        },
+        None,
+    );
+    let via = s.w.instances[0].outbound_v4(Host);
+    assert_redirected(&s.call_orders(1), via);
+    // Stop the issuer right after a renewal, for longer than one refresh interval (5 s)
+    // but shorter than the SVIDs' remaining life.
+    let before = calls(&s.w.instances[0].metrics(), "svid", "issued");
+    s.wait_until("a renewal", Duration::from_secs(15), |s| {
+        calls(&s.w.instances[0].metrics(), "svid", "issued") > before
+    });
+    s.stop_issuer();
+    let down = std::time::Instant::now();
+    while down.elapsed() < Duration::from_secs(7) {
+        assert_redirected(&s.call_orders(1), via);
+        std::thread::sleep(Duration::from_millis(300));
+    }
+    let m = s.w.instances[0].metrics();
+    assert!(
+        calls(&m, "svid", "unreachable") >= 1.0,
+        "the gap shows in metrics"
+    );
+    let issued = calls(&m, "svid", "issued");
+    s.start_issuer();
+    s.wait_until("renewals resume", Duration::from_secs(10), |s| {
+        calls(&s.w.instances[0].metrics(), "svid", "issued") > issued
+            && calls(&s.w.instances[1].metrics(), "svid", "issued") > 1.0
+    });
+    assert_redirected(&s.call_orders(2), via);
+}
+
+#[test]
+fn a_denied_instance_is_cut_off_when_its_certificate_lapses() {
+    let s = Issued::new(
+        Lifetimes {
+            svid_secs: 6,
+            node_secs: 3600,
+        },
+        None,
+    );
+    let via = s.w.instances[0].outbound_v4(Host);
+    assert_redirected(&s.call_orders(1), via);
+    let out = std::process::Command::new(&s.w.tools.ecsmesh)
+        .args(["issuer", "deny-instance", "--state"])
+        .arg(&s.state_file)
+        .arg(&s.ec2[0])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    s.wait_until("A's renewal is refused", Duration::from_secs(10), |s| {
+        calls(&s.w.instances[0].metrics(), "svid", "denied_instance") >= 1.0
+    });
+    // Within one SVID lifetime, B refuses A: its certificate lapsed, and the tunnel
+    // made with it ended.
+    s.wait_until("B refuses A", Duration::from_secs(10), |s| {
+        s.call_orders(1).iter().all(|r| !r.ok)
+    });
+    // B is unaffected: its renewals keep succeeding.
+    let b_issued = calls(&s.w.instances[1].metrics(), "svid", "issued");
+    s.wait_until("B renews", Duration::from_secs(8), |s| {
+        calls(&s.w.instances[1].metrics(), "svid", "issued") > b_issued
+    });
+    assert_eq!(
+        calls(&s.w.instances[1].metrics(), "svid", "denied_instance"),
+        0.0
+    );
+}
+
+/// Another trust domain's CA, with its own issuing CA.
+struct PartnerCa {
+    dir: tempdir::Dir,
+}
+
+mod tempdir {
+    pub struct Dir(pub std::path::PathBuf);
+    impl Drop for Dir {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_dir_all(&self.0);
+        }
+    }
+}
+
+impl PartnerCa {
+    fn new() -> Self {
+        let dir = std::env::temp_dir().join(format!("ecsmesh-partner-{}", harness::uid()));
+        let ca = dir.join("ca");
+        let run = |args: &[&str]| {
+            let out = std::process::Command::new(tools().ecsmesh)
+                .arg("ca")
+                .args(args)
+                .output()
+                .unwrap();
+            assert!(
+                out.status.success(),
+                "{}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        };
+        let ca_s = ca.display().to_string();
+        run(&["init", "--trust-domain", "partner.test", "--out", &ca_s]);
+        let issuer = dir.join("issuer").display().to_string();
+        run(&[
+            "issue-intermediate",
+            "--ca",
+            &ca_s,
+            "--instance",
+            "p",
+            "--out",
+            &issuer,
+        ]);
+        PartnerCa {
+            dir: tempdir::Dir(dir),
+        }
+    }
+
+    /// The partner's anchors.
+    fn bundle(&self) -> PathBuf {
+        self.dir.0.join("ca/bundle.pem")
+    }
+
+    /// A node certificate of the partner's trust domain naming our instance `ec2`.
+    fn node_cert(&self, w: &harness::World, ec2: &str) -> (PathBuf, PathBuf) {
+        let ca = self.dir.0.join("ca").display().to_string();
+        let issuer = self.dir.0.join("issuer").display().to_string();
+        let uri = format!("spiffe://partner.test/ecsmesh/node/{ec2}");
+        common::mesh::issue(
+            w,
+            "partner-node",
+            &["--ca", &ca, "--issuer", &issuer, "--uri", &uri],
+        )
+    }
+}
+
+fn issue(w: &harness::World, name: &str, args: &[&str]) -> (PathBuf, PathBuf) {
+    let ca = w.ca_dir().display().to_string();
+    let mut full = vec!["--ca", ca.as_str()];
+    full.extend_from_slice(args);
+    common::mesh::issue(w, name, &full)
+}
