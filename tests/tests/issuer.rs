@@ -371,6 +371,100 @@ fn a_denied_instance_is_cut_off_when_its_certificate_lapses() {
     );
 }
 
+/// The two-phase anchor rotation with the issuer holding the issuing CA, under load:
+/// stage (every bundle trusts old + new), activate (the issuer's CA is re-issued under the
+/// new anchor; nodes' certificates turn over at half life), retire (checked against each
+/// node's `/trust`). No request fails.
+#[test]
+fn anchor_rotation_through_the_issuer_under_load_fails_no_request() {
+    let s = Issued::new(
+        Lifetimes {
+            svid_secs: 6,
+            node_secs: 6,
+        },
+        None,
+    );
+    let ca = s.w.ca_dir().display().to_string();
+    let distribute = || {
+        // Out of band, as an operator's config management would.
+        for i in 0..2 {
+            let dir = s.w.instances[i].mesh.as_ref().unwrap().issuer_dir.clone();
+            std::fs::copy(s.w.ca_dir().join("bundle.pem"), dir.join("bundle.pem")).unwrap();
+        }
+    };
+    let anchors = |i: usize| -> Vec<String> {
+        s.w.instances[i].trust()["anchors"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|a| a.as_str().unwrap().to_owned())
+            .collect()
+    };
+    let step = |step: &str| {
+        let (a, b) = (s.w.instances[0].admin_url(), s.w.instances[1].admin_url());
+        let out =
+            s.w.ca_on(0, &[step, "--ca", &ca, "--node", &a, "--node", &b]);
+        let text = format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert!(out.status.success(), "ca {step}: {text}");
+    };
+    let first = anchors(0);
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let load = {
+        let (call, stop) = (s.orders_caller(), stop.clone());
+        std::thread::spawn(move || {
+            let (mut ok, mut failed) = (0, Vec::new());
+            let deadline = std::time::Instant::now() + Duration::from_secs(90);
+            while !stop.load(std::sync::atomic::Ordering::Relaxed)
+                && std::time::Instant::now() < deadline
+            {
+                for r in call(5) {
+                    if r.ok { ok += 1 } else { failed.push(r) }
+                }
+            }
+            (ok, failed)
+        })
+    };
+
+    s.w.ca(&["rotate", "--ca", &ca]);
+    distribute();
+    s.wait_until(
+        "both nodes trust both anchors",
+        Duration::from_secs(15),
+        |_| anchors(0).len() == 2 && anchors(1).len() == 2,
+    );
+    let new = anchors(0)[1].clone();
+    step("activate");
+    s.wait_until(
+        "everything both nodes hold chains to the new anchor",
+        Duration::from_secs(30),
+        |s| (0..2).all(|i| s.w.instances[i].trust()["issuer"]["anchor"] == new.as_str()),
+    );
+    step("retire");
+    distribute();
+    s.wait_until(
+        "both nodes trust only the new anchor",
+        Duration::from_secs(15),
+        |_| anchors(0) == [new.clone()] && anchors(1) == [new.clone()],
+    );
+    // Past one more SVID lifetime: tunnels made before are gone, new ones verify.
+    std::thread::sleep(Duration::from_secs(7));
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let (ok, failed) = load.join().unwrap();
+    assert!(
+        failed.is_empty(),
+        "{} failed of {}: {:?}",
+        failed.len(),
+        ok + failed.len(),
+        &failed[..failed.len().min(3)]
+    );
+    assert!(ok >= 50, "load ran: {ok} requests");
+    assert_ne!(first[0], new);
+}
+
 /// Another trust domain's CA, with its own issuing CA.
 struct PartnerCa {
     dir: tempdir::Dir,

@@ -18,7 +18,7 @@ use rustls::{
     server::{ClientHello, ResolvesServerCert},
     sign::CertifiedKey,
 };
-use rustls_pki_types::UnixTime;
+use rustls_pki_types::{CertificateDer, UnixTime};
 use tokio_util::sync::CancellationToken;
 
 use super::{
@@ -118,10 +118,8 @@ impl IdentityManager {
             SvidSource::Issuer(remote) => {
                 let bundle = Arc::new(ArcSwap::from_pointee(TrustBundle::load(&cfg.bundle)?));
                 let r = Arc::new(RemoteIssuer::new(remote.clone(), bundle.clone()));
-                let status = TrustStatus::of_remote(
-                    &bundle.load(),
-                    r.issuing_chain().as_deref().map(Vec::as_slice),
-                );
+                let chain = r.node_chain().map(|(_, c)| c);
+                let status = TrustStatus::of_remote(&bundle.load(), chain.as_deref());
                 (
                     bundle,
                     Source::Remote(r),
@@ -206,13 +204,25 @@ impl IdentityManager {
         }
     }
 
-    /// After an issuance in issuer mode: the trust status follows the issuing CA the
-    /// issuer signs with now.
+    /// Issuer mode: the chain of the oldest certificate held (SVIDs and the node
+    /// certificate). `/trust` reports its issuing CA, so an anchor is retired only once
+    /// everything the node holds was re-issued under the new one.
+    fn oldest_chain(&self, remote: &RemoteIssuer) -> Option<Vec<CertificateDer<'static>>> {
+        let table = self.read();
+        table
+            .by_id
+            .values()
+            .map(|s| (s.not_before, s.chain.clone()))
+            .chain(remote.node_chain())
+            .min_by_key(|(at, _)| *at)
+            .map(|(_, chain)| chain)
+    }
+
+    /// After an issuance in issuer mode: the trust status follows the issuing CA of the
+    /// oldest certificate held.
     fn remote_issued(&self, remote: &RemoteIssuer) {
-        let status = TrustStatus::of_remote(
-            &self.bundle.load(),
-            remote.issuing_chain().as_deref().map(Vec::as_slice),
-        );
+        let status =
+            TrustStatus::of_remote(&self.bundle.load(), self.oldest_chain(remote).as_deref());
         if status != **self.status.load() {
             self.publish(status, "issuer mode: issuing CA seen");
         }
@@ -372,10 +382,7 @@ impl IdentityManager {
             (Source::Remote(remote), _) => {
                 // Issuer mode: only the bundle is ours to reload.
                 let bundle = TrustBundle::load(&self.cfg.bundle)?;
-                let status = TrustStatus::of_remote(
-                    &bundle,
-                    remote.issuing_chain().as_deref().map(Vec::as_slice),
-                );
+                let status = TrustStatus::of_remote(&bundle, self.oldest_chain(remote).as_deref());
                 self.bundle.store(Arc::new(bundle));
                 self.publish(status, "trust bundle reloaded");
                 return Ok(());

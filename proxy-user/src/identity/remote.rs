@@ -144,7 +144,6 @@ pub struct RemoteIssuer {
     cfg: RemoteConfig,
     bundle: Arc<arc_swap::ArcSwap<TrustBundle>>,
     node: ArcSwapOption<NodeCert>,
-    latest: ArcSwapOption<Vec<CertificateDer<'static>>>,
     /// Serialises attestation and node renewal (one at a time, never two attestations).
     node_lock: tokio::sync::Mutex<()>,
     observer: std::sync::Mutex<Option<CallObserver>>,
@@ -165,14 +164,12 @@ impl RemoteIssuer {
             cfg,
             bundle,
             node: ArcSwapOption::empty(),
-            latest: ArcSwapOption::empty(),
             node_lock: tokio::sync::Mutex::new(()),
             observer: std::sync::Mutex::new(None),
         };
         match this.load_saved() {
             Ok(Some(node)) => {
                 tracing::info!(dir = %this.dir().display(), "saved node certificate loaded; renewing over mTLS instead of attesting again");
-                this.latest.store(Some(Arc::new(node.chain.clone())));
                 this.node.store(Some(Arc::new(node)));
             }
             Ok(None) => {}
@@ -200,10 +197,12 @@ impl RemoteIssuer {
         self.node.load().as_ref().map(|n| n.refresh_at())
     }
 
-    /// The chain of the newest certificate the issuer sent (its CA is the one the issuer
-    /// signs with now).
-    pub fn issuing_chain(&self) -> Option<Arc<Vec<CertificateDer<'static>>>> {
-        self.latest.load_full()
+    /// The node certificate's chain and when it was issued.
+    pub fn node_chain(&self) -> Option<(SystemTime, Vec<CertificateDer<'static>>)> {
+        self.node
+            .load()
+            .as_ref()
+            .map(|n| (n.not_before, n.chain.clone()))
     }
 
     /// An SVID for the task `task_arn`, named by the issuer from what ECS says.
@@ -351,7 +350,6 @@ impl RemoteIssuer {
             ));
         }
         let svid = Svid::from_chain(id, chain, &key)?;
-        self.latest.store(Some(Arc::new(svid.chain.clone())));
         Ok((svid, issued.chain.clone()))
     }
 

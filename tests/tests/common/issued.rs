@@ -201,6 +201,8 @@ impl Issued {
                 format!("http://{IMDS}"),
             )),
             identity_template: Some(TEMPLATE.into()),
+            // `ecsmesh ca activate/retire --node` reads /trust from instance 0.
+            admin_on_fabric: true,
             extra_toml: format!(
                 "\n[ecs]\ncgroup_root = \"{}\"\nlayout = \"v2\"\npoll_interval_ms = 200\n",
                 self.w.instances[i].cgroup_root.display()
@@ -291,17 +293,24 @@ impl Issued {
 
     /// `repeat` connections from the client task (instance 0) to the orders endpoint.
     pub fn call_orders(&self, repeat: usize) -> Vec<ConnReport> {
-        let mut cmd = std::process::Command::new(&self.w.tools.meshtool);
-        cmd.args(client_args(&[self.ep], repeat, 1000));
-        process::place(
-            &mut cmd,
-            &Placement {
-                netns: self.w.instances[0].netns.path(),
-                cgroup: self.client.cgroup.clone(),
-                cpu: None,
-            },
-        );
-        run_client(cmd)
+        self.orders_caller()(repeat)
+    }
+
+    /// [`Self::call_orders`] as a function another thread can run (background load).
+    pub fn orders_caller(&self) -> impl Fn(usize) -> Vec<ConnReport> + Send + 'static {
+        let meshtool = self.w.tools.meshtool.clone();
+        let at = Placement {
+            netns: self.w.instances[0].netns.path(),
+            cgroup: self.client.cgroup.clone(),
+            cpu: None,
+        };
+        let ep = self.ep;
+        move |repeat| {
+            let mut cmd = std::process::Command::new(&meshtool);
+            cmd.args(client_args(&[ep], repeat, 1000));
+            process::place(&mut cmd, &at);
+            run_client(cmd)
+        }
     }
 
     pub fn wait_until(&self, what: &str, within: Duration, mut f: impl FnMut(&Self) -> bool) {
