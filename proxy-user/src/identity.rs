@@ -220,10 +220,12 @@ mod certgen {
             })
         }
 
+        /// Signs `params` for `key`: a key pair made here, or only the public key of one
+        /// made elsewhere (a CSR's).
         pub(crate) fn sign(
             &self,
             params: rcgen::CertificateParams,
-            key: &KeyPair,
+            key: &impl rcgen::PublicKeyData,
         ) -> Result<rcgen::Certificate, IdentityError> {
             Ok(params.signed_by(key, &self.rcgen, &self.key)?)
         }

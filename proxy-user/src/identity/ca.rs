@@ -533,21 +533,32 @@ impl Issuer {
         let pem_path = dir.join(ISSUER_CERT_FILE);
         let key_path = dir.join(ISSUER_KEY_FILE);
         let cert_pem = read_string(&pem_path)?;
-        let cert = first_cert(&cert_pem, &pem_path.display().to_string())?;
         let key = KeyPair::from_pem(&read_string(&key_path)?)
             .map_err(|e| IdentityError::invalid(key_path.display(), e))?;
-        let info =
-            CertInfo::parse(&cert).map_err(|r| IdentityError::invalid(pem_path.display(), r))?;
+        Self::from_parts(cert_pem, key, &pem_path)
+    }
+
+    /// An issuer from its certificate and key as PEM text (a secret store's copy of
+    /// `issuer.pem` and `issuer.key`); `what` names the source in errors.
+    pub fn from_pem(cert_pem: &str, key_pem: &str, what: &Path) -> Result<Issuer, IdentityError> {
+        let key = KeyPair::from_pem(key_pem)
+            .map_err(|e| IdentityError::invalid(format!("{} (key)", what.display()), e))?;
+        Self::from_parts(cert_pem.to_owned(), key, what)
+    }
+
+    fn from_parts(cert_pem: String, key: KeyPair, what: &Path) -> Result<Issuer, IdentityError> {
+        let cert = first_cert(&cert_pem, &what.display().to_string())?;
+        let info = CertInfo::parse(&cert).map_err(|r| IdentityError::invalid(what.display(), r))?;
         let id = match info.uris.as_slice() {
             [uri] => SpiffeId::parse(uri)?,
             _ => {
                 return Err(IdentityError::invalid(
-                    pem_path.display(),
+                    what.display(),
                     "an issuer carries exactly one spiffe:// URI SAN",
                 ));
             }
         };
-        let signer = Signer::from_parts(cert.clone(), key, &pem_path)?;
+        let signer = Signer::from_parts(cert.clone(), key, what)?;
         Ok(Issuer {
             id,
             cert,
@@ -582,21 +593,8 @@ impl Issuer {
     /// never beyond the issuer itself: a leaf outliving its issuer would fail anyway.
     /// Only identities of the issuer's own trust domain are issued.
     pub fn issue_svid(&self, id: &SpiffeId, lifetime: Duration) -> Result<Svid, IdentityError> {
-        if lifetime < Duration::from_secs(1) {
-            return Err(IdentityError::LifetimeTooShort);
-        }
-        if id.trust_domain() != self.id.trust_domain() {
-            return Err(IdentityError::ForeignTrustDomain {
-                id: id.clone(),
-                expected: self.id.trust_domain().clone(),
-            });
-        }
         let key = KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256)?;
-        let not_before = now_secs();
-        let cap = time::OffsetDateTime::from(self.not_after);
-        let not_after = (not_before + to_time(Duration::from_secs(lifetime.as_secs()))?).min(cap);
-        let params = leaf_params(&[id.to_string()], not_before, not_after)?;
-        let leaf = self.signer.sign(params, &key)?;
+        let leaf = self.make_leaf(id, &key, lifetime)?;
         let info =
             CertInfo::parse(leaf.der()).map_err(|r| IdentityError::invalid("new SVID", r))?;
         let chain = vec![leaf.der().clone(), self.cert.clone()];
@@ -614,6 +612,41 @@ impl Issuer {
             serial: info.serial,
             certified: std::sync::Arc::new(certified),
         })
+    }
+
+    /// Like [`Issuer::issue_svid`], for a key made elsewhere (the public key of a CSR):
+    /// returns the chain, leaf then issuer. The same leaf as `issue_svid` makes.
+    pub fn issue_for_key(
+        &self,
+        id: &SpiffeId,
+        public_key: &impl rcgen::PublicKeyData,
+        lifetime: Duration,
+    ) -> Result<Vec<CertificateDer<'static>>, IdentityError> {
+        let leaf = self.make_leaf(id, public_key, lifetime)?;
+        Ok(vec![leaf.der().clone(), self.cert.clone()])
+    }
+
+    /// The one leaf-making path: checks, validity (capped at the issuer's), params, sign.
+    fn make_leaf(
+        &self,
+        id: &SpiffeId,
+        public_key: &impl rcgen::PublicKeyData,
+        lifetime: Duration,
+    ) -> Result<rcgen::Certificate, IdentityError> {
+        if lifetime < Duration::from_secs(1) {
+            return Err(IdentityError::LifetimeTooShort);
+        }
+        if id.trust_domain() != self.id.trust_domain() {
+            return Err(IdentityError::ForeignTrustDomain {
+                id: id.clone(),
+                expected: self.id.trust_domain().clone(),
+            });
+        }
+        let not_before = now_secs();
+        let cap = time::OffsetDateTime::from(self.not_after);
+        let not_after = (not_before + to_time(Duration::from_secs(lifetime.as_secs()))?).min(cap);
+        let params = leaf_params(&[id.to_string()], not_before, not_after)?;
+        self.signer.sign(params, public_key)
     }
 }
 
