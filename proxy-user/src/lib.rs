@@ -14,6 +14,7 @@ pub mod discovery;
 pub mod ebpf;
 pub mod ecs;
 pub mod identity;
+pub mod issuer;
 pub(crate) mod l7;
 pub mod logging;
 pub mod metrics;

@@ -43,6 +43,11 @@ enum Command {
         #[command(subcommand)]
         cmd: ecsmesh::ca_cli::CaCommand,
     },
+    /// The central identity issuer: attests nodes, issues node certificates and task SVIDs.
+    Issuer {
+        #[command(subcommand)]
+        cmd: ecsmesh::issuer::IssuerCommand,
+    },
     /// Remove every program, link, pin and map of one instance.
     Uninstall {
         #[arg(long, default_value = DEFAULT_PIN_DIR)]
@@ -90,6 +95,7 @@ fn dispatch(command: Command) -> anyhow::Result<()> {
             println!("{}", serde_json::to_string_pretty(&config)?);
         }
         Command::Ca { cmd } => ecsmesh::ca_cli::run(cmd)?,
+        Command::Issuer { cmd } => ecsmesh::issuer::cli::run(cmd)?,
         Command::Uninstall { pin_dir } => {
             ecsmesh::ebpf::uninstall(&pin_dir)?;
             tracing::info!(pin_dir = %pin_dir.display(), "uninstalled");
