@@ -35,6 +35,8 @@ pub mod server;
 pub mod service;
 pub mod state;
 
+#[cfg(test)]
+mod tests;
 
 pub use cli::IssuerCommand;
 pub use config::IssuerConfig;
