@@ -198,6 +198,12 @@ async fn handle(
     if req.method() != Method::POST {
         app.metrics.record(endpoint, Err(Reason::BadRequest));
         let message = format!("{} takes POST", req.uri().path());
+        tracing::warn!(
+            endpoint = endpoint.as_str(),
+            reason = Reason::BadRequest.as_str(),
+            detail = message,
+            "refused"
+        );
         return refusal(StatusCode::METHOD_NOT_ALLOWED, Reason::BadRequest, message);
     }
     let mut who = Subject::default();
@@ -241,7 +247,7 @@ async fn handle(
                 reason = r.reason.as_str(),
                 instance,
                 task,
-                message = r.message,
+                detail = r.message,
                 "refused"
             );
             let status = StatusCode::from_u16(r.reason.status()).unwrap_or(StatusCode::FORBIDDEN);

@@ -308,3 +308,43 @@ fn svid_req() -> SvidRequest {
 fn id(s: &str) -> SpiffeId {
     SpiffeId::parse(s).unwrap()
 }
+
+#[tokio::test]
+async fn a_reload_with_a_ca_that_does_not_fit_keeps_the_last_good_one() {
+    let mut f = Fixture::new(DEFAULT_TEMPLATE);
+    let before = f.authority.issuer().certificate().clone();
+    // An issuing CA of another trust domain.
+    let other = TempDir::new("reload");
+    let mut ca = Ca::init(
+        &other.path().join("ca"),
+        TrustDomain::new("other.test").unwrap(),
+    )
+    .unwrap();
+    ca.issue_intermediate("issuer", &other.path().join("issuer"))
+        .unwrap();
+    let foreign = Issuer::load(&other.path().join("issuer")).unwrap();
+    assert!(
+        f.authority
+            .replace(foreign, (*f.authority.bundle()).clone())
+            .is_err()
+    );
+    // Our trust domain, but a CA the bundle does not anchor.
+    let mut ca2 = Ca::init(&other.path().join("ca2"), f.td.clone()).unwrap();
+    ca2.issue_intermediate("issuer", &other.path().join("issuer2"))
+        .unwrap();
+    let unanchored = Issuer::load(&other.path().join("issuer2")).unwrap();
+    assert!(
+        f.authority
+            .replace(unanchored, (*f.authority.bundle()).clone())
+            .is_err()
+    );
+    assert_eq!(f.authority.issuer().certificate(), &before);
+    // A re-issued CA of the same anchor is taken.
+    let dir = f.tmp.path().join("issuer");
+    f.ca.issue_intermediate("issuer", &dir).unwrap();
+    let bundle = (*f.authority.bundle()).clone();
+    f.authority
+        .replace(Issuer::load(&dir).unwrap(), bundle)
+        .unwrap();
+    assert_ne!(f.authority.issuer().certificate(), &before);
+}

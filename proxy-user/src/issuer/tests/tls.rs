@@ -100,15 +100,41 @@ impl Running {
         path: &str,
         body: &[u8],
     ) -> (u16, Vec<u8>) {
+        self.post_as(cert, path, body, false).await
+    }
+
+    /// One POST, with a content-length or chunked.
+    async fn post_as(
+        &self,
+        cert: Option<(&str, &rcgen::KeyPair)>,
+        path: &str,
+        body: &[u8],
+        chunked: bool,
+    ) -> (u16, Vec<u8>) {
         let tcp = TcpStream::connect(self.addr).await.unwrap();
         let name = ServerName::try_from("issuer.ecsmesh.internal").unwrap();
         let mut tls = self.client(cert).connect(name, tcp).await.unwrap();
         let head = format!(
-            "POST {path} HTTP/1.1\r\nhost: issuer\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\r\n",
-            body.len()
+            "POST {path} HTTP/1.1\r\nhost: issuer\r\ncontent-type: application/json\r\n{}\r\n",
+            if chunked {
+                "transfer-encoding: chunked\r\n".to_owned()
+            } else {
+                format!("content-length: {}\r\n", body.len())
+            }
         );
         tls.write_all(head.as_bytes()).await.unwrap();
-        tls.write_all(body).await.unwrap();
+        if chunked {
+            for c in body.chunks(4096) {
+                tls.write_all(format!("{:x}\r\n", c.len()).as_bytes())
+                    .await
+                    .unwrap();
+                tls.write_all(c).await.unwrap();
+                tls.write_all(b"\r\n").await.unwrap();
+            }
+            tls.write_all(b"0\r\n\r\n").await.unwrap();
+        } else {
+            tls.write_all(body).await.unwrap();
+        }
         tls.flush().await.unwrap();
         let mut out = Vec::new();
         let _ = tls.read_to_end(&mut out).await;
@@ -221,13 +247,16 @@ async fn attest_then_svid_over_mtls_and_refusals_with_their_reasons() {
     let big = vec![b' '; MAX_BODY + 1];
     let (status, body) = run.post(None, ATTEST_PATH, &big).await;
     assert_eq!(status, 413, "{}", String::from_utf8_lossy(&body));
+    // The same without a declared length: cut off while streaming.
+    let (status, body) = run.post_as(None, ATTEST_PATH, &big, true).await;
+    assert_eq!(status, 413, "{}", String::from_utf8_lossy(&body));
     let renew = serde_json::json!({ "csr": csr_and_key().0 });
     assert_eq!(
         run.refusal(None, NODE_PATH, &renew).await,
         (401, "no_node_certificate".into())
     );
     assert_eq!(run.metrics.count(Endpoint::Svid, "issued"), 1);
-    assert_eq!(run.metrics.count(Endpoint::Attest, "body_too_large"), 1);
+    assert_eq!(run.metrics.count(Endpoint::Attest, "body_too_large"), 2);
     assert!(run.metrics.encode().contains(
         "ecsmesh_issuer_requests_total{endpoint=\"svid\",result=\"foreign_trust_domain\"} 1"
     ));
