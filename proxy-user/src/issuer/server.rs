@@ -39,9 +39,11 @@ pub const BODY_TIMEOUT: Duration = Duration::from_secs(10);
 /// Everything one connection may take, handshake to last byte.
 pub const CONNECTION_MAX: Duration = Duration::from_secs(30);
 pub const MAX_CONNECTIONS: usize = 1024;
-/// An oversized body is read and dropped up to this much before the 413, so the client
-/// gets the answer instead of a reset (closing a socket with unread data resets it).
-const DRAIN_LIMIT: u64 = 1024 * 1024;
+/// An oversized body is read and dropped up to this much (and within [`BODY_TIMEOUT`])
+/// before the 413, so the client gets the answer instead of a reset: closing a socket
+/// with unread data resets it, and a client still writing never reads the 413. Beyond
+/// it, the connection is just closed.
+const DRAIN_LIMIT: u64 = 16 * 1024 * 1024;
 
 /// Accepts any client certificate (or none) but verifies the TLS 1.3 handshake signature.
 #[derive(Debug)]

@@ -247,6 +247,10 @@ async fn attest_then_svid_over_mtls_and_refusals_with_their_reasons() {
     let big = vec![b' '; MAX_BODY + 1];
     let (status, body) = run.post(None, ATTEST_PATH, &big).await;
     assert_eq!(status, 413, "{}", String::from_utf8_lossy(&body));
+    // Several MiB, written before reading: the client still gets its 413.
+    let huge = vec![b'x'; 4 << 20];
+    let (status, _) = run.post(None, NODE_PATH, &huge).await;
+    assert_eq!(status, 413);
     // The same without a declared length: cut off while streaming.
     let (status, body) = run.post_as(None, ATTEST_PATH, &big, true).await;
     assert_eq!(status, 413, "{}", String::from_utf8_lossy(&body));
