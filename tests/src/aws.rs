@@ -117,6 +117,30 @@ impl Moto {
         })
     }
 
+    /// moto advances an ECS task's status (RUNNING → DEACTIVATING → … → STOPPED) on
+    /// every DescribeTasks by default; real ECS does not. Tasks stay as StartTask left
+    /// them (RUNNING) until StopTask.
+    pub fn hold_ecs_tasks(&self) {
+        let body = json!({ "model_name": "ecs::task",
+                           "transition": { "progression": "manual", "times": 1_000_000_000u64 } })
+        .to_string();
+        let addr: SocketAddr = format!("127.0.0.1:{MOTO_PORT}").parse().unwrap();
+        let reply = crate::netns::run_at(&self.netns, move || {
+            let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(5)).expect("moto");
+            s.set_read_timeout(Some(Duration::from_secs(15))).unwrap();
+            let req = format!(
+                "POST /moto-api/state-manager/set-transition HTTP/1.1\r\nHost: 127.0.0.1\r\n\
+                 Content-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+                body.len()
+            );
+            s.write_all(req.as_bytes()).unwrap();
+            let mut resp = String::new();
+            s.read_to_string(&mut resp).unwrap();
+            resp
+        });
+        assert!(reply.starts_with("HTTP/1.1 201"), "{reply}");
+    }
+
     pub fn ecs(&self, op: &str, body: Value) -> Value {
         let text = self.call(
             "ecs",

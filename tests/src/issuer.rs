@@ -160,7 +160,13 @@ pub fn csr(spec: CsrSpec<'_>) -> (String, String) {
         p.subject_alt_names = vec![rcgen::SanType::URI(uri.try_into().unwrap())];
     }
     if spec.ca {
-        p.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+        // rcgen will not put `is_ca` in a CSR: basicConstraints {cA TRUE} by hand.
+        let mut ext = rcgen::CustomExtension::from_oid_content(
+            &[2, 5, 29, 19],
+            vec![0x30, 0x03, 0x01, 0x01, 0xff],
+        );
+        ext.set_criticality(true);
+        p.custom_extensions = vec![ext];
     }
     (
         p.serialize_request(&key).unwrap().pem().unwrap(),

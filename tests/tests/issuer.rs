@@ -12,7 +12,7 @@ use common::{
     *,
 };
 use harness::{
-    NetworkMode::Host,
+    NetworkMode::Bridge,
     aws,
     issuer::{CsrSpec, IssuerAddr, csr},
     metrics::counter,
@@ -39,7 +39,7 @@ fn each_node_attests_and_gets_identities_for_its_own_tasks_only() {
     let s = Issued::new(LONG, None);
     // The mesh works end to end on issuer-issued identities.
     let a = &s.w.instances[0];
-    assert_redirected(&s.call_orders(3), a.outbound_v4(Host));
+    assert_redirected(&s.call_orders(3), a.outbound_v4(Bridge));
     let hs = counter(
         &a.metrics(),
         "ecsmesh_tls_handshakes_total",
@@ -94,7 +94,7 @@ fn each_node_attests_and_gets_identities_for_its_own_tasks_only() {
         assert_eq!(
             uris,
             vec![format!(
-                "URI:spiffe://{TRUST_DOMAIN}/ecsmesh/node/{}",
+                "URI(spiffe://{TRUST_DOMAIN}/ecsmesh/node/{})",
                 s.ec2[i]
             )]
         );
@@ -290,7 +290,7 @@ fn the_issuer_refuses_what_ecs_and_the_attestation_do_not_back() {
     );
     assert_eq!(n, 1.0, "{probe}");
     // And the mesh still works.
-    assert_redirected(&s.call_orders(1), s.w.instances[0].outbound_v4(Host));
+    assert_redirected(&s.call_orders(1), s.w.instances[0].outbound_v4(Bridge));
 }
 
 #[test]
@@ -302,7 +302,7 @@ fn an_issuer_outage_shorter_than_the_svid_lifetime_is_invisible() {
         },
         None,
     );
-    let via = s.w.instances[0].outbound_v4(Host);
+    let via = s.w.instances[0].outbound_v4(Bridge);
     assert_redirected(&s.call_orders(1), via);
     // Stop the issuer right after a renewal, for longer than one refresh interval (5 s)
     // but shorter than the SVIDs' remaining life.
@@ -339,7 +339,7 @@ fn a_denied_instance_is_cut_off_when_its_certificate_lapses() {
         },
         None,
     );
-    let via = s.w.instances[0].outbound_v4(Host);
+    let via = s.w.instances[0].outbound_v4(Bridge);
     assert_redirected(&s.call_orders(1), via);
     let out = std::process::Command::new(&s.w.tools.ecsmesh)
         .args(["issuer", "deny-instance", "--state"])

@@ -78,6 +78,7 @@ impl Issued {
         let mut w = World::new(tools(), 2);
         w.enable_issuer_mesh(TRUST_DOMAIN);
         let moto = Moto::start(&w, 1);
+        moto.hold_ecs_tasks();
         moto.ecs("CreateCluster", json!({ "clusterName": CLUSTER }));
         let mut ec2 = Vec::new();
         let mut ci = Vec::new();
@@ -342,10 +343,14 @@ fn start_task(moto: &Moto, w: &World, inst: usize, family: &str, ci: &str) -> Ec
     let id = arn.rsplit('/').next().unwrap().to_owned();
     let hex: String = id.chars().filter(|c| c.is_ascii_hexdigit()).collect();
     let container = format!("{hex}{hex}").chars().take(64).collect::<String>();
-    let cgroup = w.cgroups.dir(&format!(
-        "{}/ecstasks.slice/ecstasks-{id}.slice/docker-{container}.scope",
-        w.instances[inst].name
-    ));
+    // systemd nests a slice per dash: moto's task ids are UUIDs with dashes (ECS's are
+    // 32 hex digits), so the agent's layout puts them one slice per prefix.
+    let parts: Vec<&str> = id.split('-').collect();
+    let mut rel = format!("{}/ecstasks.slice", w.instances[inst].name);
+    for k in 1..=parts.len() {
+        rel += &format!("/ecstasks-{}.slice", parts[..k].join("-"));
+    }
+    let cgroup = w.cgroups.dir(&format!("{rel}/docker-{container}.scope"));
     EcsTask {
         arn,
         id,
