@@ -24,6 +24,7 @@ use serde_json::json;
 const LONG: Lifetimes = Lifetimes {
     svid_secs: 3600,
     node_secs: 3600,
+    ca_secret: false,
 };
 
 fn calls(m: &prometheus_parse::Scrape, call: &str, result: &str) -> f64 {
@@ -299,6 +300,7 @@ fn an_issuer_outage_shorter_than_the_svid_lifetime_is_invisible() {
         Lifetimes {
             svid_secs: 10,
             node_secs: 3600,
+            ca_secret: false,
         },
         None,
     );
@@ -332,10 +334,12 @@ fn an_issuer_outage_shorter_than_the_svid_lifetime_is_invisible() {
 
 #[test]
 fn a_denied_instance_is_cut_off_when_its_certificate_lapses() {
+    // This issuer holds its CA in Secrets Manager (moto), not in a directory.
     let s = Issued::new(
         Lifetimes {
             svid_secs: 6,
             node_secs: 3600,
+            ca_secret: true,
         },
         None,
     );
@@ -381,6 +385,7 @@ fn anchor_rotation_through_the_issuer_under_load_fails_no_request() {
         Lifetimes {
             svid_secs: 6,
             node_secs: 6,
+            ca_secret: false,
         },
         None,
     );

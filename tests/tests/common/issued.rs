@@ -41,7 +41,13 @@ pub struct EcsTask {
 pub struct Lifetimes {
     pub svid_secs: u64,
     pub node_secs: u64,
+    /// The issuer loads its CA from a Secrets Manager secret (in moto) instead of
+    /// `ca_dir`.
+    pub ca_secret: bool,
 }
+
+/// The Secrets Manager secret holding the issuing CA (see `Lifetimes::ca_secret`).
+pub const CA_SECRET: &str = "ecsmesh/issuer-ca";
 
 pub struct Issued {
     pub w: World,
@@ -137,19 +143,36 @@ impl Issued {
             format!(
                 "listen = \"0.0.0.0:{ISSUER_PORT}\"\nadmin_addr = \"{ISSUER_ADMIN}\"\n\
                  trust_domain = \"{TRUST_DOMAIN}\"\ncluster = \"{CLUSTER}\"\ntemplate = \"{TEMPLATE}\"\n\
-                 svid_lifetime_secs = {}\nnode_cert_lifetime_secs = {}\nbundle = \"{}\"\nca_dir = \"{}\"\n\
+                 svid_lifetime_secs = {}\nnode_cert_lifetime_secs = {}\nbundle = \"{}\"\n\
                  iid_certificates = [\"{}\"]\nstate_file = \"{}\"\n\
                  aws_endpoint = \"http://127.0.0.1:{MOTO_PORT}\"\nregion = \"us-east-1\"\n",
                 life.svid_secs,
                 life.node_secs,
                 bundle.display(),
-                w.issuer_ca_dir().display(),
                 aws::iid_certificate().display(),
                 state_file.display(),
             ),
         )
         .unwrap();
 
+        let ca_source = if life.ca_secret {
+            let dir = w.issuer_ca_dir();
+            let pem = |f: &str| std::fs::read_to_string(dir.join(f)).unwrap();
+            let secret =
+                json!({ "certificate": pem("issuer.pem"), "private_key": pem("issuer.key") });
+            moto.secretsmanager(
+                "CreateSecret",
+                json!({ "Name": CA_SECRET, "SecretString": secret.to_string() }),
+            );
+            format!("ca_secret = \"{CA_SECRET}\"\n")
+        } else {
+            format!("ca_dir = \"{}\"\n", w.issuer_ca_dir().display())
+        };
+        std::fs::write(
+            &issuer_config,
+            std::fs::read_to_string(&issuer_config).unwrap() + &ca_source,
+        )
+        .unwrap();
         let ep = w.instances[1].addr(9000);
         w.instances[1].echo_server(&[ep]);
         let discovery = w.instances[1].mesh.as_ref().unwrap().discovery.clone();
