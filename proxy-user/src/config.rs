@@ -1,6 +1,7 @@
 //! Node proxy configuration: TOML, parsed and validated once at start into an `Arc<Config>`.
 //! Every error names the file position and the field, on one line, because operators read
 //! these in `journalctl`/CloudWatch where multi-line snippets get mangled.
+mod identity;
 mod limits;
 mod raw;
 mod traces;

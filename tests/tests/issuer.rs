@@ -18,7 +18,7 @@ use harness::{
     metrics::counter,
     process,
 };
-use issued::{Issued, Lifetimes, files_below, identity};
+use issued::{Issued, Lifetimes, PartnerCa, files_below, identity, issue};
 use serde_json::json;
 
 const LONG: Lifetimes = Lifetimes {
@@ -468,76 +468,4 @@ fn anchor_rotation_through_the_issuer_under_load_fails_no_request() {
     );
     assert!(ok >= 50, "load ran: {ok} requests");
     assert_ne!(first[0], new);
-}
-
-/// Another trust domain's CA, with its own issuing CA.
-struct PartnerCa {
-    dir: tempdir::Dir,
-}
-
-mod tempdir {
-    pub struct Dir(pub std::path::PathBuf);
-    impl Drop for Dir {
-        fn drop(&mut self) {
-            let _ = std::fs::remove_dir_all(&self.0);
-        }
-    }
-}
-
-impl PartnerCa {
-    fn new() -> Self {
-        let dir = std::env::temp_dir().join(format!("ecsmesh-partner-{}", harness::uid()));
-        let ca = dir.join("ca");
-        let run = |args: &[&str]| {
-            let out = std::process::Command::new(tools().ecsmesh)
-                .arg("ca")
-                .args(args)
-                .output()
-                .unwrap();
-            assert!(
-                out.status.success(),
-                "{}",
-                String::from_utf8_lossy(&out.stderr)
-            );
-        };
-        let ca_s = ca.display().to_string();
-        run(&["init", "--trust-domain", "partner.test", "--out", &ca_s]);
-        let issuer = dir.join("issuer").display().to_string();
-        run(&[
-            "issue-intermediate",
-            "--ca",
-            &ca_s,
-            "--instance",
-            "p",
-            "--out",
-            &issuer,
-        ]);
-        PartnerCa {
-            dir: tempdir::Dir(dir),
-        }
-    }
-
-    /// The partner's anchors.
-    fn bundle(&self) -> PathBuf {
-        self.dir.0.join("ca/bundle.pem")
-    }
-
-    /// A node certificate of the partner's trust domain naming our instance `ec2`.
-    fn node_cert(&self, w: &harness::World, ec2: &str) -> (PathBuf, PathBuf) {
-        let ca = self.dir.0.join("ca").display().to_string();
-        let issuer = self.dir.0.join("issuer").display().to_string();
-        let uri = format!("spiffe://partner.test/ecsmesh/node/{ec2}");
-        common::mesh::issue(
-            w,
-            "partner-node",
-            &["--ca", &ca, "--issuer", &issuer, "--uri", &uri],
-        )
-    }
-}
-
-fn issue(w: &harness::World, name: &str, args: &[&str]) -> (PathBuf, PathBuf) {
-    let ca = w.ca_dir().display().to_string();
-    let mut full = vec!["--ca", ca.as_str()];
-    full.extend_from_slice(args);
-    common::mesh::issue(w, name, &full)
 }

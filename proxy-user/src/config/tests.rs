@@ -219,3 +219,57 @@ fn traces_parse_with_defaults_and_reject_bad_values() {
         .to_string();
     assert!(e.contains("otlp_endpoint"), "the endpoint is required: {e}");
 }
+
+#[test]
+fn identity_takes_a_ca_directory_or_an_issuer_but_not_both() {
+    let dir = std::env::temp_dir().join(format!("ecsmesh-config-idn-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let bundle = dir.join("bundle.pem");
+    std::fs::write(&bundle, "").unwrap();
+    let with = |body: &str| {
+        parse(&format!(
+            "{MINIMAL}[identity]\ntrust_domain = \"example.org\"\nbundle = \"{}\"\n{body}\n",
+            bundle.display()
+        ))
+    };
+    let c = with("issuer_url = \"https://issuer.mesh.internal:8443\"").unwrap();
+    match c.identity.unwrap().source {
+        IdentitySource::Issuer { url, imds_url } => {
+            assert_eq!(url.port_u16(), Some(8443));
+            assert_eq!(imds_url.host(), Some("169.254.169.254"));
+        }
+        other => panic!("{other:?}"),
+    }
+    let c = with(&format!("issuer_dir = \"{}\"", dir.display())).unwrap();
+    assert!(matches!(
+        c.identity.unwrap().source,
+        IdentitySource::IssuerDir(_)
+    ));
+    for (body, field) in [
+        ("", "identity"),
+        (
+            &format!(
+                "issuer_dir = \"{}\"\nissuer_url = \"https://i:1\"",
+                dir.display()
+            ) as &str,
+            "identity.issuer_url",
+        ),
+        ("issuer_url = \"http://i:8443\"", "identity.issuer_url"),
+        ("issuer_url = \"https://i:8443/v1\"", "identity.issuer_url"),
+        (
+            "issuer_url = \"https://i:8443\"\nimds_url = \"https://169.254.169.254\"",
+            "identity.imds_url",
+        ),
+        (
+            &format!(
+                "issuer_dir = \"{}\"\nimds_url = \"http://x\"",
+                dir.display()
+            ) as &str,
+            "identity.imds_url",
+        ),
+    ] {
+        let e = with(body).unwrap_err().to_string();
+        assert!(e.contains(field), "{body:?}: {e}");
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+}

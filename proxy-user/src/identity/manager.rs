@@ -4,6 +4,9 @@
 //! Refreshing or reloading never tears a connection down: established TLS sessions keep
 //! the certificate they were made with, and only new handshakes see the new one, because
 //! the resolvers and verifiers read the current state on every handshake.
+mod issuer_mode;
+mod tls;
+
 use std::{
     collections::{BTreeSet, HashMap},
     path::{Path, PathBuf},
@@ -12,19 +15,12 @@ use std::{
 };
 
 use arc_swap::ArcSwap;
-use rustls::{
-    SignatureScheme,
-    client::ResolvesClientCert,
-    server::{ClientHello, ResolvesServerCert},
-    sign::CertifiedKey,
-};
-use rustls_pki_types::{CertificateDer, UnixTime};
+use rustls_pki_types::UnixTime;
 use tokio_util::sync::CancellationToken;
 
 use super::{
-    IdentityError, Issuer, SpiffeClientVerifier, SpiffeId, SpiffeServerVerifier, Svid, TrustBundle,
-    TrustDomain, TrustStatus, Usage,
-    remote::{RemoteConfig, RemoteError, RemoteIssuer},
+    IdentityError, Issuer, SpiffeId, Svid, TrustBundle, TrustDomain, TrustStatus, Usage,
+    remote::{RemoteConfig, RemoteIssuer},
     verify_peer,
 };
 
@@ -165,82 +161,6 @@ impl IdentityManager {
         }
     }
 
-    /// Issuer mode: the SVID of the ECS task `task_arn`, asked of the issuer (which names
-    /// it from what ECS says); the identity is kept while any task holding it is here.
-    pub async fn obtain(&self, task_arn: &str) -> Result<Arc<Svid>, RemoteError> {
-        let Some(remote) = self.remote() else {
-            return Err(IdentityError::invalid(task_arn, "not in issuer mode").into());
-        };
-        let svid = Arc::new(remote.svid(task_arn).await?);
-        let svid = {
-            let mut table = self.write();
-            let id = svid.id.clone();
-            table
-                .holders
-                .entry(id.clone())
-                .or_default()
-                .insert(task_arn.to_owned());
-            table.by_sni.insert(id.sni(), id.clone());
-            table.by_id.insert(id, svid.clone());
-            svid
-        };
-        self.remote_issued(remote);
-        self.changed.notify_one();
-        Ok(svid)
-    }
-
-    /// Issuer mode: the task `task_arn` no longer holds `id`; the SVID goes with the last
-    /// holder.
-    pub fn release(&self, id: &SpiffeId, task_arn: &str) {
-        let mut table = self.write();
-        let empty = table.holders.get_mut(id).is_some_and(|h| {
-            h.remove(task_arn);
-            h.is_empty()
-        });
-        if empty {
-            table.holders.remove(id);
-            table.by_id.remove(id);
-            table.by_sni.remove(&id.sni());
-        }
-    }
-
-    /// Issuer mode: the chain of the oldest certificate held (SVIDs and the node
-    /// certificate). `/trust` reports its issuing CA, so an anchor is retired only once
-    /// everything the node holds was re-issued under the new one.
-    fn oldest_chain(&self, remote: &RemoteIssuer) -> Option<Vec<CertificateDer<'static>>> {
-        let table = self.read();
-        table
-            .by_id
-            .values()
-            .map(|s| (s.not_before, s.chain.clone()))
-            .chain(remote.node_chain())
-            .min_by_key(|(at, _)| *at)
-            .map(|(_, chain)| chain)
-    }
-
-    /// After an issuance in issuer mode: the trust status follows the issuing CA of the
-    /// oldest certificate held.
-    fn remote_issued(&self, remote: &RemoteIssuer) {
-        let status =
-            TrustStatus::of_remote(&self.bundle.load(), self.oldest_chain(remote).as_deref());
-        if status != **self.status.load() {
-            self.publish(status, "issuer mode: issuing CA seen");
-        }
-    }
-
-    fn publish(&self, status: TrustStatus, message: &str) {
-        log_trust(&status, message);
-        for observe in self
-            .observers
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .iter()
-        {
-            observe(&status);
-        }
-        self.status.store(Arc::new(status));
-    }
-
     /// What this node trusts and signs with now.
     pub fn trust_status(&self) -> Arc<TrustStatus> {
         self.status.load_full()
@@ -292,63 +212,6 @@ impl IdentityManager {
         let mut ids: Vec<_> = self.read().by_id.keys().cloned().collect();
         ids.sort();
         ids
-    }
-
-    /// Re-issues (file mode) or asks the issuer again for (issuer mode) every SVID at or
-    /// past its refresh time, and renews the node certificate when due; returns how many
-    /// SVIDs were replaced.
-    pub async fn refresh_due(&self) -> usize {
-        let Some(remote) = self.remote() else {
-            return self.refresh_due_local();
-        };
-        if let Err(e) = remote.refresh_node().await {
-            tracing::warn!(error = %e, "node certificate renewal failed; retrying");
-        }
-        let now = SystemTime::now();
-        let due: Vec<(SpiffeId, Vec<String>)> = {
-            let table = self.read();
-            table
-                .by_id
-                .values()
-                .filter(|s| s.refresh_at() <= now)
-                .map(|s| {
-                    let holders = table.holders.get(&s.id);
-                    (
-                        s.id.clone(),
-                        holders.into_iter().flatten().cloned().collect(),
-                    )
-                })
-                .collect()
-        };
-        let mut refreshed = 0;
-        for (id, holders) in due {
-            for arn in holders {
-                match remote.svid(&arn).await {
-                    Ok(svid) if svid.id == id => {
-                        tracing::info!(identity = %id, serial = %svid.serial, "certificate refreshed");
-                        let mut table = self.write();
-                        if let Some(slot) = table.by_id.get_mut(&id) {
-                            *slot = Arc::new(svid);
-                            refreshed += 1;
-                        }
-                        break;
-                    }
-                    Ok(svid) => {
-                        tracing::warn!(task = %arn, identity = %id, issued = %svid.id, "the issuer names this task differently now; keeping the old certificate until the task is re-enrolled");
-                        break;
-                    }
-                    Err(e) if e.about_task() => {
-                        tracing::warn!(task = %arn, identity = %id, error = %e, "the issuer refuses this task; trying another holder");
-                    }
-                    Err(e) => {
-                        tracing::warn!(identity = %id, error = %e, "certificate refresh failed; retrying with backoff");
-                        break;
-                    }
-                }
-            }
-        }
-        self.remote_issued(remote);
-        refreshed
     }
 
     pub(crate) fn refresh_due_local(&self) -> usize {
@@ -524,49 +387,6 @@ impl IdentityManager {
         files
     }
 
-    /// Server side of the tunnel: TLS 1.3, ring, mandatory SPIFFE client auth, SVID chosen
-    /// by SNI, ALPN h2.
-    pub fn server_config(self: &Arc<Self>) -> Arc<rustls::ServerConfig> {
-        let verifier = SpiffeClientVerifier::new(self.bundle.clone(), self.allowed.clone());
-        let mut cfg = rustls::ServerConfig::builder_with_provider(super::provider())
-            .with_protocol_versions(&[&rustls::version::TLS13])
-            .expect("the ring provider supports TLS 1.3")
-            .with_client_cert_verifier(verifier)
-            .with_cert_resolver(self.server_cert_resolver());
-        cfg.alpn_protocols = vec![b"h2".to_vec()];
-        Arc::new(cfg)
-    }
-
-    /// Client side of the tunnel from `source` to `expected`: TLS 1.3, ring, the server must
-    /// be exactly `expected`, ALPN h2. Connect with server name `expected.sni()`.
-    pub fn client_config(
-        self: &Arc<Self>,
-        source: SpiffeId,
-        expected: SpiffeId,
-    ) -> Arc<rustls::ClientConfig> {
-        let verifier =
-            SpiffeServerVerifier::new(self.bundle.clone(), self.allowed.clone(), expected);
-        let mut cfg = rustls::ClientConfig::builder_with_provider(super::provider())
-            .with_protocol_versions(&[&rustls::version::TLS13])
-            .expect("the ring provider supports TLS 1.3")
-            .dangerous()
-            .with_custom_certificate_verifier(verifier)
-            .with_client_cert_resolver(self.client_cert_resolver(source));
-        cfg.alpn_protocols = vec![b"h2".to_vec()];
-        Arc::new(cfg)
-    }
-
-    pub fn server_cert_resolver(self: &Arc<Self>) -> Arc<dyn ResolvesServerCert> {
-        Arc::new(ServerResolver(self.clone()))
-    }
-
-    pub fn client_cert_resolver(self: &Arc<Self>, source: SpiffeId) -> Arc<dyn ResolvesClientCert> {
-        Arc::new(ClientResolver {
-            manager: self.clone(),
-            source,
-        })
-    }
-
     /// Verifies that `issuer` chains to `bundle` by issuing a throwaway SVID and verifying
     /// it like a peer would.
     fn check_anchored(bundle: &TrustBundle, issuer: &Issuer) -> Result<(), IdentityError> {
@@ -628,40 +448,5 @@ fn log_trust(status: &TrustStatus, message: &str) {
             "{message}"
         ),
         None => tracing::info!(anchors = %anchors.join(","), "{message} (no issuing CA seen yet)"),
-    }
-}
-
-#[derive(Debug)]
-struct ServerResolver(Arc<IdentityManager>);
-
-impl ResolvesServerCert for ServerResolver {
-    /// The SVID whose `sni()` the client asked for; none (handshake fails) otherwise, so a
-    /// node never presents some other task's identity.
-    fn resolve(&self, hello: ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
-        let table = self.0.read();
-        let id = table.by_sni.get(hello.server_name()?)?;
-        table.by_id.get(id).map(|s| s.certified_key())
-    }
-}
-
-#[derive(Debug)]
-struct ClientResolver {
-    manager: Arc<IdentityManager>,
-    source: SpiffeId,
-}
-
-impl ResolvesClientCert for ClientResolver {
-    fn resolve(
-        &self,
-        _root_hint_subjects: &[&[u8]],
-        _sigschemes: &[SignatureScheme],
-    ) -> Option<Arc<CertifiedKey>> {
-        self.manager
-            .current(&self.source)
-            .map(|s| s.certified_key())
-    }
-
-    fn has_certs(&self) -> bool {
-        true
     }
 }

@@ -15,11 +15,15 @@ use std::{
 
 use arc_swap::ArcSwapOption;
 use bytes::Bytes;
-use http_body_util::{BodyExt, Full, Limited};
 use rcgen::{KeyPair, PKCS_ECDSA_P256_SHA256};
 use rustls::{SignatureScheme, client::ResolvesClientCert, sign::CertifiedKey};
-use rustls_pki_types::{CertificateDer, ServerName, UnixTime, pem::PemObject};
+use rustls_pki_types::{CertificateDer, UnixTime, pem::PemObject};
 use serde::Serialize;
+
+mod wire;
+
+pub(crate) use wire::imds_get;
+use wire::{authority, http_call};
 
 use super::{
     IdentityError, SpiffeServerVerifier, Svid, TrustBundle, TrustDomain, Usage,
@@ -28,12 +32,6 @@ use super::{
     verify_peer,
 };
 
-/// One connect to the issuer or IMDS.
-const CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
-/// One whole request (connect, handshake, response).
-const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
-/// The largest response read from the issuer or IMDS.
-const MAX_RESPONSE: usize = 256 * 1024;
 pub const NODE_KEY_FILE: &str = "node.key";
 pub const NODE_CERT_FILE: &str = "node.pem";
 
@@ -397,41 +395,24 @@ impl RemoteIssuer {
         }))
     }
 
-    /// IMDSv2: a session token, then the document and its signature.
+    /// The instance identity document and its signature, from IMDS.
     async fn instance_identity(&self) -> Result<(String, String), RemoteError> {
-        let url = self.cfg.imds_url.to_string();
-        let err = |message: String| RemoteError::Imds {
-            url: url.clone(),
-            message,
-        };
-        let target = authority(&self.cfg.imds_url).map_err(err)?;
-        let token = http_call(
-            &target,
-            None,
-            http::Method::PUT,
-            "/latest/api/token",
-            &[("x-aws-ec2-metadata-token-ttl-seconds", "60")],
-            Bytes::new(),
+        let url = &self.cfg.imds_url;
+        let mut got = imds_get(
+            url,
+            &[
+                "/latest/dynamic/instance-identity/document",
+                "/latest/dynamic/instance-identity/signature",
+            ],
         )
         .await
-        .map_err(err)?;
-        let token = ok_body(token).map_err(err)?;
-        let get = async |path: &str| {
-            let r = http_call(
-                &target,
-                None,
-                http::Method::GET,
-                path,
-                &[("x-aws-ec2-metadata-token", token.trim())],
-                Bytes::new(),
-            )
-            .await
-            .map_err(err)?;
-            ok_body(r).map_err(err)
-        };
-        let document = get("/latest/dynamic/instance-identity/document").await?;
-        let signature = get("/latest/dynamic/instance-identity/signature").await?;
-        Ok((document, signature.trim().to_owned()))
+        .map_err(|message| RemoteError::Imds {
+            url: url.to_string(),
+            message,
+        })?;
+        let signature = got.pop().unwrap_or_default().trim().to_owned();
+        let document = got.pop().unwrap_or_default();
+        Ok((document, signature))
     }
 
     async fn call(&self, call: Call, body: &impl Serialize) -> Result<Issued, RemoteError> {
@@ -521,91 +502,4 @@ impl ResolvesClientCert for NodeResolver {
     fn has_certs(&self) -> bool {
         true
     }
-}
-
-/// host:port of an http(s) URL (default port by scheme).
-fn authority(url: &http::Uri) -> Result<(String, u16), String> {
-    let host = url.host().ok_or_else(|| format!("{url}: no host"))?;
-    let host = host
-        .trim_start_matches('[')
-        .trim_end_matches(']')
-        .to_owned();
-    let port = url.port_u16().unwrap_or(match url.scheme_str() {
-        Some("https") => 443,
-        _ => 80,
-    });
-    Ok((host, port))
-}
-
-fn ok_body((status, text): (u16, String)) -> Result<String, String> {
-    if status == 200 {
-        Ok(text)
-    } else {
-        Err(format!("HTTP {status}"))
-    }
-}
-
-/// One HTTP/1.1 request on a new connection (TLS when `tls` is given), bounded in time
-/// and response size. Issuer and IMDS calls are rare: no pooling.
-async fn http_call(
-    (host, port): &(String, u16),
-    tls: Option<(Arc<rustls::ClientConfig>, String)>,
-    method: http::Method,
-    path: &str,
-    headers: &[(&str, &str)],
-    body: Bytes,
-) -> Result<(u16, String), String> {
-    let work = async {
-        let tcp = tokio::time::timeout(
-            CONNECT_TIMEOUT,
-            tokio::net::TcpStream::connect((host.as_str(), *port)),
-        )
-        .await
-        .map_err(|_| format!("connect to {host}:{port} timed out"))?
-        .map_err(|e| format!("connect to {host}:{port}: {e}"))?;
-        let mut req = http::Request::builder()
-            .method(method)
-            .uri(path)
-            .header("host", format!("{host}:{port}"));
-        for (k, v) in headers {
-            req = req.header(*k, *v);
-        }
-        let req = req.body(Full::new(body)).map_err(|e| e.to_string())?;
-        let resp = match tls {
-            Some((cfg, sni)) => {
-                let name = ServerName::try_from(sni).map_err(|e| e.to_string())?;
-                let stream = tokio_rustls::TlsConnector::from(cfg)
-                    .connect(name, tcp)
-                    .await
-                    .map_err(|e| format!("TLS with {host}:{port}: {e}"))?;
-                send(stream, req).await?
-            }
-            None => send(tcp, req).await?,
-        };
-        Ok(resp)
-    };
-    tokio::time::timeout(REQUEST_TIMEOUT, work)
-        .await
-        .map_err(|_| format!("{host}:{port}: no answer within {REQUEST_TIMEOUT:?}"))?
-}
-
-async fn send<S>(stream: S, req: http::Request<Full<Bytes>>) -> Result<(u16, String), String>
-where
-    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
-{
-    let (mut sender, conn) =
-        hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream))
-            .await
-            .map_err(|e| e.to_string())?;
-    tokio::spawn(async move {
-        let _ = conn.await;
-    });
-    let resp = sender.send_request(req).await.map_err(|e| e.to_string())?;
-    let status = resp.status().as_u16();
-    let body = Limited::new(resp.into_body(), MAX_RESPONSE)
-        .collect()
-        .await
-        .map_err(|e| e.to_string())?
-        .to_bytes();
-    Ok((status, String::from_utf8_lossy(&body).into_owned()))
 }
