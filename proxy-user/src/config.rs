@@ -239,39 +239,57 @@ pub struct CloudMapSettings {
     pub region: Option<String>,
 }
 
+/// Reads a TOML config file and turns it into `T` with `validate` (raw form → typed
+/// values, or the field and what is wrong with it): one error format for every config
+/// file of the binary (node proxy, issuer).
+pub(crate) fn load_toml<R: serde::de::DeserializeOwned, T, F: Into<String>>(
+    path: &Path,
+    validate: impl FnOnce(R) -> Result<T, (F, String)>,
+) -> Result<T, ConfigError> {
+    let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+        path: path.into(),
+        source,
+    })?;
+    parse_toml(path, &text, validate)
+}
+
+/// [`load_toml`] for text already read.
+pub(crate) fn parse_toml<R: serde::de::DeserializeOwned, T, F: Into<String>>(
+    path: &Path,
+    text: &str,
+    validate: impl FnOnce(R) -> Result<T, (F, String)>,
+) -> Result<T, ConfigError> {
+    let raw: R = toml::from_str(text).map_err(|e| {
+        let (line, column) = e.span().map(|s| line_col(text, s.start)).unwrap_or((1, 1));
+        ConfigError::Parse {
+            path: path.into(),
+            line,
+            column,
+            message: e.message().replace('\n', " "),
+            // The offending line names the field even when the message does not
+            // ("invalid type: string, expected u16").
+            source_line: text
+                .lines()
+                .nth(line - 1)
+                .unwrap_or_default()
+                .trim()
+                .to_owned(),
+        }
+    })?;
+    validate(raw).map_err(|(field, message)| ConfigError::Invalid {
+        path: path.into(),
+        field: field.into(),
+        message,
+    })
+}
+
 impl Config {
     pub fn load(path: &Path) -> Result<Self, ConfigError> {
-        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
-            path: path.into(),
-            source,
-        })?;
-        Self::parse(path, &text)
+        load_toml(path, raw::RawConfig::validate)
     }
 
     pub fn parse(path: &Path, text: &str) -> Result<Self, ConfigError> {
-        let raw: raw::RawConfig = toml::from_str(text).map_err(|e| {
-            let (line, column) = e.span().map(|s| line_col(text, s.start)).unwrap_or((1, 1));
-            ConfigError::Parse {
-                path: path.into(),
-                line,
-                column,
-                message: e.message().replace('\n', " "),
-                // The offending line names the field even when the message does not
-                // ("invalid type: string, expected u16").
-                source_line: text
-                    .lines()
-                    .nth(line - 1)
-                    .unwrap_or_default()
-                    .trim()
-                    .to_owned(),
-            }
-        })?;
-        raw.validate()
-            .map_err(|(field, message)| ConfigError::Invalid {
-                path: path.into(),
-                field,
-                message,
-            })
+        parse_toml(path, text, raw::RawConfig::validate)
     }
 
     /// A sidecar serves exactly one task and shares its network namespace, so the task
@@ -343,7 +361,7 @@ impl Config {
     }
 }
 
-pub(crate) fn line_col(text: &str, offset: usize) -> (usize, usize) {
+fn line_col(text: &str, offset: usize) -> (usize, usize) {
     let before = &text[..offset.min(text.len())];
     let line = before.matches('\n').count() + 1;
     let column = before

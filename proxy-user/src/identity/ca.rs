@@ -595,23 +595,11 @@ impl Issuer {
     pub fn issue_svid(&self, id: &SpiffeId, lifetime: Duration) -> Result<Svid, IdentityError> {
         let key = KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256)?;
         let leaf = self.make_leaf(id, &key, lifetime)?;
-        let info =
-            CertInfo::parse(leaf.der()).map_err(|r| IdentityError::invalid("new SVID", r))?;
-        let chain = vec![leaf.der().clone(), self.cert.clone()];
-        let key_der = rustls_pki_types::PrivatePkcs8KeyDer::from(key.serialize_der());
-        let certified = rustls::sign::CertifiedKey::from_der(
-            chain.clone(),
-            key_der.into(),
-            &super::provider(),
-        )?;
-        Ok(Svid {
-            id: id.clone(),
-            chain,
-            not_before: info.not_before,
-            not_after: info.not_after,
-            serial: info.serial,
-            certified: std::sync::Arc::new(certified),
-        })
+        Svid::from_chain(
+            id.clone(),
+            vec![leaf.der().clone(), self.cert.clone()],
+            &key,
+        )
     }
 
     /// Like [`Issuer::issue_svid`], for a key made elsewhere (the public key of a CSR):

@@ -25,7 +25,7 @@ use std::{
 use serde::Deserialize;
 
 use crate::{
-    config::{ConfigError, line_col},
+    config::ConfigError,
     identity::{
         DEFAULT_TEMPLATE, IdentityTemplate, TemplateVars, TrustDomain,
         protocol::{self, RESERVED_PREFIX},
@@ -86,35 +86,11 @@ struct Raw {
 
 impl IssuerConfig {
     pub fn load(path: &Path) -> Result<Self, ConfigError> {
-        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
-            path: path.into(),
-            source,
-        })?;
-        Self::parse(path, &text)
+        crate::config::load_toml(path, Raw::validate)
     }
 
     pub fn parse(path: &Path, text: &str) -> Result<Self, ConfigError> {
-        let raw: Raw = toml::from_str(text).map_err(|e| {
-            let (line, column) = e.span().map(|s| line_col(text, s.start)).unwrap_or((1, 1));
-            ConfigError::Parse {
-                path: path.into(),
-                line,
-                column,
-                message: e.message().replace('\n', " "),
-                source_line: text
-                    .lines()
-                    .nth(line - 1)
-                    .unwrap_or_default()
-                    .trim()
-                    .to_owned(),
-            }
-        })?;
-        raw.validate()
-            .map_err(|(field, message)| ConfigError::Invalid {
-                path: path.into(),
-                field: field.into(),
-                message,
-            })
+        crate::config::parse_toml(path, text, Raw::validate)
     }
 }
 
