@@ -32,9 +32,8 @@ impl World {
         self.workdir.join("ca")
     }
 
-    /// A CA for `trust_domain` and one issuer per instance; every proxy started afterwards
-    /// runs with mTLS. Discovery starts empty: see `write_discovery`.
-    pub fn enable_mesh(&mut self, trust_domain: &str) {
+    /// `ca init` for `trust_domain` and an empty discovery file: (CA dir, discovery file).
+    fn init_ca(&self, trust_domain: &str) -> (PathBuf, PathBuf) {
         let ca = self.ca_dir();
         self.ca(&[
             "init",
@@ -45,6 +44,13 @@ impl World {
         ]);
         let discovery = self.workdir.join("discovery.toml");
         std::fs::write(&discovery, "").unwrap();
+        (ca, discovery)
+    }
+
+    /// A CA for `trust_domain` and one issuer per instance; every proxy started afterwards
+    /// runs with mTLS. Discovery starts empty: see `write_discovery`.
+    pub fn enable_mesh(&mut self, trust_domain: &str) {
+        let (ca, discovery) = self.init_ca(trust_domain);
         for i in 0..self.instances.len() {
             let name = self.instances[i].name.clone();
             let issuer_dir = self.workdir.join(format!("issuer-{name}"));
@@ -69,14 +75,7 @@ impl World {
     /// instance a directory holding only a copy of the trust bundle (what a real node is
     /// given out of band): no CA key on any node. Proxies need `ProxyOptions::issuer`.
     pub fn enable_issuer_mesh(&mut self, trust_domain: &str) {
-        let ca = self.ca_dir();
-        self.ca(&[
-            "init",
-            "--trust-domain",
-            trust_domain,
-            "--out",
-            &ca.display().to_string(),
-        ]);
+        let (ca, discovery) = self.init_ca(trust_domain);
         self.ca(&[
             "issue-intermediate",
             "--ca",
@@ -86,8 +85,6 @@ impl World {
             "--out",
             &self.issuer_ca_dir().display().to_string(),
         ]);
-        let discovery = self.workdir.join("discovery.toml");
-        std::fs::write(&discovery, "").unwrap();
         for i in 0..self.instances.len() {
             let dir = self
                 .workdir
