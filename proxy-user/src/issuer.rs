@@ -23,17 +23,17 @@
 //! Several replicas may share one state file (shared storage); each re-reads it when it
 //! changes. Two replicas accepting the same document at the same instant is not excluded
 //! (no cross-host lock); a single active replica with a standby is.
-pub mod attest;
-pub mod ca_source;
+pub(crate) mod attest;
+pub(crate) mod ca_source;
 pub mod cli;
-pub mod config;
-pub mod csr;
-pub mod ecs;
-pub mod metrics;
+pub(crate) mod config;
+pub(crate) mod csr;
+pub(crate) mod ecs;
+pub(crate) mod metrics;
 mod run;
-pub mod server;
-pub mod service;
-pub mod state;
+pub(crate) mod server;
+pub(crate) mod service;
+pub(crate) mod state;
 
 #[cfg(test)]
 mod tests;

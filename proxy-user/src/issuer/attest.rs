@@ -56,6 +56,7 @@ impl IidVerifier {
     }
 
     /// From PEM text (tests).
+    #[cfg(test)]
     pub fn from_pem(pem: &str) -> Result<Self, AttestError> {
         let what = Path::new("iid certificate");
         Ok(Self {

@@ -71,6 +71,7 @@ impl IssuerMetrics {
     }
 
     /// The count of one series (tests).
+    #[cfg(test)]
     pub fn count(&self, endpoint: Endpoint, result: &'static str) -> u64 {
         self.requests
             .get_or_create(&RequestLabels {

@@ -101,10 +101,6 @@ impl StateFile {
         }
     }
 
-    pub fn path(&self) -> &Path {
-        &self.path
-    }
-
     /// The current state.
     pub fn read(&self) -> Result<StateData, StateError> {
         let mut cache = self.cache.lock().unwrap_or_else(|p| p.into_inner());
