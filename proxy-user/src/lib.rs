@@ -5,6 +5,7 @@ pub mod admin;
 pub mod authz;
 pub mod aws;
 pub mod balance;
+pub mod bootstrap;
 pub mod ca_cli;
 pub mod cgroup;
 pub mod cloudmap;

@@ -48,6 +48,9 @@ enum Command {
         #[command(subcommand)]
         cmd: ecsmesh::issuer::IssuerCommand,
     },
+    /// Write this container instance's node config from instance metadata (IMDSv2) and
+    /// the stack's parameters; the node's parser checks it before it is written.
+    Bootstrap(ecsmesh::bootstrap::BootstrapArgs),
     /// Remove every program, link, pin and map of one instance.
     Uninstall {
         #[arg(long, default_value = DEFAULT_PIN_DIR)]
@@ -96,6 +99,7 @@ fn dispatch(command: Command) -> anyhow::Result<()> {
         }
         Command::Ca { cmd } => ecsmesh::ca_cli::run(cmd)?,
         Command::Issuer { cmd } => ecsmesh::issuer::cli::run(cmd)?,
+        Command::Bootstrap(args) => ecsmesh::bootstrap::run(args)?,
         Command::Uninstall { pin_dir } => {
             ecsmesh::ebpf::uninstall(&pin_dir)?;
             tracing::info!(pin_dir = %pin_dir.display(), "uninstalled");
