@@ -12,6 +12,8 @@
 //!   not in the dependency tree at all (`cargo tree -i aws-lc-rs` finds nothing).
 //! - Tests point the SDK at moto on loopback: an endpoint override, static credentials, and
 //!   no `data-` host prefix (see [`sdk_config`] and `crate::cloudmap`).
+pub mod permissions;
+
 use std::time::Duration;
 
 use aws_config::{BehaviorVersion, Region, SdkConfig, retry::RetryConfig, timeout::TimeoutConfig};
