@@ -31,6 +31,8 @@ REQUIRED_FILES = [
 PROMTOOL = "/usr/bin/promtool"
 CFN_POLICY_RESOURCE = "EcsmeshPolicy"
 CFN_DAEMON_TASK_DEFINITION = "DaemonTaskDefinition"
+CFN_LAUNCH_TEMPLATE = "LaunchTemplate"
+DOCKER_SOCKET = "/var/run/docker.sock"
 
 
 class Checker:
@@ -155,8 +157,146 @@ def check_daemon_shape(task_def: Any) -> list[str]:
     mounts = {m.get("containerPath") for m in c.get("mountPoints", [])}
     if "/sys/fs/bpf" not in mounts:
         errors.append("the host's /sys/fs/bpf must be mounted at /sys/fs/bpf")
+    sock = _host_mounts(task_def).get(DOCKER_SOCKET)
+    if sock is None:
+        errors.append(
+            f"the host's {DOCKER_SOCKET} must be mounted (a volume with host sourcePath {DOCKER_SOCKET}): "
+            "[ecs] docker_socket gates endpoints on container health"
+        )
+    elif not sock[1]:
+        errors.append(f"the {DOCKER_SOCKET} mount must be readOnly (the proxy only reads container state)")
     if "healthCheck" not in c:
         errors.append("a healthCheck on /ready is required (ECS does not use the image's)")
+    return errors
+
+
+def _host_mounts(task_def: Any) -> dict[str, tuple[str, bool]]:
+    """host sourcePath -> (containerPath, readOnly) of the first container (JSON shape)."""
+    sources = {v.get("name"): (v.get("host") or {}).get("sourcePath") for v in task_def.get("volumes", [])}
+    c = (task_def.get("containerDefinitions") or [{}])[0]
+    return {
+        sources[m.get("sourceVolume")]: (m.get("containerPath"), bool(m.get("readOnly", False)))
+        for m in c.get("mountPoints", [])
+        if sources.get(m.get("sourceVolume"))
+    }
+
+
+def _user_data(template: Any) -> tuple[str, dict[str, Any]]:
+    """The launch template's user data script and its Fn::Sub variables."""
+    lt = (template.get("Resources") or {}).get(CFN_LAUNCH_TEMPLATE) or {}
+    ud = ((lt.get("Properties") or {}).get("LaunchTemplateData") or {}).get("UserData") or {}
+    body = ud.get("Fn::Base64", ud)
+    if isinstance(body, dict) and "Fn::Sub" in body:
+        body = body["Fn::Sub"]
+    if isinstance(body, list) and body and isinstance(body[0], str):
+        return body[0], (body[1] if len(body) > 1 and isinstance(body[1], dict) else {})
+    if isinstance(body, str):
+        return body, {}
+    raise ValueError(f"{CFN_LAUNCH_TEMPLATE}: no user data script (Fn::Base64 of a string or Fn::Sub)")
+
+
+def bootstrap_invocations(script: str) -> list[list[str]]:
+    """Every `... bootstrap --flag value ...` command of a shell script, as words."""
+    import shlex
+
+    joined = script.replace("\\\n", " ")
+    found = []
+    for line in joined.splitlines():
+        words = line.split("#", 1)[0].split()
+        if "bootstrap" in words:
+            found.append(shlex.split(line.split("#", 1)[0]))
+    return found
+
+
+def _flag(words: list[str], name: str) -> str | None:
+    return next((words[i + 1] for i, w in enumerate(words[:-1]) if w == name), None)
+
+
+def check_bootstrap(template: Any, daemon: Any) -> list[str]:
+    """The user data writes the node config with `ecsmesh bootstrap`, with every section."""
+    script, _ = _user_data(template)
+    errors = []
+    if "config.toml <<" in script or ">/etc/ecsmesh/config.toml" in script.replace(" ", ""):
+        errors.append("user data writes config.toml itself; `ecsmesh bootstrap` must write it (checked by the node's parser)")
+    runs = bootstrap_invocations(script)
+    if not runs:
+        return errors + ["user data never runs `ecsmesh bootstrap`: the node would have no config"]
+    resources = template.get("Resources") or {}
+    has_namespace = any(r.get("Type", "").startswith("AWS::ServiceDiscovery::") and r.get("Type", "").endswith("Namespace") for r in resources.values())
+    needed = {
+        "--cluster": "cluster: identities and the ready attribute name it",
+        "--trust-domain": "[identity] trust_domain",
+        "--issuer-url": "[identity] issuer_url (issuer mode)",
+    }
+    if has_namespace:
+        needed["--cloudmap-namespace"] = "[cloudmap] namespace (the template has a Cloud Map namespace)"
+        needed["--cloudmap-service"] = "[cloudmap] services"
+    for words in runs:
+        where = "docker run" if "docker" in words else (words[0] if words else "?")
+        for flag, why in needed.items():
+            if _flag(words, flag) is None:
+                errors.append(f"bootstrap via {where}: {flag} missing ({why})")
+        url = _flag(words, "--issuer-url")
+        if url is not None and not url.startswith("https://"):
+            errors.append(f"bootstrap via {where}: --issuer-url {url!r} must be https://")
+        if "docker" in words and isinstance(daemon, dict):
+            # Paths are those the daemon task sees: they must be its mounts.
+            mounts = _host_mounts(daemon)
+            cg_mount = (mounts.get("/sys/fs/cgroup") or ("?", True))[0]
+            for flag in ("--cgroup-root", "--ecs-cgroup-root"):
+                value = _flag(words, flag) or ""
+                if not value.startswith(cg_mount):
+                    errors.append(f"bootstrap via docker run: {flag} {value!r} is not below the daemon's host cgroupfs mount {cg_mount!r}")
+            sock = _flag(words, "--docker-socket") or "/var/run/docker.sock"
+            mounted = (mounts.get(DOCKER_SOCKET) or (None,))[0]
+            if mounted is None:
+                errors.append(f"bootstrap via docker run: --docker-socket {sock!r}, but the daemon task does not mount {DOCKER_SOCKET}")
+            elif mounted != sock:
+                errors.append(f"bootstrap via docker run: --docker-socket {sock!r}, but the daemon task mounts {DOCKER_SOCKET} at {mounted!r}")
+    return errors
+
+
+def check_issuer_service(template: Any) -> list[str]:
+    """An `ecsmesh issuer run` service exists, outside the mesh, reachable through Cloud Map."""
+    resources = template.get("Resources") or {}
+    script, sub_vars = _user_data(template)
+    found = []
+    errors = []
+    for name, r in resources.items():
+        if r.get("Type") != "AWS::ECS::Service":
+            continue
+        props = r.get("Properties") or {}
+        td_ref = props.get("TaskDefinition")
+        td_name = td_ref.get("Ref") if isinstance(td_ref, dict) else None
+        td = (resources.get(td_name) or {}).get("Properties") or {}
+        words = " ".join(
+            str(x) for c in td.get("ContainerDefinitions", []) for x in [*(c.get("EntryPoint") or []), *(c.get("Command") or [])]
+        )
+        if "issuer run" not in words:
+            continue
+        found.append(name)
+        if props.get("SchedulingStrategy") == "DAEMON":
+            errors.append(f"{name}: the issuer must be a REPLICA service, not a DAEMON")
+        if "ecsmesh.ready" in json.dumps(props.get("PlacementConstraints", [])):
+            errors.append(f"{name}: the issuer must not be placed with attribute:ecsmesh.ready (proxies need the issuer to get ready)")
+        if td.get("NetworkMode") != "awsvpc":
+            errors.append(
+                f"{td_name}: the issuer's NetworkMode must be awsvpc (a host or bridge task would be enrolled by the node proxy it serves)"
+            )
+        registries = props.get("ServiceRegistries") or []
+        if not registries:
+            errors.append(f"{name}: no ServiceRegistries: nodes find the issuer through Cloud Map")
+        for reg in registries:
+            arn = reg.get("RegistryArn")
+            reg_name = arn.get("Fn::GetAtt", [None])[0] if isinstance(arn, dict) else None
+            reg_props = (resources.get(reg_name) or {}).get("Properties") or {}
+            types = {d.get("Type") for d in (reg_props.get("DnsConfig") or {}).get("DnsRecords", [])}
+            if "A" not in types:
+                errors.append(f"{reg_name}: the issuer's Cloud Map service needs an A record (nodes dial issuer_url by host name)")
+            if reg_name and reg_name not in script + json.dumps(sub_vars):
+                errors.append(f"user data: --issuer-url does not use the issuer's Cloud Map service {reg_name}")
+    if not found:
+        errors.append("no ECS service runs `ecsmesh issuer run`: nodes in issuer mode would get no certificates")
     return errors
 
 
@@ -406,6 +546,9 @@ def main(argv: list[str]) -> int:
         c.run("daemon-shape", "task-definition-daemon.json", lambda: check_daemon_shape(daemon))
         if isinstance(template, dict):
             c.run("daemon-consistency", "cloudformation.yaml", lambda: check_daemon_consistency(daemon, template))
+    if isinstance(template, dict):
+        c.run("bootstrap-userdata", "cloudformation.yaml", lambda: check_bootstrap(template, daemon))
+        c.run("issuer-service", "cloudformation.yaml", lambda: check_issuer_service(template))
     if (root / "iam-policy.json").is_file():
         c.run("iam-policy", "iam-policy.json", lambda: check_iam_policy(policy))
         if isinstance(policy, dict) and isinstance(template, dict):

@@ -1,7 +1,9 @@
 //! `cargo xtask deploy-check`: offline validation of the deploy artefacts (JSON and YAML
 //! syntax, cfn-lint on the CloudFormation template, the task definitions against
-//! botocore's ECS model, the IAM policy, the systemd unit, the Dockerfile's shape) by
-//! `deploy/check.py`, run with the project's venv.
+//! botocore's ECS model, the IAM policy, the systemd unit, the Dockerfile's shape, the
+//! user data's `ecsmesh bootstrap` flags, the daemon's docker.sock mount, the issuer
+//! service) by `deploy/check.py`, run with the project's venv. Which role grants which
+//! AWS call is a unit test of proxy-user (`aws::permissions`), next to the calls.
 use std::{path::PathBuf, process::Command};
 
 use anyhow::{Context, Result, bail};
