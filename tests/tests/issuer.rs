@@ -100,6 +100,34 @@ fn each_node_attests_and_gets_identities_for_its_own_tasks_only() {
             )]
         );
     }
+
+    // A restarted proxy (an upgrade) renews with its saved node certificate instead of
+    // attesting again, which the issuer would refuse as a replay while it is valid.
+    let mut s = s;
+    s.w.instances[1].stop_proxy();
+    let opts = s.proxy_options(1);
+    s.w.instances[1].start_proxy(&opts);
+    s.wait_until(
+        "the restarted proxy holds its task's identity",
+        Duration::from_secs(20),
+        |s| s.holds(1, &identity("orders", "orders-api")),
+    );
+    let m = s.w.instances[1].metrics();
+    assert_eq!(calls(&m, "attest", "issued"), 0.0, "no second attestation");
+    assert_eq!(calls(&m, "svid", "issued"), 1.0);
+    let im = s.issuer_metrics();
+    let attests = |result| {
+        counter(
+            &im,
+            "ecsmesh_issuer_requests_total",
+            &[("endpoint", "attest"), ("result", result)],
+        )
+    };
+    assert_eq!(
+        (attests("issued"), attests("replayed_attestation")),
+        (2.0, 0.0)
+    );
+    assert_redirected(&s.call_orders(2), s.w.instances[0].outbound_v4(Bridge));
 }
 
 #[test]
