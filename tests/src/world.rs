@@ -524,6 +524,18 @@ impl Instance {
         (cmd, config)
     }
 
+    /// Starts the proxy without waiting for ready (which may need an ECS agent that is
+    /// not answering yet).
+    pub fn spawn_proxy(&mut self, opts: &ProxyOptions) {
+        let text = self.config_text(opts);
+        let (cmd, config) = self.proxy_command(&text, None);
+        let log = self
+            .workdir
+            .join(format!("{}-proxy-{}.log", self.name, crate::uid()));
+        let proc = process::spawn_logged(cmd, "ecsmesh", &log);
+        self.proxy = Some(Proxy { proc, config, log });
+    }
+
     pub fn start_proxy(&mut self, opts: &ProxyOptions) {
         if opts.admin_on_fabric {
             self.admin = self.addr(15000);

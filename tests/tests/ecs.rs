@@ -70,13 +70,7 @@ struct Cluster {
 
 /// Starts instance 1's proxy without waiting for ready (which needs the agent).
 fn spawn_unready(w: &mut World, opts: &ProxyOptions) {
-    let text = w.instances[1].config_text(opts);
-    let (cmd, config) = w.instances[1].proxy_command(&text, None);
-    let log = w
-        .workdir
-        .join(format!("inst1-proxy-{}.log", harness::uid()));
-    let proc = process::spawn_logged(cmd, "ecsmesh", &log);
-    w.instances[1].proxy = Some(harness::world::Proxy { proc, config, log });
+    w.instances[1].spawn_proxy(opts);
 }
 
 const T1: FakeTask = FakeTask {

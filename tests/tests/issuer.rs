@@ -102,11 +102,13 @@ fn each_node_attests_and_gets_identities_for_its_own_tasks_only() {
     }
 
     // A restarted proxy (an upgrade) renews with its saved node certificate instead of
-    // attesting again, which the issuer would refuse as a replay while it is valid.
+    // attesting again, which the issuer would refuse as a replay while it is valid; and
+    // its restored task gets its certificate even while the ECS agent is down.
     let mut s = s;
     s.w.instances[1].stop_proxy();
+    s.agents[1].set("/v1/tasks", 500, "{\"error\":\"agent down\"}");
     let opts = s.proxy_options(1);
-    s.w.instances[1].start_proxy(&opts);
+    s.w.instances[1].spawn_proxy(&opts);
     s.wait_until(
         "the restarted proxy holds its task's identity",
         Duration::from_secs(20),
@@ -128,6 +130,15 @@ fn each_node_attests_and_gets_identities_for_its_own_tasks_only() {
         (2.0, 0.0)
     );
     assert_redirected(&s.call_orders(2), s.w.instances[0].outbound_v4(Bridge));
+    assert!(
+        s.w.instances[1]
+            .proxy_log()
+            .contains("ECS agent poll failed")
+            || s.w.instances[1]
+                .proxy_log()
+                .contains("waiting for the ECS agent"),
+        "the agent was down throughout"
+    );
 }
 
 #[test]

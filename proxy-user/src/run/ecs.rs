@@ -146,6 +146,9 @@ impl Reconciler {
                     .ecs_syncs
                     .get_or_create(&ResultLabels { result: "error" })
                     .inc();
+                // Enrolled tasks (restored ones after a restart) still get their
+                // certificates while the agent is down: the issuer checks with ECS.
+                self.retry_identities().await;
                 return Err(e);
             }
         };

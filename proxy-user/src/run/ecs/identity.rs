@@ -82,4 +82,17 @@ impl Reconciler {
             }
         }
     }
+
+    /// Issuer mode: [`Self::retry_identity`] for every enrolled task still waiting.
+    pub(super) async fn retry_identities(&mut self) {
+        let waiting: Vec<(TaskId, String, u32)> = self
+            .enrolled
+            .iter()
+            .filter(|(id, _)| self.identity_retry.contains_key(*id))
+            .map(|(id, e)| (id.clone(), e.arn.clone(), e.index))
+            .collect();
+        for (id, arn, index) in waiting {
+            self.retry_identity(&id, &arn, index).await;
+        }
+    }
 }
