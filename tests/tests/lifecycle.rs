@@ -1,7 +1,14 @@
 //! Install, stop, crash and uninstall: what each leaves in the kernel, and instance isolation.
 mod common;
 
-use std::{process::Command, time::Duration};
+use std::{
+    process::Command,
+    sync::{
+        Arc,
+        atomic::{AtomicBool, Ordering},
+    },
+    time::{Duration, Instant},
+};
 
 use common::*;
 use harness::{
@@ -9,7 +16,7 @@ use harness::{
     ProxyOptions, World, cgroup_prog_ids, loaded_prog_ids,
     metrics::counter,
     process::{self, spawn_logged},
-    world::{client_args, run_client},
+    world::{ConnReport, client_args, run_client},
 };
 
 fn attempts(w: &World, inst: usize, task: usize, target: std::net::SocketAddr, n: usize) -> u64 {
@@ -22,6 +29,38 @@ fn attempts(w: &World, inst: usize, task: usize, target: std::net::SocketAddr, n
     let out = process::run(w.instances[inst].tasks[task].meshtool(0, &args));
     let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("attempts json");
     v["connected"].as_u64().unwrap()
+}
+
+/// Background load: one connection at a time from instance 0's task `task` to `target`
+/// (`pause` between them) until `stop` is set or 40 s pass; each report with the time
+/// its client started.
+fn task_load(
+    w: &World,
+    task: usize,
+    target: std::net::SocketAddr,
+    pause: Duration,
+) -> (
+    Arc<AtomicBool>,
+    std::thread::JoinHandle<Vec<(Instant, ConnReport)>>,
+) {
+    let place = w.instances[0].tasks[task].placement(0);
+    let meshtool = tools().meshtool;
+    let stop = Arc::new(AtomicBool::new(false));
+    let flag = stop.clone();
+    let load = std::thread::spawn(move || {
+        let deadline = Instant::now() + Duration::from_secs(40);
+        let mut seen = Vec::new();
+        while !flag.load(Ordering::Relaxed) && Instant::now() < deadline {
+            let mut c = Command::new(&meshtool);
+            c.args(client_args(&[target], 1, 64));
+            process::place(&mut c, &place);
+            let at = Instant::now();
+            seen.extend(run_client(c).into_iter().map(|r| (at, r)));
+            std::thread::sleep(pause);
+        }
+        seen
+    });
+    (stop, load)
 }
 
 /// `ecsmesh uninstall --pin-dir`, which must succeed.
@@ -147,34 +186,13 @@ fn sigterm_leaves_the_redirect_attached_and_the_next_proxy_takes_over() {
 /// (a direct connection would show the target, not the proxy, as its socket's peer).
 #[test]
 fn restarts_under_load_never_let_a_connection_out_directly() {
-    use std::sync::{
-        Arc,
-        atomic::{AtomicBool, Ordering},
-    };
     let mut w = World::new(tools(), 2);
     let task = w.add_task(0, Host, 1);
     let target = w.instances[1].addr(9000);
     w.instances[1].echo_server(&[target]);
     w.instances[0].start_proxy(&ProxyOptions::default());
     let proxy = w.instances[0].outbound_v4(Host);
-    let place = w.instances[0].tasks[task].placement(0);
-    let meshtool = tools().meshtool;
-    let stop = Arc::new(AtomicBool::new(false));
-    let load = {
-        let stop = stop.clone();
-        std::thread::spawn(move || {
-            let deadline = std::time::Instant::now() + Duration::from_secs(40);
-            let mut reports = Vec::new();
-            while !stop.load(Ordering::Relaxed) && std::time::Instant::now() < deadline {
-                let mut c = Command::new(&meshtool);
-                c.args(client_args(&[target], 1, 64));
-                process::place(&mut c, &place);
-                reports.extend(run_client(c));
-                std::thread::sleep(Duration::from_millis(20));
-            }
-            reports
-        })
-    };
+    let (stop, load) = task_load(&w, task, target, Duration::from_millis(20));
     let pause = || std::thread::sleep(Duration::from_millis(1500));
     pause();
     w.instances[0].stop_proxy();
@@ -186,7 +204,7 @@ fn restarts_under_load_never_let_a_connection_out_directly() {
     w.instances[0].start_proxy(&ProxyOptions::default());
     pause();
     stop.store(true, Ordering::Relaxed);
-    let reports = load.join().unwrap();
+    let reports: Vec<_> = load.join().unwrap().into_iter().map(|(_, r)| r).collect();
     let direct: Vec<_> = reports
         .iter()
         .filter(|r| r.ok && r.peer != Some(proxy))
@@ -301,40 +319,13 @@ fn bad_config_exits_with_a_one_line_error_and_attaches_nothing() {
 /// adds on a real instance (stop timeout, image pull, container start) comes on top.
 #[test]
 fn an_upgrade_by_stop_then_start_is_fail_closed_for_a_measured_gap() {
-    use std::{
-        sync::{
-            Arc,
-            atomic::{AtomicBool, Ordering},
-        },
-        time::Instant,
-    };
     let mut w = World::new(tools(), 2);
     let task = w.add_task(0, Host, 1);
     let target = w.instances[1].addr(9000);
     w.instances[1].echo_server(&[target]);
     w.instances[0].start_proxy(&ProxyOptions::default());
     let proxy = w.instances[0].outbound_v4(Host);
-    let place = w.instances[0].tasks[task].placement(0);
-    let meshtool = tools().meshtool;
-    let stop = Arc::new(AtomicBool::new(false));
-    let load = {
-        let stop = stop.clone();
-        std::thread::spawn(move || {
-            let deadline = Instant::now() + Duration::from_secs(40);
-            let mut seen = Vec::new();
-            while !stop.load(Ordering::Relaxed) && Instant::now() < deadline {
-                let mut c = Command::new(&meshtool);
-                c.args(client_args(&[target], 1, 64));
-                process::place(&mut c, &place);
-                let at = Instant::now();
-                for r in run_client(c) {
-                    seen.push((at, r));
-                }
-                std::thread::sleep(Duration::from_millis(10));
-            }
-            seen
-        })
-    };
+    let (stop, load) = task_load(&w, task, target, Duration::from_millis(10));
     std::thread::sleep(Duration::from_secs(1));
     let t0 = Instant::now();
     w.instances[0].stop_proxy();
