@@ -122,13 +122,12 @@ pub enum IdentitySource {
     /// File mode (`issuer_dir`): an issuing CA key on this node. For offline use, the
     /// harness and the demo.
     IssuerDir(PathBuf),
-    /// Issuer mode (`issuer_url`): the node attests to `ecsmesh issuer` with its instance
-    /// identity document from IMDS and holds no CA key.
+    /// Issuer mode (`issuer_url`): no CA key here. A node attests with its instance
+    /// identity document from IMDS; a sidecar with its task's IAM role.
     Issuer {
         #[serde(serialize_with = "display")]
         url: http::Uri,
-        #[serde(serialize_with = "display")]
-        imds_url: http::Uri,
+        attestation: crate::identity::remote::Attestation,
     },
 }
 
@@ -383,7 +382,10 @@ pub fn resolv_conf_nameservers(text: &str) -> Vec<IpAddr> {
         .collect()
 }
 
-fn display<T: std::fmt::Display, S: serde::Serializer>(v: &T, s: S) -> Result<S::Ok, S::Error> {
+pub(crate) fn display<T: std::fmt::Display, S: serde::Serializer>(
+    v: &T,
+    s: S,
+) -> Result<S::Ok, S::Error> {
     s.collect_str(v)
 }
 

@@ -34,6 +34,7 @@ mod run;
 pub(crate) mod server;
 pub(crate) mod service;
 pub(crate) mod state;
+pub(crate) mod sts;
 
 #[cfg(test)]
 mod tests;

@@ -155,7 +155,10 @@ async fn bootstrap_writes_a_config_the_node_accepts() {
         "spiffe://{trust_domain}/svc/{family}"
     );
     match idn.source {
-        IdentitySource::Issuer { url, imds_url } => {
+        IdentitySource::Issuer {
+            url,
+            attestation: crate::identity::remote::Attestation::Instance { imds_url },
+        } => {
             assert_eq!(url.to_string(), "https://issuer.mesh.local:8443/");
             assert_eq!(imds_url.to_string(), format!("http://{imds}/"));
         }

@@ -8,7 +8,10 @@ use super::{
     IdentitySettings, IdentitySource,
     raw::{Invalid, invalid},
 };
-use crate::identity::{DEFAULT_TEMPLATE, IdentityTemplate, TrustDomain};
+use crate::identity::{
+    DEFAULT_TEMPLATE, IdentityTemplate, TrustDomain,
+    remote::{Attestation, TaskRoleConfig},
+};
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -21,6 +24,15 @@ pub(super) struct RawIdentity {
     issuer_url: Option<String>,
     #[serde(default)]
     imds_url: Option<String>,
+    /// `instance` (a node, the default) or `task_role` (a sidecar).
+    #[serde(default)]
+    attestation: Option<String>,
+    #[serde(default)]
+    sts_url: Option<String>,
+    #[serde(default)]
+    region: Option<String>,
+    #[serde(default)]
+    credentials_url: Option<String>,
     #[serde(default)]
     svid_lifetime_secs: Option<u64>,
     #[serde(default)]
@@ -31,6 +43,66 @@ pub(super) struct RawIdentity {
 
 /// AWS's instance metadata service.
 const DEFAULT_IMDS_URL: &str = "http://169.254.169.254";
+
+/// `attestation` and the fields that go with it.
+fn attestation(
+    kind: Option<&str>,
+    imds_url: Option<&str>,
+    sts_url: Option<&str>,
+    region: Option<String>,
+    credentials_url: Option<&str>,
+    url: impl Fn(&str, &str) -> Result<http::Uri, Invalid>,
+) -> Result<Attestation, Invalid> {
+    match kind.unwrap_or("instance") {
+        "instance" => {
+            for (field, set) in [
+                ("identity.sts_url", sts_url.is_some()),
+                ("identity.region", region.is_some()),
+                ("identity.credentials_url", credentials_url.is_some()),
+            ] {
+                if set {
+                    return Err(invalid(field, "only with attestation = \"task_role\""));
+                }
+            }
+            let imds = url("identity.imds_url", imds_url.unwrap_or(DEFAULT_IMDS_URL))?;
+            if imds.scheme_str() != Some("http") {
+                return Err(invalid("identity.imds_url", "must be http://"));
+            }
+            Ok(Attestation::Instance { imds_url: imds })
+        }
+        "task_role" => {
+            if imds_url.is_some() {
+                return Err(invalid(
+                    "identity.imds_url",
+                    "a task_role attestation does not use IMDS",
+                ));
+            }
+            let region = region.filter(|r| !r.is_empty()).ok_or_else(|| {
+                invalid(
+                    "identity.region",
+                    "task_role attestation signs for one region's STS: set region",
+                )
+            })?;
+            let default_sts = format!("https://sts.{region}.amazonaws.com");
+            let sts_url = url("identity.sts_url", sts_url.unwrap_or(&default_sts))?;
+            let credentials_url = credentials_url
+                .map(|c| {
+                    c.parse::<http::Uri>()
+                        .map_err(|e| invalid("identity.credentials_url", format!("{c:?}: {e}")))
+                })
+                .transpose()?;
+            Ok(Attestation::TaskRole(TaskRoleConfig {
+                sts_url,
+                region,
+                credentials_url,
+            }))
+        }
+        other => Err(invalid(
+            "identity.attestation",
+            format!("{other:?}: want \"instance\" (a node) or \"task_role\" (a sidecar)"),
+        )),
+    }
+}
 
 impl RawIdentity {
     pub(super) fn validate(self) -> Result<IdentitySettings, Invalid> {
@@ -75,8 +147,16 @@ impl RawIdentity {
         };
         let source = match (self.issuer_dir, self.issuer_url) {
             (Some(dir), None) => {
-                if self.imds_url.is_some() {
-                    return Err(invalid("identity.imds_url", "only with issuer_url"));
+                for (field, set) in [
+                    ("identity.imds_url", self.imds_url.is_some()),
+                    ("identity.attestation", self.attestation.is_some()),
+                    ("identity.sts_url", self.sts_url.is_some()),
+                    ("identity.region", self.region.is_some()),
+                    ("identity.credentials_url", self.credentials_url.is_some()),
+                ] {
+                    if set {
+                        return Err(invalid(field, "only with issuer_url"));
+                    }
                 }
                 if !dir.exists() {
                     return Err(invalid(
@@ -91,16 +171,16 @@ impl RawIdentity {
                 if issuer.scheme_str() != Some("https") {
                     return Err(invalid("identity.issuer_url", "must be https://"));
                 }
-                let imds = url(
-                    "identity.imds_url",
-                    self.imds_url.as_deref().unwrap_or(DEFAULT_IMDS_URL),
-                )?;
-                if imds.scheme_str() != Some("http") {
-                    return Err(invalid("identity.imds_url", "must be http://"));
-                }
                 IdentitySource::Issuer {
                     url: issuer,
-                    imds_url: imds,
+                    attestation: attestation(
+                        self.attestation.as_deref(),
+                        self.imds_url.as_deref(),
+                        self.sts_url.as_deref(),
+                        self.region,
+                        self.credentials_url.as_deref(),
+                        url,
+                    )?,
                 }
             }
             (Some(_), Some(_)) => {

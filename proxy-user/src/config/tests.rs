@@ -1,6 +1,7 @@
 use std::path::Path;
 
 use super::*;
+use crate::identity::remote::Attestation;
 
 fn parse(text: &str) -> Result<Config, ConfigError> {
     Config::parse(Path::new("test.toml"), text)
@@ -234,11 +235,51 @@ fn identity_takes_a_ca_directory_or_an_issuer_but_not_both() {
     };
     let c = with("issuer_url = \"https://issuer.mesh.internal:8443\"").unwrap();
     match c.identity.unwrap().source {
-        IdentitySource::Issuer { url, imds_url } => {
+        IdentitySource::Issuer {
+            url,
+            attestation: Attestation::Instance { imds_url },
+        } => {
             assert_eq!(url.port_u16(), Some(8443));
             assert_eq!(imds_url.host(), Some("169.254.169.254"));
         }
         other => panic!("{other:?}"),
+    }
+    let sidecar =
+        "issuer_url = \"https://i:8443\"\nattestation = \"task_role\"\nregion = \"eu-west-1\"";
+    match with(sidecar).unwrap().identity.unwrap().source {
+        IdentitySource::Issuer {
+            attestation: Attestation::TaskRole(t),
+            ..
+        } => {
+            assert_eq!(
+                t.sts_url.to_string(),
+                "https://sts.eu-west-1.amazonaws.com/"
+            );
+            assert_eq!(t.region, "eu-west-1");
+            assert!(t.credentials_url.is_none());
+        }
+        other => panic!("{other:?}"),
+    }
+    for (body, field) in [
+        (
+            "issuer_url = \"https://i:8443\"\nattestation = \"task_role\"",
+            "identity.region",
+        ),
+        (
+            "issuer_url = \"https://i:8443\"\nattestation = \"iam\"",
+            "identity.attestation",
+        ),
+        (
+            &format!("{sidecar}\nimds_url = \"http://169.254.169.254\"") as &str,
+            "identity.imds_url",
+        ),
+        (
+            "issuer_url = \"https://i:8443\"\nregion = \"eu-west-1\"",
+            "identity.region",
+        ),
+    ] {
+        let e = with(body).unwrap_err().to_string();
+        assert!(e.contains(field), "{body:?}: {e}");
     }
     let c = with(&format!("issuer_dir = \"{}\"", dir.display())).unwrap();
     assert!(matches!(

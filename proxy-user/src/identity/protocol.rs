@@ -10,6 +10,13 @@
 //!   a fresh node certificate without a new attestation.
 //! - `POST /v1/svid` (mTLS with the node certificate): [`SvidRequest`] → [`Issued`], an
 //!   X.509-SVID for the task, named from what ECS says about it.
+//! - `POST /v1/task` (no client certificate): [`TaskAttestRequest`] → [`Issued`], an
+//!   X.509-SVID for a task that proves itself with its own IAM task role: a SigV4-signed
+//!   `sts:GetCallerIdentity` (HashiCorp Vault's AWS IAM auth method) whose signed
+//!   [`BINDING_HEADER`] ties it to this issuer and this CSR. The issuer sends it to STS
+//!   itself; the caller is `assumed-role/<task role>/<task id>` (ECS names task-role
+//!   sessions after the task), which ECS must confirm. Sidecars use this: no node, no key
+//!   material in the task definition.
 //! - Every refusal is a 4xx/5xx with [`Refusal`]: a stable `error` code ([`Reason`]) and a
 //!   human message.
 //!
@@ -23,6 +30,11 @@ use super::{IdentityError, SpiffeId, TrustDomain};
 pub const ATTEST_PATH: &str = "/v1/attest";
 pub const NODE_PATH: &str = "/v1/node";
 pub const SVID_PATH: &str = "/v1/svid";
+pub const TASK_PATH: &str = "/v1/task";
+/// The signed header binding a task's STS request to one issuer and one CSR.
+pub const BINDING_HEADER: &str = "x-ecsmesh-binding";
+/// The only STS request the issuer forwards.
+pub const GET_CALLER_IDENTITY: &str = "Action=GetCallerIdentity&Version=2011-06-15";
 /// The largest request body the issuer reads (a CSR plus an instance identity document
 /// and its signature fit in a few KiB).
 pub const MAX_BODY: usize = 64 * 1024;
@@ -70,6 +82,34 @@ pub struct SvidRequest {
     /// The full task ARN as the ECS agent reports it.
     pub task_arn: String,
     pub csr: String,
+}
+
+/// `POST /v1/task`: a task's own proof, for an SVID for that task.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct TaskAttestRequest {
+    /// The full task ARN (from the task metadata endpoint).
+    pub task_arn: String,
+    pub csr: String,
+    pub sts: SignedStsRequest,
+}
+
+/// A SigV4-signed `POST` of [`GET_CALLER_IDENTITY`] to STS, as the task signed it; the
+/// issuer sends exactly this to its own configured STS endpoint.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct SignedStsRequest {
+    pub url: String,
+    /// Every header the signature covers (lowercase names), `host` included.
+    pub headers: Vec<(String, String)>,
+    pub body: String,
+}
+
+/// The value of [`BINDING_HEADER`]: the issuer's identity and the SHA-256 of the CSR PEM
+/// exactly as sent, so a captured request is worth nothing at another issuer or for
+/// another key.
+pub fn binding(issuer: &SpiffeId, csr_pem: &str) -> String {
+    let digest = ring::digest::digest(&ring::digest::SHA256, csr_pem.as_bytes());
+    let hex: String = digest.as_ref().iter().map(|b| format!("{b:02x}")).collect();
+    format!("{issuer} sha256={hex}")
 }
 
 /// A certificate the issuer made for the CSR's key.
@@ -128,11 +168,19 @@ pub enum Reason {
     NoIdentity,
     /// ECS could not be asked (retry later).
     EcsUnavailable,
+    /// The signed STS request is bound to another issuer or another CSR (a replay).
+    BindingMismatch,
+    /// STS names a caller that is not the task's own role session.
+    NotTaskCredentials,
+    /// The task's definition has another task role than the caller's.
+    RoleMismatch,
+    /// STS could not be asked (retry later).
+    StsUnavailable,
     Internal,
 }
 
 impl Reason {
-    pub const ALL: [Reason; 20] = [
+    pub const ALL: [Reason; 24] = [
         Reason::BadRequest,
         Reason::BodyTooLarge,
         Reason::MalformedAttestation,
@@ -152,6 +200,10 @@ impl Reason {
         Reason::TaskNotRunning,
         Reason::NoIdentity,
         Reason::EcsUnavailable,
+        Reason::BindingMismatch,
+        Reason::NotTaskCredentials,
+        Reason::RoleMismatch,
+        Reason::StsUnavailable,
         Reason::Internal,
     ];
 
@@ -176,6 +228,10 @@ impl Reason {
             Reason::TaskNotRunning => "task_not_running",
             Reason::NoIdentity => "no_identity",
             Reason::EcsUnavailable => "ecs_unavailable",
+            Reason::BindingMismatch => "binding_mismatch",
+            Reason::NotTaskCredentials => "not_task_credentials",
+            Reason::RoleMismatch => "role_mismatch",
+            Reason::StsUnavailable => "sts_unavailable",
             Reason::Internal => "internal",
         }
     }
@@ -192,7 +248,7 @@ impl Reason {
             Reason::BodyTooLarge => 413,
             Reason::NoNodeCertificate => 401,
             Reason::UnknownTask => 404,
-            Reason::EcsUnavailable => 503,
+            Reason::EcsUnavailable | Reason::StsUnavailable => 503,
             Reason::Internal => 500,
             _ => 403,
         }
@@ -200,7 +256,10 @@ impl Reason {
 
     /// Whether asking again later can succeed without anything else changing.
     pub fn transient(self) -> bool {
-        matches!(self, Reason::EcsUnavailable | Reason::Internal)
+        matches!(
+            self,
+            Reason::EcsUnavailable | Reason::StsUnavailable | Reason::Internal
+        )
     }
 }
 

@@ -20,8 +20,10 @@ use rustls::{SignatureScheme, client::ResolvesClientCert, sign::CertifiedKey};
 use rustls_pki_types::{CertificateDer, UnixTime, pem::PemObject};
 use serde::Serialize;
 
-mod wire;
+mod task_role;
+pub(crate) mod wire;
 
+pub use task_role::{TaskRoleConfig, sign_get_caller_identity};
 pub(crate) use wire::imds_get;
 use wire::{authority, http_call};
 
@@ -39,18 +41,33 @@ pub const NODE_CERT_FILE: &str = "node.pem";
 #[derive(Clone, Debug)]
 pub struct RemoteConfig {
     pub issuer_url: http::Uri,
-    pub imds_url: http::Uri,
+    pub attestation: Attestation,
     pub trust_domain: TrustDomain,
     /// Keeps the node certificate and key (`identity/` below the proxy's state dir).
     pub state_dir: PathBuf,
 }
 
-/// The three calls a node makes, as metric labels.
+/// How this proxy proves what it is to the issuer.
+#[derive(Clone, Debug, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Attestation {
+    /// A node: the instance identity document from IMDS, then a node certificate that
+    /// asks for the SVIDs of the tasks on this instance.
+    Instance {
+        #[serde(serialize_with = "crate::config::display")]
+        imds_url: http::Uri,
+    },
+    /// A sidecar: its task's own IAM role credentials (no node certificate).
+    TaskRole(TaskRoleConfig),
+}
+
+/// The calls to the issuer, as metric labels.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Call {
     Attest,
     Node,
     Svid,
+    Task,
 }
 
 impl Call {
@@ -59,6 +76,7 @@ impl Call {
             Call::Attest => "attest",
             Call::Node => "node",
             Call::Svid => "svid",
+            Call::Task => "task",
         }
     }
     fn path(self) -> &'static str {
@@ -66,6 +84,7 @@ impl Call {
             Call::Attest => protocol::ATTEST_PATH,
             Call::Node => protocol::NODE_PATH,
             Call::Svid => protocol::SVID_PATH,
+            Call::Task => protocol::TASK_PATH,
         }
     }
 }
@@ -84,6 +103,8 @@ pub enum RemoteError {
     Protocol { call: Call, message: String },
     #[error("instance metadata (IMDS) at {url}: {message}")]
     Imds { url: String, message: String },
+    #[error("task role credentials: {message}")]
+    Credentials { message: String },
     #[error(transparent)]
     Identity(#[from] IdentityError),
 }
@@ -96,6 +117,7 @@ impl RemoteError {
             RemoteError::Unreachable { .. } => "unreachable",
             RemoteError::Protocol { .. } => "bad_response",
             RemoteError::Imds { .. } => "imds_unavailable",
+            RemoteError::Credentials { .. } => "credentials_unavailable",
             RemoteError::Identity(_) => "local_error",
         }
     }
@@ -109,7 +131,9 @@ impl RemoteError {
                 reason: Reason::UnknownTask
                     | Reason::NotOnInstance
                     | Reason::TaskNotRunning
-                    | Reason::NoIdentity,
+                    | Reason::NoIdentity
+                    | Reason::NotTaskCredentials
+                    | Reason::RoleMismatch,
                 ..
             }
         )
@@ -165,6 +189,9 @@ impl RemoteIssuer {
             node_lock: tokio::sync::Mutex::new(()),
             observer: std::sync::Mutex::new(None),
         };
+        if matches!(this.cfg.attestation, Attestation::TaskRole(_)) {
+            return this;
+        }
         match this.load_saved() {
             Ok(Some(node)) => {
                 tracing::info!(dir = %this.dir().display(), "saved node certificate loaded; renewing over mTLS instead of attesting again");
@@ -205,6 +232,9 @@ impl RemoteIssuer {
 
     /// An SVID for the task `task_arn`, named by the issuer from what ECS says.
     pub async fn svid(&self, task_arn: &str) -> Result<Svid, RemoteError> {
+        if let Attestation::TaskRole(cfg) = &self.cfg.attestation {
+            return self.task_svid(cfg, task_arn).await;
+        }
         self.ensure_node().await?;
         let key = KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256).map_err(IdentityError::from)?;
         let body = SvidRequest {
@@ -219,6 +249,9 @@ impl RemoteIssuer {
 
     /// Renews the node certificate when it is at or past half its life (or missing).
     pub async fn refresh_node(&self) -> Result<(), RemoteError> {
+        if matches!(self.cfg.attestation, Attestation::TaskRole(_)) {
+            return Ok(()); // no node certificate
+        }
         if self
             .node_refresh_at()
             .is_none_or(|at| at <= SystemTime::now())
@@ -397,7 +430,12 @@ impl RemoteIssuer {
 
     /// The instance identity document and its signature, from IMDS.
     async fn instance_identity(&self) -> Result<(String, String), RemoteError> {
-        let url = &self.cfg.imds_url;
+        let Attestation::Instance { imds_url: url } = &self.cfg.attestation else {
+            return Err(RemoteError::Imds {
+                url: String::new(),
+                message: "a sidecar attests with its task role, not IMDS".into(),
+            });
+        };
         let mut got = imds_get(
             url,
             &[
@@ -437,7 +475,7 @@ impl RemoteIssuer {
             .expect("the ring provider supports TLS 1.3")
             .dangerous()
             .with_custom_certificate_verifier(verifier);
-        let mut tls = if call == Call::Attest {
+        let mut tls = if matches!(call, Call::Attest | Call::Task) {
             builder.with_no_client_auth()
         } else {
             let node = self.node.load_full().ok_or_else(|| RemoteError::Protocol {

@@ -15,6 +15,8 @@
 //! denied_instances = []
 //! # aws_endpoint = "http://127.0.0.1:5000"  # tests: moto
 //! # region = "eu-west-1"
+//! # sts_url = "https://sts.eu-west-1.amazonaws.com"  # task-role attestation (sidecars):
+//! #                                 # default from region; off with neither
 //! ```
 use std::{
     net::SocketAddr,
@@ -58,6 +60,8 @@ pub struct IssuerConfig {
     pub ca: CaSource,
     pub aws_endpoint: Option<String>,
     pub region: Option<String>,
+    /// Task-role attestation (`/v1/task`) forwards to this STS endpoint; off when None.
+    pub sts_url: Option<http::Uri>,
     pub iid_certificates: Vec<PathBuf>,
     pub state_file: PathBuf,
     pub denied_instances: Vec<String>,
@@ -78,6 +82,7 @@ struct Raw {
     ca_secret: Option<String>,
     aws_endpoint: Option<String>,
     region: Option<String>,
+    sts_url: Option<String>,
     iid_certificates: Vec<PathBuf>,
     state_file: PathBuf,
     #[serde(default)]
@@ -138,6 +143,23 @@ impl Raw {
                 ));
             }
         }
+        let sts_url = match (&self.sts_url, &self.region) {
+            (Some(u), _) => Some(u.clone()),
+            (None, Some(r)) => Some(format!("https://sts.{r}.amazonaws.com")),
+            (None, None) => None,
+        };
+        let sts_url = sts_url
+            .map(|u| {
+                let uri: http::Uri = u.parse().map_err(|e| ("sts_url", format!("{u:?}: {e}")))?;
+                if uri.host().is_none()
+                    || uri.path() != "/"
+                    || !matches!(uri.scheme_str(), Some("https" | "http"))
+                {
+                    return Err(("sts_url", format!("{u:?}: want http(s)://host[:port]")));
+                }
+                Ok(uri)
+            })
+            .transpose()?;
         Ok(IssuerConfig {
             listen: self.listen,
             admin_addr: self.admin_addr,
@@ -150,6 +172,7 @@ impl Raw {
             ca,
             aws_endpoint: self.aws_endpoint,
             region: self.region,
+            sts_url,
             iid_certificates: self.iid_certificates,
             state_file: self.state_file,
             denied_instances: self.denied_instances,

@@ -26,6 +26,7 @@ pub enum Endpoint {
     Attest,
     Node,
     Svid,
+    Task,
 }
 
 impl Endpoint {
@@ -34,6 +35,7 @@ impl Endpoint {
             Endpoint::Attest => "attest",
             Endpoint::Node => "node",
             Endpoint::Svid => "svid",
+            Endpoint::Task => "task",
         }
     }
 }

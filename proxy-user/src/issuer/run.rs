@@ -13,6 +13,7 @@ use super::{
     server::{self, App},
     service::Service,
     state::StateFile,
+    sts::HttpSts,
 };
 use crate::{
     identity::{Issuer, TrustBundle},
@@ -55,6 +56,14 @@ pub async fn run(config: IssuerConfig) -> anyhow::Result<()> {
             .cloned()
             .collect::<HashSet<_>>(),
         ecs: Arc::new(Cached::new(AwsEcs::new(&sdk, config.cluster.clone()))),
+        sts: match &config.sts_url {
+            Some(url) => {
+                let sts = HttpSts::new(url.clone()).map_err(|e| anyhow::anyhow!("sts_url: {e}"))?;
+                tracing::info!(sts_url = %url, "task-role attestation on (/v1/task)");
+                Some((url.clone(), Arc::new(sts) as Arc<dyn super::sts::Sts>))
+            }
+            None => None,
+        },
     };
     let metrics = Arc::new(IssuerMetrics::default());
     if let Some(addr) = config.admin_addr {

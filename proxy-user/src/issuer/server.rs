@@ -31,7 +31,9 @@ use super::{
     metrics::{Endpoint, IssuerMetrics},
     service::{Service, Subject},
 };
-use crate::identity::protocol::{ATTEST_PATH, MAX_BODY, NODE_PATH, Reason, Refusal, SVID_PATH};
+use crate::identity::protocol::{
+    ATTEST_PATH, MAX_BODY, NODE_PATH, Reason, Refusal, SVID_PATH, TASK_PATH,
+};
 
 pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 pub const HEADER_TIMEOUT: Duration = Duration::from_secs(10);
@@ -192,6 +194,7 @@ async fn handle(
         ATTEST_PATH => Endpoint::Attest,
         NODE_PATH => Endpoint::Node,
         SVID_PATH => Endpoint::Svid,
+        TASK_PATH => Endpoint::Task,
         path => {
             let message = format!("no such endpoint {path}");
             return refusal(StatusCode::NOT_FOUND, Reason::BadRequest, message);
@@ -224,6 +227,10 @@ async fn handle(
                 },
                 Endpoint::Svid => match parse(&body) {
                     Ok(r) => s.svid(certs, r, &mut who).await,
+                    Err(e) => Err(e),
+                },
+                Endpoint::Task => match parse(&body) {
+                    Ok(r) => s.task_svid(r, &mut who).await,
                     Err(e) => Err(e),
                 },
             }

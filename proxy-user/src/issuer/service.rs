@@ -11,14 +11,15 @@ use super::{
     ca_source::Authority,
     config::is_instance_id,
     csr::{self, CsrKey},
-    ecs::{ContainerInstance, EcsView},
+    ecs::{ContainerInstance, EcsView, Task, TaskDefinition},
     state::{InstanceRecord, StateFile, unix_secs},
+    sts::{self, Sts},
 };
 use crate::identity::{
     IdentityTemplate, Rejection, SpiffeId, TemplateVars, TrustDomain, Usage,
     protocol::{
-        AttestRequest, Issued, NodeRenewRequest, RESERVED_PREFIX, Reason, SvidRequest, node_id,
-        node_instance_of,
+        AttestRequest, Issued, NodeRenewRequest, RESERVED_PREFIX, Reason, SvidRequest,
+        TaskAttestRequest, binding, issuer_id, node_id, node_instance_of,
     },
     verify::CertInfo,
     verify_peer,
@@ -47,6 +48,8 @@ pub struct Service {
     /// From the config; merged with the state file's list.
     pub denied: HashSet<String>,
     pub ecs: Arc<dyn EcsView>,
+    /// Task-role attestation: the STS endpoint signed requests must be for, and STS.
+    pub sts: Option<(http::Uri, Arc<dyn Sts>)>,
 }
 
 /// Who a request turned out to be about, for the log line.
@@ -145,17 +148,7 @@ impl Service {
             return Err(Refused::new(Reason::UnknownTask, "not an ECS task ARN"));
         }
         let ci = self.live_instance(&instance).await?;
-        let task = self
-            .ecs
-            .task(&req.task_arn)
-            .await
-            .map_err(unavailable)?
-            .ok_or_else(|| {
-                Refused::new(
-                    Reason::UnknownTask,
-                    format!("ECS does not know the task in cluster {}", self.cluster),
-                )
-            })?;
+        let task = self.task(&req.task_arn).await?;
         if task.container_instance_arn.as_deref() != Some(ci.arn.as_str()) {
             return Err(Refused::new(
                 Reason::NotOnInstance,
@@ -168,14 +161,101 @@ impl Service {
                 format!("the task is {}", task.last_status),
             ));
         }
-        let def = self
-            .ecs
+        let def = self.definition(&task).await?;
+        let id = self.task_identity(&task, def)?;
+        self.issue(&id, &key, self.svid_lifetime)
+            .map(|(issued, _)| issued)
+    }
+
+    /// `POST /v1/task`: an SVID for a task that proves itself with its own IAM role (a
+    /// signed `sts:GetCallerIdentity`, see [`sts`]).
+    pub async fn task_svid(
+        &self,
+        req: TaskAttestRequest,
+        who: &mut Subject,
+    ) -> Result<Issued, Refused> {
+        who.task = Some(req.task_arn.clone());
+        let Some((sts_url, sts)) = &self.sts else {
+            return Err(Refused::new(
+                Reason::BadRequest,
+                "task-role attestation is off at this issuer (set sts_url or region)",
+            ));
+        };
+        let key = csr::check(&req.csr)?;
+        if !is_task_arn(&req.task_arn) {
+            return Err(Refused::new(Reason::UnknownTask, "not an ECS task ARN"));
+        }
+        let expected = binding(&issuer_id(&self.td), &req.csr);
+        sts::check(&req.sts, sts_url, &expected, std::time::SystemTime::now())?;
+        let (status, body) = sts
+            .send(&req.sts)
+            .await
+            .map_err(|e| Refused::new(Reason::StsUnavailable, e))?;
+        let caller = sts::caller(status, &body)?;
+        let task_id = req.task_arn.rsplit('/').next().unwrap_or_default();
+        if caller.session != task_id {
+            return Err(Refused::new(
+                Reason::NotTaskCredentials,
+                format!(
+                    "the credentials are of role session {}/{}, not of task {task_id}",
+                    caller.role, caller.session
+                ),
+            ));
+        }
+        let task = self.task(&req.task_arn).await?;
+        if !LIVE_TASK.contains(&task.last_status.as_str()) {
+            return Err(Refused::new(
+                Reason::TaskNotRunning,
+                format!("the task is {}", task.last_status),
+            ));
+        }
+        let def = self.definition(&task).await?;
+        let role = def.task_role_arn.as_deref().unwrap_or_default();
+        let same = role.split(':').nth(4) == Some(caller.account.as_str())
+            && role
+                .split(':')
+                .nth(5)
+                .is_some_and(|r| r.starts_with("role/"))
+            && role.rsplit('/').next() == Some(caller.role.as_str());
+        if !same {
+            return Err(Refused::new(
+                Reason::RoleMismatch,
+                format!(
+                    "the task's role is {role:?}, the credentials are of {}:{}",
+                    caller.account, caller.role
+                ),
+            ));
+        }
+        let id = self.task_identity(&task, def)?;
+        self.issue(&id, &key, self.svid_lifetime)
+            .map(|(issued, _)| issued)
+    }
+
+    async fn task(&self, arn: &str) -> Result<Task, Refused> {
+        self.ecs
+            .task(arn)
+            .await
+            .map_err(unavailable)?
+            .ok_or_else(|| {
+                Refused::new(
+                    Reason::UnknownTask,
+                    format!("ECS does not know the task in cluster {}", self.cluster),
+                )
+            })
+    }
+
+    async fn definition(&self, task: &Task) -> Result<TaskDefinition, Refused> {
+        self.ecs
             .task_definition(&task.task_definition_arn)
             .await
             .map_err(unavailable)?
             .ok_or_else(|| {
                 Refused::new(Reason::UnknownTask, "ECS does not know its task definition")
-            })?;
+            })
+    }
+
+    /// A task's identity, rendered from what ECS says about it (never from the caller).
+    fn task_identity(&self, task: &Task, def: TaskDefinition) -> Result<SpiffeId, Refused> {
         let vars = TemplateVars {
             trust_domain: self.td.clone(),
             cluster: self.cluster.clone(),
@@ -197,8 +277,7 @@ impl Service {
             .render(&vars)
             .map_err(|e| Refused::new(Reason::NoIdentity, e.to_string()))?;
         check_workload_id(&id, &self.td)?;
-        self.issue(&id, &key, self.svid_lifetime)
-            .map(|(issued, _)| issued)
+        Ok(id)
     }
 
     /// The EC2 instance a valid node certificate names.

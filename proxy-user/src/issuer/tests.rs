@@ -2,6 +2,7 @@
 //! standing in for AWS's instance identity signer (`testdata/`).
 mod csr;
 mod service;
+mod task_role;
 mod tls;
 
 use std::{
@@ -25,10 +26,11 @@ use super::{
     ecs::{ContainerInstance, EcsError, EcsView, Task, TaskDefinition},
     service::{Service, Subject},
     state::StateFile,
+    sts::Sts,
 };
 use crate::identity::{
     Ca, IdentityTemplate, Issuer, TrustBundle, TrustDomain,
-    protocol::{AttestRequest, Issued, Reason, SvidRequest},
+    protocol::{AttestRequest, Issued, Reason, SignedStsRequest, SvidRequest},
 };
 
 pub(super) const INSTANCE: &str = "i-0123456789abcdef0";
@@ -119,6 +121,36 @@ impl EcsView for FakeEcs {
     }
 }
 
+/// The STS endpoint of the fixture.
+pub(super) const STS_URL: &str = "https://sts.eu-west-1.amazonaws.com";
+
+/// STS as the tests want it: one canned answer; records what it was sent.
+pub(super) struct FakeSts {
+    pub answer: Mutex<(u16, String)>,
+    pub sent: Mutex<Vec<SignedStsRequest>>,
+}
+
+impl FakeSts {
+    pub(super) fn caller(&self, arn: &str) {
+        *self.answer.lock().unwrap() = (
+            200,
+            format!(
+                "<GetCallerIdentityResponse><GetCallerIdentityResult><Arn>{arn}</Arn>\
+                 <UserId>AROA:x</UserId><Account>123456789012</Account>\
+                 </GetCallerIdentityResult></GetCallerIdentityResponse>"
+            ),
+        );
+    }
+}
+
+#[async_trait]
+impl Sts for FakeSts {
+    async fn send(&self, req: &SignedStsRequest) -> Result<(u16, String), String> {
+        self.sent.lock().unwrap().push(req.clone());
+        Ok(self.answer.lock().unwrap().clone())
+    }
+}
+
 /// A CA with an issuing CA `issuer`, a service on top of it, and one container instance
 /// running one task of family `web` in service `frontend`.
 pub(super) struct Fixture {
@@ -128,6 +160,7 @@ pub(super) struct Fixture {
     pub ecs: Arc<FakeEcs>,
     pub service: Service,
     pub authority: Arc<Authority>,
+    pub sts: Arc<FakeSts>,
 }
 
 impl Fixture {
@@ -175,6 +208,10 @@ impl Fixture {
                 task_role_arn: Some("arn:aws:iam::123456789012:role/app/web-role".into()),
             },
         );
+        let sts = Arc::new(FakeSts {
+            answer: Mutex::new((500, String::new())),
+            sent: Mutex::new(Vec::new()),
+        });
         let service = Service {
             td: td.clone(),
             cluster: "prod".into(),
@@ -186,6 +223,7 @@ impl Fixture {
             state: StateFile::new(tmp.path().join("state.json")),
             denied: denied.iter().map(|s| s.to_string()).collect::<HashSet<_>>(),
             ecs: ecs.clone(),
+            sts: Some((STS_URL.parse().unwrap(), sts.clone() as Arc<dyn Sts>)),
         };
         Self {
             tmp,
@@ -194,6 +232,7 @@ impl Fixture {
             ecs,
             service,
             authority,
+            sts,
         }
     }
 

@@ -33,9 +33,9 @@ pub(super) fn parts(
     };
     let source = match &idn.source {
         IdentitySource::IssuerDir(dir) => SvidSource::IssuerDir(dir.clone()),
-        IdentitySource::Issuer { url, imds_url } => SvidSource::Issuer(RemoteConfig {
+        IdentitySource::Issuer { url, attestation } => SvidSource::Issuer(RemoteConfig {
             issuer_url: url.clone(),
-            imds_url: imds_url.clone(),
+            attestation: attestation.clone(),
             trust_domain: idn.trust_domain.clone(),
             state_dir: config.state_dir.join("identity"),
         }),

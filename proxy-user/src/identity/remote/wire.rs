@@ -14,7 +14,7 @@ const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
 const MAX_RESPONSE: usize = 256 * 1024;
 
 /// host:port of an http(s) URL (default port by scheme).
-pub(super) fn authority(url: &http::Uri) -> Result<(String, u16), String> {
+pub(crate) fn authority(url: &http::Uri) -> Result<(String, u16), String> {
     let host = url.host().ok_or_else(|| format!("{url}: no host"))?;
     let host = host
         .trim_start_matches('[')
@@ -37,7 +37,7 @@ fn ok_body((status, text): (u16, String)) -> Result<String, String> {
 
 /// One HTTP/1.1 request on a new connection (TLS when `tls` is given), bounded in time
 /// and response size. Issuer and IMDS calls are rare: no pooling.
-pub(super) async fn http_call(
+pub(crate) async fn http_call(
     (host, port): &(String, u16),
     tls: Option<(Arc<rustls::ClientConfig>, String)>,
     method: http::Method,
@@ -53,10 +53,11 @@ pub(super) async fn http_call(
         .await
         .map_err(|_| format!("connect to {host}:{port} timed out"))?
         .map_err(|e| format!("connect to {host}:{port}: {e}"))?;
-        let mut req = http::Request::builder()
-            .method(method)
-            .uri(path)
-            .header("host", format!("{host}:{port}"));
+        let mut req = http::Request::builder().method(method).uri(path);
+        // A caller-given host wins (a signed request must go out with the host it signed).
+        if !headers.iter().any(|(k, _)| k.eq_ignore_ascii_case("host")) {
+            req = req.header("host", format!("{host}:{port}"));
+        }
         for (k, v) in headers {
             req = req.header(*k, *v);
         }
