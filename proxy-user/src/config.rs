@@ -92,6 +92,9 @@ pub struct TaskConfig {
     pub cgroups: Vec<PathBuf>,
     /// The task's workload identity (rendered from the template) when the mesh is on.
     pub identity: Option<SpiffeId>,
+    /// The ECS task ARN, when known (a sidecar learns it from the task metadata endpoint):
+    /// in issuer mode the task's certificate is asked for by ARN.
+    pub arn: Option<String>,
 }
 
 /// What happens to connections towards destinations discovery does not know.

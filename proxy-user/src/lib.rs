@@ -22,6 +22,7 @@ pub mod metrics;
 pub mod proxy;
 pub(crate) mod rlimit;
 pub mod run;
+pub mod sidecar;
 pub mod tasks;
 pub mod trace;
 pub mod types;

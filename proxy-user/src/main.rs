@@ -25,8 +25,9 @@ enum Command {
         workers: Option<usize>,
     },
     /// Run as a per-task sidecar: the same proxy, attached to one task's cgroup, inside
-    /// that task's network namespace (the config enrols exactly one task, in `host`
-    /// network mode from the sidecar's point of view: it shares the task's netns).
+    /// that task's network namespace. In an ECS task the task comes from the task metadata
+    /// endpoint (a config with no [[tasks]]); otherwise the config lists exactly one task,
+    /// in `host` network mode (the sidecar shares its netns).
     Sidecar {
         #[arg(long)]
         config: PathBuf,
@@ -89,7 +90,14 @@ fn dispatch(command: Command) -> anyhow::Result<()> {
     match command {
         Command::Run { config, workers } => serve(Config::load(&config)?, workers)?,
         Command::Sidecar { config, workers } => {
-            let config = Config::load(&config)?;
+            let mut config = Config::load(&config)?;
+            if config.tasks.is_empty() {
+                // In an ECS task: the task comes from the task metadata endpoint.
+                let rt = tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build()?;
+                config = rt.block_on(ecsmesh::sidecar::from_task_metadata(config))?;
+            }
             config.check_sidecar()?;
             serve(config, workers)?;
         }

@@ -467,6 +467,7 @@ impl RawConfig {
                 network_mode: t.network_mode,
                 cgroups: t.cgroups,
                 identity: task_identity,
+                arn: None,
             });
         }
         Ok(Config {

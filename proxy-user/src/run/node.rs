@@ -1,7 +1,10 @@
 //! The steps of a node proxy's life, each a value that owns what the next step needs:
 //! [`Bound`] (listeners, identities, admin up but not ready) → [`Installed`] (programs
 //! attached, tasks enrolled) → [`Serving`] (accept loops, ready) → drained.
-use std::sync::{Arc, atomic::Ordering};
+use std::{
+    sync::{Arc, atomic::Ordering},
+    time::Duration,
+};
 
 use tokio::{net::TcpListener, signal::unix::Signal};
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
@@ -152,6 +155,10 @@ impl Bound {
             .mesh
             .as_ref()
             .map(|parts| (parts.identities.clone(), parts.mesh.expected.clone()));
+        let static_arns = initial
+            .iter()
+            .filter_map(|(index, t)| t.arn.clone().map(|arn| (*index, arn)))
+            .collect();
         let (prepared, reconciler) =
             match prepare(config, &initial, &core.tasks, &handles, &core.metrics) {
                 Ok(x) => x,
@@ -188,6 +195,7 @@ impl Bound {
             outbound,
             listeners: self.outbound,
             mesh: self.mesh,
+            static_arns,
         })
     }
 }
@@ -220,6 +228,9 @@ pub(super) struct Installed {
     outbound: Arc<Outbound>,
     listeners: Vec<TcpListener>,
     mesh: Option<mesh::MeshParts>,
+    /// Listed tasks with an ECS task ARN (a sidecar's task): in issuer mode their
+    /// certificates are asked for by ARN before ready.
+    static_arns: Vec<(u32, String)>,
 }
 
 impl Installed {
@@ -238,8 +249,10 @@ impl Installed {
             outbound,
             listeners,
             mesh,
+            static_arns,
         } = self;
         let (shutdown, tracker) = (&core.shutdown, &core.tracker);
+        let identities = mesh.as_ref().map(|m| m.identities.clone());
         let discovery = mesh.as_ref().map(|m| m.sources.clone());
         tokio::spawn(super::sweep::run(
             core.metrics.clone(),
@@ -267,6 +280,29 @@ impl Installed {
                     .clone()
                     .serve(listener, shutdown.clone(), tracker.clone()),
             );
+        }
+        if let Some(identities) = identities.filter(|i| i.remote().is_some()) {
+            for (index, arn) in static_arns {
+                // Ready means the task can make meshed connections: wait for its certificate.
+                let mut backoff = Duration::from_secs(1);
+                loop {
+                    match identities.obtain(&arn).await {
+                        Ok(svid) => {
+                            tracing::info!(task = arn, identity = %svid.id, serial = %svid.serial, "certificate issued by the issuer");
+                            core.tasks.set_identity(index, svid.id.clone());
+                            break;
+                        }
+                        Err(e) => {
+                            tracing::warn!(task = arn, error = %e, retry_in = ?backoff, "no certificate from the issuer yet; not ready")
+                        }
+                    }
+                    tokio::select! {
+                        () = tokio::time::sleep(backoff) => {}
+                        _ = sigterm.recv() => return shutdown_now(redirect).map(|()| None),
+                    }
+                    backoff = (backoff * 2).min(Duration::from_secs(30));
+                }
+            }
         }
         if let (Some(settings), Some(mut reconciler)) = (&config.ecs, reconciler) {
             // Ready means discovery synced once: wait (bounded by shutdown) for a first
