@@ -71,9 +71,9 @@ pub enum EbpfError {
     #[error(transparent)]
     Cgroup(#[from] cgroup::CgroupError),
     #[error(
-        "refusing to enrol {cgroup}: it contains the proxy's own cgroup {proxy}, and the proxy would redirect itself"
+        "refusing to enrol {cgroup}: it is the proxy's own cgroup {proxy}; the kernel exempts the proxy by its cgroup, so the task's processes there would be exempt too"
     )]
-    ContainsProxy { cgroup: PathBuf, proxy: PathBuf },
+    ProxyOwnCgroup { cgroup: PathBuf, proxy: PathBuf },
 }
 
 fn map_err(name: &'static str) -> impl FnOnce(aya::maps::MapError) -> EbpfError {
@@ -294,8 +294,9 @@ pub struct Enroller {
     outbound_port: u16,
     bridge_ipv4: Option<Ipv4Addr>,
     bridge_ipv6: Option<Ipv6Addr>,
-    /// Never inside an enrolled cgroup: the hooks match a cgroup's whole subtree, and the
-    /// proxy must not redirect itself.
+    /// Never itself enrolled: the programs exempt the proxy by its exact cgroup (checked
+    /// before any enrolled ancestor), so a task sharing it would be exempt too. Below an
+    /// enrolled cgroup is fine: a sidecar's container cgroup sits below its task's.
     proxy_cgroup: PathBuf,
 }
 
@@ -311,8 +312,8 @@ impl Enroller {
             NetworkMode::Host => (Some(Ipv4Addr::LOCALHOST), Some(Ipv6Addr::LOCALHOST)),
             NetworkMode::Bridge => (self.bridge_ipv4, self.bridge_ipv6),
         };
-        if let Some(dir) = cgroups.iter().find(|d| self.proxy_cgroup.starts_with(d)) {
-            return Err(EbpfError::ContainsProxy {
+        if let Some(dir) = cgroups.iter().find(|d| **d == self.proxy_cgroup) {
+            return Err(EbpfError::ProxyOwnCgroup {
                 cgroup: dir.clone(),
                 proxy: self.proxy_cgroup.clone(),
             });

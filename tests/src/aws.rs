@@ -31,10 +31,24 @@ fn repo_path(rel: &str) -> PathBuf {
 pub struct Moto {
     pub proc: Proc,
     netns: PathBuf,
+    port: u16,
 }
+
+/// A second moto for STS with request authentication on (moto checks SigV4 signatures
+/// only then): the first `unauthenticated` requests set it up, every later one must be
+/// signed with credentials it issued.
+pub const STS_MOTO_PORT: u16 = 5001;
 
 impl Moto {
     pub fn start(w: &World, inst: usize) -> Moto {
+        Self::start_at(w, inst, MOTO_PORT, None)
+    }
+
+    pub fn start_authenticated(w: &World, inst: usize, unauthenticated: usize) -> Moto {
+        Self::start_at(w, inst, STS_MOTO_PORT, Some(unauthenticated))
+    }
+
+    fn start_at(w: &World, inst: usize, port: u16, auth_after: Option<usize>) -> Moto {
         let bin = repo_path("target/pyenv/bin/moto_server");
         assert!(
             bin.exists(),
@@ -42,19 +56,23 @@ impl Moto {
             bin.display()
         );
         let mut cmd = std::process::Command::new(&bin);
-        cmd.args(["-H", "0.0.0.0", "-p", &MOTO_PORT.to_string()]);
+        cmd.args(["-H", "0.0.0.0", "-p", &port.to_string()]);
+        if let Some(n) = auth_after {
+            cmd.env("INITIAL_NO_AUTH_ACTION_COUNT", n.to_string());
+        }
         let at = &w.instances[inst];
         process::place(
             &mut cmd,
             &Placement {
                 netns: at.netns.path(),
-                cgroup: w.cgroups.dir(&format!("{}/moto", at.name)),
+                cgroup: w.cgroups.dir(&format!("{}/moto-{port}", at.name)),
                 cpu: None,
             },
         );
-        let proc = process::spawn_logged(cmd, "moto", &w.workdir.join("moto.log"));
+        let log = w.workdir.join(format!("moto-{port}.log"));
+        let proc = process::spawn_logged(cmd, "moto", &log);
         let netns = at.netns.path();
-        let addr: SocketAddr = format!("127.0.0.1:{MOTO_PORT}").parse().unwrap();
+        let addr: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
         let deadline = Instant::now() + Duration::from_secs(30);
         while !crate::netns::run_at(&netns, move || {
             TcpStream::connect_timeout(&addr, Duration::from_millis(200)).is_ok()
@@ -62,7 +80,7 @@ impl Moto {
             assert!(Instant::now() < deadline, "moto did not start listening");
             std::thread::sleep(Duration::from_millis(200));
         }
-        Moto { proc, netns }
+        Moto { proc, netns, port }
     }
 
     /// One AWS API call (JSON protocol with `target`, or a query-protocol form); moto
@@ -80,7 +98,8 @@ impl Moto {
         body: String,
         form: bool,
     ) -> (u16, String) {
-        let addr: SocketAddr = format!("127.0.0.1:{MOTO_PORT}").parse().unwrap();
+        let port = self.port;
+        let addr: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
         let (service, target) = (service.to_owned(), target.map(str::to_owned));
         crate::netns::run_at(&self.netns, move || {
             let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(5)).expect("moto");
@@ -91,7 +110,7 @@ impl Moto {
                 "application/x-amz-json-1.1"
             };
             let mut req = format!(
-                "POST / HTTP/1.1\r\nHost: 127.0.0.1:{MOTO_PORT}\r\nContent-Type: {ctype}\r\nContent-Length: {}\r\nConnection: close\r\n\
+                "POST / HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nContent-Type: {ctype}\r\nContent-Length: {}\r\nConnection: close\r\n\
                  Authorization: AWS4-HMAC-SHA256 Credential=test/20260101/us-east-1/{service}/aws4_request, SignedHeaders=host, Signature=0\r\n",
                 body.len()
             );
@@ -124,7 +143,7 @@ impl Moto {
         let body = json!({ "model_name": "ecs::task",
                            "transition": { "progression": "manual", "times": 1_000_000_000u64 } })
         .to_string();
-        let addr: SocketAddr = format!("127.0.0.1:{MOTO_PORT}").parse().unwrap();
+        let addr: SocketAddr = format!("127.0.0.1:{}", self.port).parse().unwrap();
         let reply = crate::netns::run_at(&self.netns, move || {
             let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(5)).expect("moto");
             s.set_read_timeout(Some(Duration::from_secs(15))).unwrap();
@@ -200,6 +219,90 @@ impl Moto {
             .expect("container instance arn")
             .to_owned()
     }
+}
+
+/// A role session's credentials, as STS's AssumeRole returns them.
+#[derive(Clone, Debug)]
+pub struct RoleCredentials {
+    pub access_key_id: String,
+    pub secret_access_key: String,
+    pub session_token: String,
+}
+
+impl RoleCredentials {
+    /// The body the ECS agent's credential endpoint serves a task.
+    pub fn container_json(&self, role_arn: &str) -> String {
+        json!({ "RoleArn": role_arn, "AccessKeyId": self.access_key_id,
+                "SecretAccessKey": self.secret_access_key, "Token": self.session_token,
+                "Expiration": "2099-01-01T00:00:00Z" })
+        .to_string()
+    }
+}
+
+impl Moto {
+    /// An IAM role its sessions may call `sts:GetCallerIdentity` with (2 requests).
+    pub fn create_role(&self, name: &str) {
+        let trust = json!({ "Version": "2012-10-17", "Statement": [{ "Effect": "Allow",
+            "Principal": { "Service": "ecs-tasks.amazonaws.com" }, "Action": "sts:AssumeRole" }] });
+        let allow = json!({ "Version": "2012-10-17", "Statement": [{ "Effect": "Allow",
+            "Action": "sts:GetCallerIdentity", "Resource": "*" }] });
+        self.call(
+            "iam",
+            None,
+            format!(
+                "Action=CreateRole&Version=2010-05-08&RoleName={name}&AssumeRolePolicyDocument={}",
+                form_encode(&trust.to_string())
+            ),
+            true,
+        );
+        self.call(
+            "iam",
+            None,
+            format!(
+                "Action=PutRolePolicy&Version=2010-05-08&RoleName={name}&PolicyName=whoami&PolicyDocument={}",
+                form_encode(&allow.to_string())
+            ),
+            true,
+        );
+    }
+
+    /// A session of `role_arn` named `session` (1 request): what the ECS agent does for a
+    /// task, with the task id as the session name.
+    pub fn assume_role(&self, role_arn: &str, session: &str) -> RoleCredentials {
+        let xml = self.call(
+            "sts",
+            None,
+            format!(
+                "Action=AssumeRole&Version=2011-06-15&RoleArn={}&RoleSessionName={session}",
+                form_encode(role_arn)
+            ),
+            true,
+        );
+        let field = |tag: &str| {
+            xml.split(&format!("<{tag}>"))
+                .nth(1)
+                .and_then(|s| s.split('<').next())
+                .unwrap_or_else(|| panic!("AssumeRole: no {tag} in {xml}"))
+                .to_owned()
+        };
+        RoleCredentials {
+            access_key_id: field("AccessKeyId"),
+            secret_access_key: field("SecretAccessKey"),
+            session_token: field("SessionToken"),
+        }
+    }
+}
+
+/// `application/x-www-form-urlencoded` value encoding.
+pub fn form_encode(s: &str) -> String {
+    s.bytes()
+        .map(|b| match b {
+            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' => {
+                (b as char).to_string()
+            }
+            _ => format!("%{b:02X}"),
+        })
+        .collect()
 }
 
 impl Drop for Moto {

@@ -285,7 +285,8 @@ pub struct ProxyOptions {
     pub identity_template: Option<String>,
     /// `task_role` of every static task (for templates naming `{task_role}`).
     pub task_role: Option<String>,
-    /// Issuer mode: `[identity] issuer_url` and `imds_url` instead of `issuer_dir`.
+    /// Issuer mode: `[identity] issuer_url` and how the proxy attests (TOML lines, e.g.
+    /// `imds_url = "…"`) instead of `issuer_dir`.
     pub issuer: Option<(String, String)>,
 }
 
@@ -454,9 +455,7 @@ impl Instance {
                 opts.svid_lifetime_secs.unwrap_or(86_400)
             );
             match &opts.issuer {
-                Some((url, imds)) => {
-                    t += &format!("issuer_url = \"{url}\"\nimds_url = \"{imds}\"\n")
-                }
+                Some((url, attest)) => t += &format!("issuer_url = \"{url}\"\n{attest}\n"),
                 None => t += &format!("issuer_dir = \"{}\"\n", mesh.issuer_dir.display()),
             }
             if let Some(template) = &opts.identity_template {

@@ -184,8 +184,8 @@ fn excluded_destinations_and_udp_are_not_redirected() {
     assert_eq!(counter(&m, "istio_tcp_connections_opened_total", &[]), 2.0);
 }
 
-/// A proxy inside a task's cgroup would be exempt together with that task (the kernel
-/// exempts the proxy by cgroup, since a socket mark can be forged): refused at start.
+/// A proxy in a task's cgroup would be exempt together with that task (the kernel exempts
+/// the proxy by cgroup, since a socket mark can be forged): refused at start.
 #[test]
 fn a_proxy_inside_an_enrolled_cgroup_refuses_to_start() {
     let mut w = World::new(tools(), 2);
@@ -201,10 +201,7 @@ fn a_proxy_inside_an_enrolled_cgroup_refuses_to_start() {
         .expect("the proxy must exit");
     let stderr = std::fs::read_to_string(&log).unwrap();
     assert!(!st.success(), "{stderr}");
-    assert!(
-        stderr.contains("contains the proxy's own cgroup"),
-        "{stderr}"
-    );
+    assert!(stderr.contains("is the proxy's own cgroup"), "{stderr}");
     assert!(
         harness::cgroup_prog_ids(&a.cgroup_root).is_empty(),
         "nothing attached"

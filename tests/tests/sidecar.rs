@@ -2,6 +2,10 @@
 //! task's cgroup only. The task's connections go through its own sidecar (loopback), over
 //! mTLS to the server task's sidecar, and the node proxies never see them.
 mod common;
+#[path = "common/issued.rs"]
+mod issued;
+#[path = "common/task_roles.rs"]
+mod task_roles;
 
 use common::{mesh::TRUST_DOMAIN, *};
 use harness::{
@@ -114,4 +118,172 @@ fn bridge_task_traffic_goes_through_its_own_sidecar_over_mtls() {
     // Stopping the sidecar removes its redirect: the task then connects directly.
     w.instances[0].stop_sidecar(a);
     assert_direct(&w.instances[0].tasks[a].client(&[ep], 1, 100));
+}
+
+/// An attacker's `POST /v1/task`: a GetCallerIdentity signed with `creds` (by this test's
+/// own SigV4 signer), bound to this issuer and `bound_csr`, sent with `csr` for `task_arn`.
+fn task_attestation(
+    creds: &aws_credential_types::Credentials,
+    task_arn: &str,
+    csr: &str,
+    bound_csr: &str,
+) -> Vec<u8> {
+    use aws_sigv4::http_request::{SignableBody, SignableRequest, SigningSettings, sign};
+    let digest = ring::digest::digest(&ring::digest::SHA256, bound_csr.as_bytes());
+    let hex: String = digest.as_ref().iter().map(|b| format!("{b:02x}")).collect();
+    let binding = format!("spiffe://{TRUST_DOMAIN}/ecsmesh/issuer sha256={hex}");
+    let body = "Action=GetCallerIdentity&Version=2011-06-15";
+    let mut headers = vec![
+        ("host".to_owned(), "127.0.0.1:5001".to_owned()),
+        (
+            "content-type".to_owned(),
+            "application/x-www-form-urlencoded".to_owned(),
+        ),
+        ("x-ecsmesh-binding".to_owned(), binding),
+    ];
+    let identity = creds.clone().into();
+    let params = aws_sigv4::sign::v4::SigningParams::builder()
+        .identity(&identity)
+        .region("us-east-1")
+        .name("sts")
+        .time(std::time::SystemTime::now())
+        .settings(SigningSettings::default())
+        .build()
+        .unwrap()
+        .into();
+    let signable = SignableRequest::new(
+        "POST",
+        "http://127.0.0.1:5001/",
+        headers.iter().map(|(k, v)| (k.as_str(), v.as_str())),
+        SignableBody::Bytes(body.as_bytes()),
+    )
+    .unwrap();
+    let (instructions, _) = sign(signable, &params).unwrap().into_parts();
+    for (k, v) in instructions.headers() {
+        headers.push((k.to_ascii_lowercase(), v.to_owned()));
+    }
+    serde_json::to_vec(&serde_json::json!({
+        "task_arn": task_arn, "csr": csr,
+        "sts": { "url": "http://127.0.0.1:5001/", "headers": headers, "body": body },
+    }))
+    .unwrap()
+}
+
+fn credentials(
+    c: &harness::aws::RoleCredentials,
+    secret: Option<&str>,
+) -> aws_credential_types::Credentials {
+    aws_credential_types::Credentials::new(
+        &c.access_key_id,
+        secret.unwrap_or(&c.secret_access_key),
+        Some(c.session_token.clone()),
+        None,
+        "test",
+    )
+}
+
+/// Issue 14 item 8 / issue 15 item 3: sidecars in ECS tasks learn their task from the task
+/// metadata endpoint and prove it to the issuer with the task's own IAM role (STS checks
+/// the signature: moto with authentication); no node proxy, no per-task file, no key
+/// material handed to the task. Then what someone with a task's credentials cannot do.
+#[test]
+fn ecs_sidecars_prove_their_tasks_with_their_task_roles() {
+    use harness::issuer::{CsrSpec, csr};
+    use issued::{Issued, Lifetimes, identity};
+    let mut s = Issued::world(
+        Lifetimes {
+            svid_secs: 3600,
+            node_secs: 3600,
+            ca_secret: false,
+        },
+        None,
+    );
+    let roles = s.enable_task_roles();
+    s.start_issuer();
+    let (client, orders) = (s.client.clone(), s.orders.clone());
+    let _orders_sidecar = s.start_sidecar(1, &orders, "orders-api", &roles.orders);
+    let _client_sidecar = s.start_sidecar(0, &client, "client-app", &roles.client);
+    assert!(s.holds(0, &identity("client", "client-app")));
+    assert!(s.holds(1, &identity("orders", "orders-api")));
+    // The client's app container (a sibling of the sidecar's below the task's cgroup) is
+    // redirected into its sidecar; the sidecar's own connections are not (or nothing
+    // would leave the task).
+    let reports = s.call_orders(3);
+    assert_redirected(&reports, "127.0.0.1:15001".parse().unwrap());
+
+    let issuer = s.issuer_addr(0);
+    let post = |body: Vec<u8>| {
+        let (status, text) = issuer.post("/v1/task", &body, None);
+        (status, harness::issuer::IssuerAddr::reason(&text))
+    };
+    let (csr_a, _) = csr(CsrSpec::default());
+    let (csr_b, _) = csr(CsrSpec::default());
+    // The test's signer is right: the client's own session for the client's task.
+    let own = credentials(&roles.client, None);
+    assert_eq!(
+        post(task_attestation(&own, &client.arn, &csr_a, &csr_a)).0,
+        200,
+        "a correctly signed request for the caller's own task is issued"
+    );
+    for (what, body, reason) in [
+        (
+            "the client's credentials asking for the orders task",
+            task_attestation(&own, &orders.arn, &csr_a, &csr_a),
+            "not_task_credentials",
+        ),
+        (
+            "a signature made without the secret key",
+            task_attestation(
+                &credentials(&roles.client, Some("not-the-secret")),
+                &client.arn,
+                &csr_a,
+                &csr_a,
+            ),
+            "forged_attestation",
+        ),
+        (
+            "a session of the client's role named after the orders task",
+            task_attestation(
+                &credentials(&roles.client_role_as_orders, None),
+                &orders.arn,
+                &csr_a,
+                &csr_a,
+            ),
+            "role_mismatch",
+        ),
+        (
+            "a captured request sent with another key's CSR",
+            task_attestation(&own, &client.arn, &csr_b, &csr_a),
+            "binding_mismatch",
+        ),
+    ] {
+        let (status, got) = post(body);
+        assert_eq!((status, got.as_str()), (403, reason), "{what}");
+    }
+    let m = s.issuer_metrics();
+    let count = |result: &str| {
+        counter(
+            &m,
+            "ecsmesh_issuer_requests_total",
+            &[("endpoint", "task"), ("result", result)],
+        )
+    };
+    for reason in [
+        "not_task_credentials",
+        "forged_attestation",
+        "role_mismatch",
+        "binding_mismatch",
+    ] {
+        assert_eq!(count(reason), 1.0, "{reason} counted once");
+    }
+    assert!(count("issued") >= 3.0, "both sidecars and the test's own");
+    assert_eq!(
+        counter(
+            &m,
+            "ecsmesh_issuer_requests_total",
+            &[("endpoint", "attest")]
+        ),
+        0.0,
+        "no node attested: the sidecars needed none"
+    );
 }

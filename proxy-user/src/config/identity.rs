@@ -91,11 +91,11 @@ fn attestation(
                         .map_err(|e| invalid("identity.credentials_url", format!("{c:?}: {e}")))
                 })
                 .transpose()?;
-            Ok(Attestation::TaskRole(TaskRoleConfig {
+            Ok(Attestation::TaskRole(Box::new(TaskRoleConfig {
                 sts_url,
                 region,
                 credentials_url,
-            }))
+            })))
         }
         other => Err(invalid(
             "identity.attestation",

@@ -58,7 +58,7 @@ pub enum Attestation {
         imds_url: http::Uri,
     },
     /// A sidecar: its task's own IAM role credentials (no node certificate).
-    TaskRole(TaskRoleConfig),
+    TaskRole(Box<TaskRoleConfig>),
 }
 
 /// The calls to the issuer, as metric labels.

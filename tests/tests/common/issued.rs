@@ -80,7 +80,28 @@ pub fn identity(family: &str, role: &str) -> String {
 
 impl Issued {
     /// `federated`: a bundle of another trust domain's anchors the issuer trusts too.
+    /// The issuer runs and both node proxies are ready with their tasks' identities.
     pub fn new(life: Lifetimes, federated: Option<PathBuf>) -> Issued {
+        let mut this = Self::world(life, federated);
+        this.start_issuer();
+        for i in [1, 0] {
+            let opts = this.proxy_options(i);
+            this.w.instances[i].start_proxy(&opts);
+        }
+        this.wait_until(
+            "both tasks hold their identities",
+            Duration::from_secs(30),
+            |s| {
+                s.holds(0, &identity("client", "client-app"))
+                    && s.holds(1, &identity("orders", "orders-api"))
+            },
+        );
+        this
+    }
+
+    /// Everything but the issuer and the proxies: moto with the cluster, its instances
+    /// and tasks, IMDS and agent fixtures, the issuer's config, the orders endpoint.
+    pub fn world(life: Lifetimes, federated: Option<PathBuf>) -> Issued {
         let mut w = World::new(tools(), 2);
         w.enable_issuer_mesh(TRUST_DOMAIN);
         let moto = Moto::start(&w, 1);
@@ -186,7 +207,7 @@ impl Issued {
             ),
         )
         .unwrap();
-        let mut this = Issued {
+        Issued {
             w,
             moto,
             issuer: None,
@@ -200,21 +221,7 @@ impl Issued {
             client,
             orders,
             ep,
-        };
-        this.start_issuer();
-        for i in [1, 0] {
-            let opts = this.proxy_options(i);
-            this.w.instances[i].start_proxy(&opts);
         }
-        this.wait_until(
-            "both tasks hold their identities",
-            Duration::from_secs(30),
-            |s| {
-                s.holds(0, &identity("client", "client-app"))
-                    && s.holds(1, &identity("orders", "orders-api"))
-            },
-        );
-        this
     }
 
     pub fn proxy_options(&self, i: usize) -> ProxyOptions {
@@ -222,7 +229,7 @@ impl Issued {
             enrol: Some(vec![]),
             issuer: Some((
                 format!("https://10.0.0.2:{ISSUER_PORT}"),
-                format!("http://{IMDS}"),
+                format!("imds_url = \"http://{IMDS}\""),
             )),
             identity_template: Some(TEMPLATE.into()),
             // `ecsmesh ca activate/retire --node` reads /trust from instance 0.
