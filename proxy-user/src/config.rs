@@ -180,6 +180,9 @@ pub struct Config {
     pub detect_timeout: Duration,
     /// Where the proxy keeps what must survive a restart (the ECS tasks it enrolled).
     pub state_dir: PathBuf,
+    /// Detach and unpin on SIGTERM instead of leaving the redirect for a successor: an
+    /// ECS sidecar, whose task is going away (its app containers stop before it).
+    pub uninstall_on_exit: bool,
     pub socket_mark: u32,
     pub tasks: Vec<TaskConfig>,
     /// ECS cluster name, part of workload identities.

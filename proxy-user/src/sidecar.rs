@@ -9,6 +9,7 @@
 //!   exempt the proxy's own cgroup.
 //! - The task's certificate is asked of the issuer by task ARN, proven by the task's own
 //!   IAM role (`[identity] attestation = "task_role"`).
+//! - Pins go to `<pin_dir>/<task id>` and are removed on SIGTERM: the task is stopping.
 use std::path::{Path, PathBuf};
 
 use bytes::Bytes;
@@ -105,6 +106,10 @@ pub fn apply(config: &mut Config, meta: TaskMetadata) -> Result<(), SidecarError
     let cgroup = task_cgroup(&config.cgroup_root, id.as_str())?;
     tracing::info!(task = %meta.task_arn, family = meta.family, cgroup = %cgroup.display(), "sidecar: task from the ECS task metadata endpoint");
     config.cgroup_root = cgroup.clone();
+    // Pins of their own (several tasks' sidecars share the host's bpffs), removed when the
+    // task stops: ECS stops the app containers, which wait for the sidecar, first.
+    config.pin_dir = config.pin_dir.join(id.as_str());
+    config.uninstall_on_exit = true;
     config.tasks = vec![TaskConfig {
         id,
         family: meta.family,
@@ -165,6 +170,8 @@ mod tests {
         std::fs::create_dir_all(&slice).unwrap();
         apply(&mut c, meta()).unwrap();
         assert_eq!(c.cgroup_root, slice);
+        assert!(c.uninstall_on_exit);
+        assert!(c.pin_dir.ends_with("0123456789abcdef0123456789abcdef"));
         assert_eq!(c.cluster, "prod");
         let [t] = c.tasks.as_slice() else {
             panic!("one task")

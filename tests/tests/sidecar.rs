@@ -201,8 +201,12 @@ fn ecs_sidecars_prove_their_tasks_with_their_task_roles() {
     let roles = s.enable_task_roles();
     s.start_issuer();
     let (client, orders) = (s.client.clone(), s.orders.clone());
-    let _orders_sidecar = s.start_sidecar(1, &orders, "orders-api", &roles.orders);
-    let _client_sidecar = s.start_sidecar(0, &client, "client-app", &roles.client);
+    let mut orders_sidecar = s.start_sidecar(1, &orders, "orders-api", &roles.orders);
+    let mut client_sidecar = s.start_sidecar(0, &client, "client-app", &roles.client);
+    assert!(
+        client_sidecar.pin_dir.is_dir() && orders_sidecar.pin_dir.is_dir(),
+        "each sidecar pins under its own task's directory"
+    );
     assert!(s.holds(0, &identity("client", "client-app")));
     assert!(s.holds(1, &identity("orders", "orders-api")));
     // The client's app container (a sibling of the sidecar's below the task's cgroup) is
@@ -286,4 +290,20 @@ fn ecs_sidecars_prove_their_tasks_with_their_task_roles() {
         0.0,
         "no node attested: the sidecars needed none"
     );
+
+    // The task stops (its sidecar last): the sidecar takes its programs and pins along.
+    for sc in [&mut client_sidecar, &mut orders_sidecar] {
+        let st = sc.stop().expect("the sidecar exits on SIGTERM");
+        let log = std::fs::read_to_string(&sc.log).unwrap_or_default();
+        assert!(st.success(), "{st}: {log}");
+        assert!(
+            !sc.pin_dir.exists(),
+            "{} removed: {log}",
+            sc.pin_dir.display()
+        );
+        assert!(
+            harness::cgroup_prog_ids(&sc.task_cgroup).is_empty(),
+            "nothing left attached to the task's cgroup"
+        );
+    }
 }

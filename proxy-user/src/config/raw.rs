@@ -473,6 +473,7 @@ impl RawConfig {
         Ok(Config {
             instance: self.instance,
             pin_dir,
+            uninstall_on_exit: false,
             cgroup_root: self.cgroup_root,
             outbound_port,
             admin_addr: self.admin_addr.unwrap_or(DEFAULT_ADMIN_ADDR),

@@ -376,8 +376,19 @@ impl Serving {
             attribute.withdraw().await;
         }
         let kernel = redirect.kernel_stats();
-        redirect.release();
-        tracing::info!(?kernel, "redirect left attached and pinned");
+        if config.uninstall_on_exit {
+            match redirect.uninstall() {
+                Ok(()) => {
+                    tracing::info!(?kernel, pin_dir = %config.pin_dir.display(), "redirect detached and unpinned (the task is stopping)")
+                }
+                Err(e) => {
+                    tracing::error!(error = %e, pin_dir = %config.pin_dir.display(), "could not remove every pin")
+                }
+            }
+        } else {
+            redirect.release();
+            tracing::info!(?kernel, "redirect left attached and pinned");
+        }
         core.shutdown.cancel();
         core.tracker.close();
         if tokio::time::timeout(DRAIN_TIMEOUT, core.tracker.wait())

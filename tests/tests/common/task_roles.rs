@@ -6,7 +6,10 @@
 //! but the generic config and the environment the ECS agent gives a container.
 #![allow(dead_code)]
 
-use std::time::{Duration, Instant};
+use std::{
+    path::PathBuf,
+    time::{Duration, Instant},
+};
 
 use harness::{
     ProxyOptions,
@@ -22,6 +25,36 @@ pub const STS_URL: &str = "http://127.0.0.1:5001";
 /// Requests moto-STS takes before it checks signatures: the setup below.
 const SETUP_REQUESTS: usize = 2 * 2 + 2 + 1;
 pub const AGENT: &str = "127.0.0.1:51678";
+
+/// An `ecsmesh sidecar` of an ECS task. Drop: SIGTERM, wait, and (in case the test
+/// failed before the sidecar could) uninstall its pins.
+pub struct EcsSidecar {
+    pub proc: Proc,
+    pub pin_dir: PathBuf,
+    /// The task's cgroup, where its programs attach.
+    pub task_cgroup: PathBuf,
+    pub log: PathBuf,
+    ecsmesh: PathBuf,
+}
+
+impl EcsSidecar {
+    /// SIGTERM, as ECS stops a task's last container; the exit status.
+    pub fn stop(&mut self) -> Option<std::process::ExitStatus> {
+        self.proc.signal(nix::sys::signal::Signal::SIGTERM);
+        self.proc.wait_timeout(Duration::from_secs(10))
+    }
+}
+
+impl Drop for EcsSidecar {
+    fn drop(&mut self) {
+        let _ = self.stop();
+        let _ = std::process::Command::new(&self.ecsmesh)
+            .arg("uninstall")
+            .arg("--pin-dir")
+            .arg(&self.pin_dir)
+            .output();
+    }
+}
 
 pub struct TaskRoles {
     pub sts: Moto,
@@ -64,7 +97,7 @@ impl Issued {
         task: &EcsTask,
         role: &str,
         creds: &RoleCredentials,
-    ) -> Proc {
+    ) -> EcsSidecar {
         let agent = &self.agents[i];
         agent.set(
             &format!("/v4/{}/task", task.id),
@@ -125,7 +158,13 @@ impl Issued {
         let deadline = Instant::now() + Duration::from_secs(30);
         loop {
             if let Ok((200, _)) = inst.netns.http_get(inst.admin, "/ready") {
-                return proc;
+                return EcsSidecar {
+                    proc,
+                    pin_dir: inst.pin_dir.join(&task.id),
+                    task_cgroup: slice.to_path_buf(),
+                    log,
+                    ecsmesh: self.w.tools.ecsmesh.clone(),
+                };
             }
             let log_text = || std::fs::read_to_string(&log).unwrap_or_default();
             if let Ok(Some(st)) = proc.child.try_wait() {
