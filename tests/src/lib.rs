@@ -4,6 +4,7 @@
 //! mode). Everything created is owned by an RAII guard and removed on drop, also when a
 //! test panics. Names carry the process id and a counter so tests can run in parallel.
 pub mod aws;
+pub mod boot;
 pub mod capture;
 pub mod cgroup;
 pub mod demo;

@@ -1,0 +1,645 @@
+//! `deploy/` proven by booting an instance's user data (issue 15): the launch template's
+//! user data, taken from `deploy/cloudformation.yaml` and rendered with a test stack's
+//! parameters, runs with bash in an emulated instance root in a private mount namespace
+//! (`harness::boot`), with stubs for `systemctl`, `docker`, `aws` and `dnf`; a fixture IMDS
+//! answers on 169.254.169.254:80 inside the instance's netns. `docker run … bootstrap`
+//! runs the real `ecsmesh` with only the container's mounts, and the daemon service's
+//! task is started the same way from the template's `DaemonTaskDefinition`, so the node
+//! runs from exactly the config the user data wrote, at the paths a real instance has.
+//! The world around it is `common/issued.rs`: moto as ECS and Cloud Map, `ecsmesh
+//! issuer`, a fixture ECS agent and Docker.
+mod common;
+#[path = "common/issued.rs"]
+mod issued;
+
+use std::{
+    path::{Path, PathBuf},
+    time::{Duration, Instant},
+};
+
+use common::{mesh::TRUST_DOMAIN, *};
+use harness::{
+    NetworkMode::Bridge,
+    World, aws,
+    boot::{Machine, MachineSpec, StackParams, Template, docker_run_args},
+    fixture::HttpFixture,
+    metrics::counter,
+    process::{self, Proc},
+    world::CLUSTER,
+};
+use issued::{Issued, Lifetimes};
+use serde_json::json;
+
+const LONG: Lifetimes = Lifetimes {
+    svid_secs: 3600,
+    node_secs: 3600,
+    ca_secret: false,
+};
+
+const REGION: &str = "us-east-1";
+/// An ECR image, so the user data's `docker login` path runs too.
+const IMAGE: &str = "123456789012.dkr.ecr.us-east-1.amazonaws.com/ecsmesh:boot-test";
+/// Where EC2's instance metadata service answers (the user data passes no override).
+const IMDS_ADDR: &str = "169.254.169.254:80";
+/// The issuer's address on the harness fabric (instance 1).
+const ISSUER_IP: &str = "10.0.0.2";
+
+fn template_path() -> PathBuf {
+    PathBuf::from(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../deploy/cloudformation.yaml"
+    ))
+}
+
+/// What the stack's default issuer template gives a task family.
+fn default_identity(family: &str) -> String {
+    format!("spiffe://{TRUST_DOMAIN}/ecs/{CLUSTER}/{family}")
+}
+
+/// The stack a user would launch: the cluster is named after the stack (`CLUSTER`), the
+/// meshed service is the world's `orders`; every other parameter keeps its default.
+fn stack(t: &Template, launcher: &str) -> StackParams {
+    t.params(&[
+        ("AWS::Region", json!(REGION)),
+        ("AWS::StackName", json!(CLUSTER)),
+        ("AWS::AccountId", json!("123456789012")),
+        ("AWS::Partition", json!("aws")),
+        ("VpcId", json!("vpc-0b00710000000000")),
+        ("SubnetIds", json!(["subnet-0b0071000000000"])),
+        ("ImageUri", json!(IMAGE)),
+        ("TrustDomain", json!(TRUST_DOMAIN)),
+        (
+            "CaSecretArn",
+            json!("arn:aws:secretsmanager:us-east-1:123456789012:secret:ecsmesh/issuer-ca"),
+        ),
+        ("ProxyLauncher", json!(launcher)),
+        ("MeshedServices", json!(["orders"])),
+    ])
+}
+
+fn param(params: &StackParams, name: &str) -> String {
+    params[name]
+        .as_str()
+        .unwrap_or_else(|| panic!("parameter {name}"))
+        .to_owned()
+}
+
+/// The name Cloud Map gives the issuer task's A record: its service's name in the
+/// stack's namespace. Taken from the resources, not from the user data, so a user data
+/// that names the issuer differently does not resolve.
+fn issuer_dns_name(t: &Template, params: &StackParams) -> String {
+    let name = t
+        .eval_str(
+            &t.resource("IssuerDiscoveryService")["Properties"]["Name"],
+            params,
+            &Default::default(),
+        )
+        .unwrap();
+    format!("{name}.{}", param(params, "NamespaceName"))
+}
+
+/// One booted container instance: its emulated root, its IMDS and Docker fixtures, the
+/// node started as the daemon service's task. Drop stops the node, detaches its
+/// programs and ends the mount namespace (also when a test fails).
+struct Booted {
+    node: Option<Proc>,
+    node_log: PathBuf,
+    machine: Machine,
+    _imds: HttpFixture,
+    docker: HttpFixture,
+    template: Template,
+    params: StackParams,
+    proxy_cgroup: PathBuf,
+}
+
+impl Booted {
+    /// Instance `i` of `w` boots `template`'s user data with `params`; its IMDS serves
+    /// (`document`, `signature`). Panics with the script's output and the stubs' log
+    /// when the user data fails.
+    fn boot(
+        w: &World,
+        i: usize,
+        template: Template,
+        params: StackParams,
+        (document, signature): (&str, &str),
+    ) -> Booted {
+        let inst = &w.instances[i];
+        // EC2's link-local IMDS address, inside this instance's netns only.
+        inst.netns
+            .ip(&["addr", "add", "169.254.169.254/32", "dev", "lo"]);
+        let imds = aws::imds(&inst.netns, IMDS_ADDR.parse().unwrap(), document, signature);
+        let bundle = std::fs::read_to_string(w.ca_dir().join("bundle.pem")).unwrap();
+        // The VPC resolver answers the issuer's Cloud Map name with the issuer task's
+        // address: here /etc/hosts, which the containers (host network) get a copy of.
+        let hosts = format!(
+            "127.0.0.1 localhost\n{ISSUER_IP} {}\n",
+            issuer_dns_name(&template, &params)
+        );
+        let root = w.workdir.join(format!("{}-root", inst.name));
+        let machine = Machine::new(&MachineSpec {
+            netns: inst.netns.path(),
+            cgroup_root: inst.cgroup_root.clone(),
+            boot_cgroup: w.cgroups.dir(&format!("{}/boot", inst.name)),
+            root,
+            ecsmesh: &w.tools.ecsmesh,
+            image_uri: IMAGE,
+            hosts: &hosts,
+            ssm: &[(&param(&params, "TrustBundleParameter"), &bundle)],
+            region: REGION,
+        });
+        // Docker on the instance (health gating reads it through the mounted socket).
+        let docker = HttpFixture::unix(&machine.path("/run/docker.sock"));
+        let script = template
+            .user_data(&params)
+            .unwrap_or_else(|e| panic!("rendering the user data: {e}"));
+        let (ok, out) = machine.run_user_data(&script, Duration::from_secs(60));
+        assert!(
+            ok,
+            "the user data failed: {out}\nstub calls:\n{}",
+            machine.stub_calls().join("\n")
+        );
+        Booted {
+            node: None,
+            node_log: w.workdir.join(format!("{}-daemon-task.log", inst.name)),
+            machine,
+            _imds: imds,
+            docker,
+            template,
+            params,
+            proxy_cgroup: w.cgroups.dir(&format!("{}/proxy", inst.name)),
+        }
+    }
+
+    /// `docker run` of the daemon service's task definition as the ECS agent would start
+    /// it, with `command` instead of the definition's when given. The environment adds
+    /// what stands in for the task role: static credentials and moto as every AWS
+    /// endpoint (the agent would give a credentials URI; AWS is not reachable here).
+    fn daemon_task(&self, command: Option<&[&str]>) -> std::process::Command {
+        let endpoint = format!("http://{ISSUER_IP}:{}", aws::MOTO_PORT);
+        let env = [
+            ("AWS_ENDPOINT_URL", endpoint.as_str()),
+            ("AWS_ACCESS_KEY_ID", "ecsmesh-boot-test"),
+            ("AWS_SECRET_ACCESS_KEY", "ecsmesh-boot-test"),
+        ];
+        let args = docker_run_args(
+            &self.template,
+            "DaemonTaskDefinition",
+            &self.params,
+            &env,
+            command,
+        );
+        let mut argv = vec!["docker"];
+        argv.extend(args.iter().map(String::as_str));
+        self.machine.command(&argv, Some(&self.proxy_cgroup))
+    }
+
+    /// `ecsmesh check-config` of `config` inside the daemon task (its mounts, its paths):
+    /// (succeeded, stdout + stderr).
+    fn check_config(&self, config: &str) -> (bool, String) {
+        let out = process::run(self.daemon_task(Some(&["check-config", "--config", config])));
+        (
+            out.status.success(),
+            format!(
+                "{}{}",
+                String::from_utf8_lossy(&out.stdout),
+                String::from_utf8_lossy(&out.stderr)
+            ),
+        )
+    }
+
+    /// Starts the daemon service's task (the node); does not wait.
+    fn start_daemon(&mut self) {
+        let cmd = self.daemon_task(None);
+        self.node = Some(process::spawn_logged(
+            cmd,
+            "ecsmesh daemon task",
+            &self.node_log,
+        ));
+    }
+
+    fn node_log(&self) -> String {
+        std::fs::read_to_string(&self.node_log).unwrap_or_default()
+    }
+
+    /// Fails when the node has exited.
+    fn assert_node_running(&mut self) {
+        if let Some(p) = self.node.as_mut()
+            && let Ok(Some(st)) = p.child.try_wait()
+        {
+            panic!("the daemon task exited ({st}):\n{}", self.node_log());
+        }
+    }
+}
+
+impl Drop for Booted {
+    fn drop(&mut self) {
+        if let Some(mut p) = self.node.take() {
+            p.signal(nix::sys::signal::Signal::SIGTERM);
+            let _ = p.wait_timeout(Duration::from_secs(15));
+        }
+        // SIGTERM keeps the pins (a restart takes over): detach like an operator would.
+        self.machine.shut_down(Some(&[
+            "/opt/ecsmesh-test/image/usr/local/bin/ecsmesh",
+            "uninstall",
+            "--pin-dir",
+            "/sys/fs/bpf/ecsmesh",
+        ]));
+    }
+}
+
+/// The `Issued` world as the stack configures it: the issuer with its default identity
+/// template (the stack's issuer config names none), instance 1's node likewise, the
+/// orders endpoint registered in Cloud Map (namespace and service of the stack's
+/// parameters) as ECS service discovery registers a task. Instance 0 has no node yet.
+fn stack_world(params: &StackParams) -> Issued {
+    let mut s = Issued::unstarted(LONG, None);
+    let issuer_toml = std::fs::read_to_string(&s.issuer_config).unwrap();
+    let without: String = issuer_toml
+        .lines()
+        .filter(|l| !l.starts_with("template ="))
+        .map(|l| format!("{l}\n"))
+        .collect();
+    assert_ne!(without, issuer_toml, "the issuer config named a template");
+    std::fs::write(&s.issuer_config, without).unwrap();
+    let discovery = s.w.instances[1].mesh.as_ref().unwrap().discovery.clone();
+    std::fs::write(
+        &discovery,
+        format!(
+            "[[services]]\nname = \"orders\"\n[[services.endpoints]]\naddress = \"{}\"\nfamily = \"orders\"\ntask = \"{}\"\n",
+            s.ep, s.orders.id
+        ),
+    )
+    .unwrap();
+    let namespace = param(params, "NamespaceName");
+    s.moto
+        .servicediscovery("CreateHttpNamespace", json!({ "Name": namespace }));
+    let ns = s.moto.servicediscovery("ListNamespaces", json!({}))["Namespaces"][0]["Id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let service = params["MeshedServices"][0].as_str().unwrap().to_owned();
+    assert_eq!(service, "orders");
+    let svc = s.moto.servicediscovery(
+        "CreateService",
+        json!({ "Name": service, "NamespaceId": ns }),
+    )["Service"]["Id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    s.moto.servicediscovery(
+        "RegisterInstance",
+        json!({ "ServiceId": svc, "InstanceId": s.orders.id,
+                "Attributes": { "AWS_INSTANCE_IPV4": s.ep.ip().to_string(),
+                                "AWS_INSTANCE_PORT": s.ep.port().to_string(),
+                                "ECS_TASK_DEFINITION_FAMILY": "orders" } }),
+    );
+    s.start_issuer();
+    let mut opts = s.proxy_options(1);
+    opts.identity_template = None;
+    s.w.instances[1].start_proxy(&opts);
+    s
+}
+
+/// Docker's answer for the client task's container (no health check: gating passes it).
+fn serve_client_container(b: &Booted, container: &str) {
+    let mut d = aws::fixture("docker-inspect-no-healthcheck.json");
+    d["Id"] = json!(container);
+    b.docker
+        .set(&format!("/containers/{container}/json"), 200, d.to_string());
+}
+
+fn wait_for(what: &str, within: Duration, b: &mut Booted, mut f: impl FnMut(&Booted) -> bool) {
+    let deadline = Instant::now() + within;
+    while !f(b) {
+        b.assert_node_running();
+        assert!(
+            Instant::now() < deadline,
+            "timed out waiting for: {what}\ndaemon task log:\n{}",
+            b.node_log()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// The calls the stubs saw, in order, each matching one of `expected` (substrings), and
+/// every expected one seen.
+#[track_caller]
+fn assert_calls_in_order(calls: &[String], expected: &[&str]) {
+    let mut at = 0;
+    for e in expected {
+        match calls[at..].iter().position(|c| c.contains(e)) {
+            Some(k) => at += k + 1,
+            None => panic!(
+                "no call matching {e:?} after call {at} in:\n{}",
+                calls.join("\n")
+            ),
+        }
+    }
+}
+
+#[test]
+fn daemon_user_data_boots_a_node_that_attests_enrols_and_meshes() {
+    let template = Template::load(&template_path());
+    let params = stack(&template, "ecs-daemon");
+    let s = stack_world(&params);
+    let doc = s.documents[0].clone();
+    let mut b = Booted::boot(&s.w, 0, template, params, (&doc.0, &doc.1));
+
+    // What the user data did on the instance, through the stubs and on its files.
+    let calls = b.machine.stub_calls();
+    assert_calls_in_order(
+        &calls,
+        &[
+            "systemctl start ecstasks.slice",
+            "aws ssm get-parameter --region us-east-1 --name /ecsmesh/bundle.pem --query Parameter.Value --output text",
+            "docker login --username AWS --password-stdin 123456789012.dkr.ecr.us-east-1.amazonaws.com",
+            "systemctl start docker",
+            &format!("docker pull {IMAGE}"),
+            "docker run --rm --network host --user 0 --cap-drop ALL",
+            "systemctl enable --now --no-block ecs.service",
+        ],
+    );
+    // The other side of `| docker login` (either may log first).
+    assert!(
+        calls
+            .iter()
+            .any(|c| c == "aws ecr get-login-password --region us-east-1"),
+        "{calls:?}"
+    );
+    assert!(
+        !calls.iter().any(|c| c.starts_with("dnf")),
+        "the AMI has the AWS CLI: {calls:?}"
+    );
+    let bootstrap = calls.iter().find(|c| c.contains(" bootstrap ")).unwrap();
+    for flag in [
+        "--cluster test",
+        "--issuer-url https://issuer.mesh.local:8443",
+        "--cloudmap-namespace mesh.local --cloudmap-service orders",
+    ] {
+        assert!(bootstrap.contains(flag), "{flag} in {bootstrap}");
+    }
+    assert!(
+        b.machine
+            .read("/etc/ecs/ecs.config")
+            .contains("ECS_CLUSTER=test\n"),
+        "the agent joins the stack's cluster"
+    );
+    assert_eq!(
+        b.machine.read("/etc/ecsmesh/bundle.pem").trim(),
+        std::fs::read_to_string(s.w.ca_dir().join("bundle.pem"))
+            .unwrap()
+            .trim(),
+        "the trust bundle from SSM"
+    );
+    let root = b.machine.root.display().to_string();
+    assert!(
+        b.machine
+            .mountinfo()
+            .lines()
+            .any(|l| l.contains(&format!(" {root}/sys/fs/bpf ")) && l.contains(" - bpf ")),
+        "the user data mounted a bpffs on /sys/fs/bpf:\n{}",
+        b.machine.mountinfo()
+    );
+
+    // The config bootstrap wrote (from IMDS at its default address), as the node sees it.
+    let config = b.machine.read("/etc/ecsmesh/config.toml");
+    for line in [
+        format!("instance = \"{}\"", s.ec2[0]),
+        "cgroup_root = \"/host/sys/fs/cgroup/ecstasks.slice\"".into(),
+        "issuer_url = \"https://issuer.mesh.local:8443\"".into(),
+        "imds_url = \"http://169.254.169.254\"".into(),
+        "docker_socket = \"/var/run/docker.sock\"".into(),
+        "publish_ready_attribute = true".into(),
+        "services = [\"orders\"]".into(),
+    ] {
+        assert!(config.lines().any(|l| l == line), "{line} in:\n{config}");
+    }
+    let (ok, out) = b.check_config("/etc/ecsmesh/config.toml");
+    assert!(
+        ok,
+        "check-config in the daemon task refused the config:\n{out}"
+    );
+
+    // The node: the daemon service's task on this instance.
+    serve_client_container(&b, &s.client.container);
+    b.start_daemon();
+    let inst0 = &s.w.instances[0];
+    wait_for("the node is ready", Duration::from_secs(30), &mut b, |_| {
+        matches!(inst0.netns.http_get(inst0.admin, "/ready"), Ok((200, _)))
+    });
+    let client_id = default_identity("client");
+    wait_for(
+        "the client task holds its identity from the issuer",
+        Duration::from_secs(30),
+        &mut b,
+        |_| s.holds(0, &client_id),
+    );
+    let m = inst0.metrics();
+    assert_eq!(
+        counter(
+            &m,
+            "ecsmesh_issuer_calls_total",
+            &[("call", "attest"), ("result", "issued")]
+        ),
+        1.0,
+        "the node attested once with its instance identity document"
+    );
+
+    // The task's traffic: redirected to the node, tunnelled with mTLS between the
+    // issuer-named identities.
+    assert_redirected(&s.call_orders(3), inst0.outbound_v4(Bridge));
+    let hs = counter(
+        &inst0.metrics(),
+        "ecsmesh_tls_handshakes_total",
+        &[
+            ("role", "client"),
+            ("source_identity", &client_id),
+            ("destination_identity", &default_identity("orders")),
+        ],
+    );
+    assert!(hs >= 1.0, "an mTLS handshake between the tasks' identities");
+
+    // Ready published the placement attribute on this container instance (moto as ECS).
+    let listed = s.moto.ecs(
+        "ListAttributes",
+        json!({ "cluster": CLUSTER, "targetType": "container-instance",
+                "attributeName": "ecsmesh.ready", "attributeValue": "true" }),
+    );
+    let targets: Vec<&str> = listed["attributes"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|a| a["targetId"].as_str())
+        .collect();
+    assert!(
+        targets
+            .iter()
+            .any(|t| s.ci[0].ends_with(t) || *t == s.ci[0]),
+        "ecsmesh.ready on {}: {listed}",
+        s.ci[0]
+    );
+    b.assert_node_running();
+}
+
+#[test]
+fn a_wrong_issuer_name_in_the_user_data_fails_attestation_naming_it() {
+    let good = std::fs::read_to_string(template_path()).unwrap();
+    let from = "IssuerHost: !Sub ${IssuerDiscoveryService.Name}.${NamespaceName}";
+    assert!(
+        good.contains(from),
+        "the template's IssuerHost changed: update this test"
+    );
+    let broken = good.replace(
+        from,
+        "IssuerHost: !Sub ecsmesh-${IssuerDiscoveryService.Name}.${NamespaceName}",
+    );
+    let dir = TempDir::new("wrong-issuer");
+    let path = dir.0.join("cloudformation.yaml");
+    std::fs::write(&path, broken).unwrap();
+    let template = Template::load(&path);
+    let params = stack(&template, "ecs-daemon");
+    let s = stack_world(&params);
+    let doc = s.documents[0].clone();
+    let mut b = Booted::boot(&s.w, 0, template, params, (&doc.0, &doc.1));
+    // The name is well formed: only a node that tries it finds out.
+    let (ok, out) = b.check_config("/etc/ecsmesh/config.toml");
+    assert!(ok, "{out}");
+    serve_client_container(&b, &s.client.container);
+    b.start_daemon();
+    let wrong = "ecsmesh-issuer.mesh.local:8443";
+    wait_for(
+        "the node reports the failed attestation",
+        Duration::from_secs(30),
+        &mut b,
+        |b| {
+            b.node_log()
+                .lines()
+                .any(|l| l.contains("issuer unreachable for attest") && l.contains(wrong))
+        },
+    );
+    assert!(!s.holds(0, &default_identity("client")));
+    let m = s.w.instances[0].metrics();
+    let attest = |result| {
+        counter(
+            &m,
+            "ecsmesh_issuer_calls_total",
+            &[("call", "attest"), ("result", result)],
+        )
+    };
+    assert!(attest("unreachable") >= 1.0);
+    assert_eq!(attest("issued"), 0.0);
+}
+
+/// A booted single instance without the rest of the mesh (config-level checks).
+fn boot_alone(launcher: &str, template_path: &Path) -> (World, Booted) {
+    let mut w = World::new(tools(), 1);
+    w.enable_issuer_mesh(TRUST_DOMAIN);
+    let template = Template::load(template_path);
+    let params = stack(&template, launcher);
+    let doc = aws::identity_document("i-0b0071000000000aa");
+    let sig = aws::sign_document(&doc);
+    let b = Booted::boot(&w, 0, template, params, (&doc, &sig));
+    (w, b)
+}
+
+#[test]
+fn a_rendered_config_without_identity_is_refused_by_check_config() {
+    let (_w, b) = boot_alone("ecs-daemon", &template_path());
+    let config = b.machine.read("/etc/ecsmesh/config.toml");
+    let (ok, out) = b.check_config("/etc/ecsmesh/config.toml");
+    assert!(ok, "{out}");
+    // The same config with its [identity] table cut out (a copy on the instance).
+    let mut skipping = false;
+    let broken: String = config
+        .lines()
+        .filter(|l| {
+            if l.starts_with('[') {
+                skipping = *l == "[identity]";
+            }
+            !skipping
+        })
+        .map(|l| format!("{l}\n"))
+        .collect();
+    assert!(!broken.contains("issuer_url"), "{broken}");
+    std::fs::write(b.machine.path("/etc/ecsmesh/no-identity.toml"), &broken).unwrap();
+    let (ok, out) = b.check_config("/etc/ecsmesh/no-identity.toml");
+    assert!(
+        !ok,
+        "check-config accepted a node config without [identity]:\n{broken}"
+    );
+    assert!(
+        out.contains("[identity]"),
+        "the refusal does not say [identity] is missing: {out}"
+    );
+}
+
+#[test]
+fn systemd_user_data_installs_the_unit_and_writes_a_host_config() {
+    let (_w, b) = boot_alone("systemd", &template_path());
+    let calls = b.machine.stub_calls();
+    assert_calls_in_order(
+        &calls,
+        &[
+            &format!("docker pull {IMAGE}"),
+            &format!("docker create {IMAGE}"),
+            "docker cp",
+            "docker rm",
+            "systemctl daemon-reload",
+            "systemctl enable --now ecsmesh.service",
+            "systemctl enable --now --no-block ecs.service",
+        ],
+    );
+    assert!(
+        !calls.iter().any(|c| c.starts_with("docker run")),
+        "{calls:?}"
+    );
+    assert_eq!(
+        b.machine.read("/etc/systemd/system/ecsmesh.service"),
+        std::fs::read_to_string(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/../deploy/ecsmesh.service"
+        ))
+        .unwrap(),
+        "the unit comes out of the image"
+    );
+    let config = b.machine.read("/etc/ecsmesh/config.toml");
+    for line in [
+        "cgroup_root = \"/sys/fs/cgroup/ecstasks.slice\"",
+        "cgroup_root = \"/sys/fs/cgroup\"",
+        "issuer_url = \"https://issuer.mesh.local:8443\"",
+    ] {
+        assert!(config.lines().any(|l| l == line), "{line} in:\n{config}");
+    }
+    // The unit's ExecStart reads it on the host: check it there, with the copied binary.
+    let out = process::run(b.machine.command(
+        &[
+            "/usr/local/bin/ecsmesh",
+            "check-config",
+            "--config",
+            "/etc/ecsmesh/config.toml",
+        ],
+        None,
+    ));
+    assert!(
+        out.status.success(),
+        "check-config on the host: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// A temporary directory removed on drop.
+struct TempDir(PathBuf);
+
+impl TempDir {
+    fn new(tag: &str) -> Self {
+        let dir = std::env::temp_dir().join(format!("ecsmesh-boot-{tag}-{}", harness::uid()));
+        std::fs::create_dir_all(&dir).unwrap();
+        TempDir(dir)
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
