@@ -350,7 +350,7 @@ pub fn docker_run_args(
 pub struct MachineSpec<'a> {
     /// The instance's netns file (`/run/netns/…`).
     pub netns: PathBuf,
-    /// The instance's cgroup directory: its `/sys/fs/cgroup`.
+    /// The instance's cgroup directory: its `/sys/fs/cgroup` (its cgroup namespace's root).
     pub cgroup_root: PathBuf,
     /// Where the machine's own processes (the user data, the stubs) run.
     pub boot_cgroup: PathBuf,
@@ -407,6 +407,8 @@ impl Machine {
             "opt/ecsmesh-test/image/usr/local/bin",
             "opt/ecsmesh-test/image/usr/local/share/ecsmesh",
             "opt/ecsmesh-test/image/etc/ssl",
+            // The AMI's CA certificates (AL2023 has them too).
+            "etc/ssl",
         ] {
             mk(d);
         }
@@ -463,15 +465,27 @@ impl Machine {
         )
         .unwrap();
 
-        // The namespace: held by a bounded sleep in the instance's netns and cgroup (the
-        // world's cgroup tree kills it on drop too).
+        // The namespaces: a mount namespace, and a cgroup namespace rooted at the
+        // instance's cgroup, so its processes see that cgroup as the host's root (in
+        // `/proc/self/cgroup` and in the cgroup2 mount on /sys/fs/cgroup) as on a real
+        // instance. Held by a bounded sleep, started in the instance's cgroup (the root
+        // it unshares) and netns, then moved to the boot cgroup; the world's cgroup tree
+        // kills it on drop too.
         let mut holder = Command::new("unshare");
-        holder.args(["--mount", "--propagation", "private", "--", "sleep", "900"]);
+        holder.args([
+            "--mount",
+            "--cgroup",
+            "--propagation",
+            "private",
+            "--",
+            "sleep",
+            "900",
+        ]);
         process::place(
             &mut holder,
             &Placement {
                 netns: spec.netns.clone(),
-                cgroup: spec.boot_cgroup.clone(),
+                cgroup: spec.cgroup_root.clone(),
                 cpu: None,
             },
         );
@@ -507,6 +521,8 @@ impl Machine {
             );
             std::thread::sleep(Duration::from_millis(10));
         }
+        std::fs::write(spec.boot_cgroup.join("cgroup.procs"), pid.to_string())
+            .expect("move the namespace holder to the boot cgroup");
         let r = root.display();
         let setup = format!(
             "set -eu\n\
@@ -516,10 +532,10 @@ impl Machine {
              mount --rbind /dev {r}/dev\n\
              mount --rbind /proc {r}/proc\n\
              mount --bind /sys {r}/sys\n\
-             mount --bind {cg} {r}/sys/fs/cgroup\n\
+             mount -t cgroup2 -o nosuid,nodev,noexec cgroup2 {r}/sys/fs/cgroup\n\
              mount --bind {bin} {r}{TEST_DIR}/image/usr/local/bin/ecsmesh\n\
-             mount --rbind /etc/ssl {r}{TEST_DIR}/image/etc/ssl\n",
-            cg = spec.cgroup_root.display(),
+             mount --rbind /etc/ssl {r}{TEST_DIR}/image/etc/ssl\n\
+             mount --rbind /etc/ssl {r}/etc/ssl\n",
             bin = spec.ecsmesh.display(),
         );
         let out = this.in_namespace(&["sh", "-c", &setup]);
@@ -535,12 +551,11 @@ impl Machine {
         self.holder.as_ref().expect("namespace held").pid()
     }
 
-    /// Runs `argv` in the namespace (outside the instance root), to completion.
+    /// Runs `argv` in the namespaces (outside the instance root), to completion.
     fn in_namespace(&self, argv: &[&str]) -> Output {
         let mut cmd = Command::new("nsenter");
         cmd.arg(format!("--target={}", self.holder_pid()))
-            .arg("--mount")
-            .arg("--")
+            .args(["--mount", "--cgroup", "--"])
             .args(argv);
         process::run(cmd)
     }
@@ -551,8 +566,7 @@ impl Machine {
     pub fn command(&self, argv: &[&str], cgroup: Option<&Path>) -> Command {
         let mut cmd = Command::new("nsenter");
         cmd.arg(format!("--target={}", self.holder_pid()))
-            .arg("--mount")
-            .arg("--")
+            .args(["--mount", "--cgroup", "--"])
             .arg("chroot")
             .arg(&self.root)
             .args([

@@ -175,12 +175,8 @@ impl Booted {
     /// what stands in for the task role: static credentials and moto as every AWS
     /// endpoint (the agent would give a credentials URI; AWS is not reachable here).
     fn daemon_task(&self, command: Option<&[&str]>) -> std::process::Command {
-        let endpoint = format!("http://{ISSUER_IP}:{}", aws::MOTO_PORT);
-        let env = [
-            ("AWS_ENDPOINT_URL", endpoint.as_str()),
-            ("AWS_ACCESS_KEY_ID", "ecsmesh-boot-test"),
-            ("AWS_SECRET_ACCESS_KEY", "ecsmesh-boot-test"),
-        ];
+        let env = aws_env();
+        let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (*k, v.as_str())).collect();
         let args = docker_run_args(
             &self.template,
             "DaemonTaskDefinition",
@@ -217,6 +213,48 @@ impl Booted {
         ));
     }
 
+    /// Starts `ecsmesh.service` as systemd would, from the unit the user data installed:
+    /// its `ExecStart` on the instance (host paths), its `Environment`, its
+    /// `CapabilityBoundingSet` and `NoNewPrivileges` (the AWS stand-ins of
+    /// [`aws_env`] added: on an instance the node would use the instance profile).
+    fn start_unit(&mut self) {
+        let unit = self.machine.read("/etc/systemd/system/ecsmesh.service");
+        let values = |key: &str| -> Vec<String> {
+            unit.lines()
+                .filter_map(|l| l.strip_prefix(&format!("{key}=")))
+                .map(str::to_owned)
+                .collect()
+        };
+        let exec = values("ExecStart");
+        assert_eq!(exec.len(), 1, "one ExecStart in:\n{unit}");
+        let mut argv: Vec<String> = vec!["env".into()];
+        argv.extend(values("Environment"));
+        argv.extend(aws_env().iter().map(|(k, v)| format!("{k}={v}")));
+        argv.push("setpriv".into());
+        if values("NoNewPrivileges") == ["yes"] {
+            argv.push("--no-new-privs".into());
+        }
+        let mut bounding = "-all".to_owned();
+        for set in values("CapabilityBoundingSet") {
+            for cap in set.split_whitespace() {
+                bounding += &format!(",+{}", cap.trim_start_matches("CAP_").to_lowercase());
+            }
+        }
+        argv.extend([
+            format!("--bounding-set={bounding}"),
+            "--inh-caps=-all".into(),
+            "--".into(),
+        ]);
+        argv.extend(exec[0].split_whitespace().map(str::to_owned));
+        let argv: Vec<&str> = argv.iter().map(String::as_str).collect();
+        let cmd = self.machine.command(&argv, Some(&self.proxy_cgroup));
+        self.node = Some(process::spawn_logged(
+            cmd,
+            "ecsmesh.service",
+            &self.node_log,
+        ));
+    }
+
     fn node_log(&self) -> String {
         std::fs::read_to_string(&self.node_log).unwrap_or_default()
     }
@@ -226,7 +264,7 @@ impl Booted {
         if let Some(p) = self.node.as_mut()
             && let Ok(Some(st)) = p.child.try_wait()
         {
-            panic!("the daemon task exited ({st}):\n{}", self.node_log());
+            panic!("the node exited ({st}):\n{}", self.node_log());
         }
     }
 }
@@ -245,6 +283,19 @@ impl Drop for Booted {
             "/sys/fs/bpf/ecsmesh",
         ]));
     }
+}
+
+/// What stands in for the node's AWS credentials (the daemon task's role, the instance
+/// profile under systemd) and for AWS itself: static keys and moto as every endpoint.
+fn aws_env() -> Vec<(&'static str, String)> {
+    vec![
+        (
+            "AWS_ENDPOINT_URL",
+            format!("http://{ISSUER_IP}:{}", aws::MOTO_PORT),
+        ),
+        ("AWS_ACCESS_KEY_ID", "ecsmesh-boot-test".into()),
+        ("AWS_SECRET_ACCESS_KEY", "ecsmesh-boot-test".into()),
+    ]
 }
 
 /// The `Issued` world as the stack configures it: the issuer with its default identity
@@ -314,7 +365,7 @@ fn wait_for(what: &str, within: Duration, b: &mut Booted, mut f: impl FnMut(&Boo
         b.assert_node_running();
         assert!(
             Instant::now() < deadline,
-            "timed out waiting for: {what}\ndaemon task log:\n{}",
+            "timed out waiting for: {what}\nnode log:\n{}",
             b.node_log()
         );
         std::thread::sleep(Duration::from_millis(100));
@@ -339,25 +390,52 @@ fn assert_calls_in_order(calls: &[String], expected: &[&str]) {
 
 #[test]
 fn daemon_user_data_boots_a_node_that_attests_enrols_and_meshes() {
+    boots_a_node_that_attests_enrols_and_meshes("ecs-daemon");
+}
+
+#[test]
+fn systemd_user_data_boots_a_node_that_attests_enrols_and_meshes() {
+    boots_a_node_that_attests_enrols_and_meshes("systemd");
+}
+
+/// The stack with `ProxyLauncher = launcher` boots instance 0 of the stack's world; its
+/// node attests, enrols the client task the agent reports and carries its traffic to
+/// orders (instance 1) over mTLS with the issuer's identities.
+fn boots_a_node_that_attests_enrols_and_meshes(launcher: &str) {
+    let daemon = launcher == "ecs-daemon";
     let template = Template::load(&template_path());
-    let params = stack(&template, "ecs-daemon");
+    let params = stack(&template, launcher);
     let s = stack_world(&params);
     let doc = s.documents[0].clone();
     let mut b = Booted::boot(&s.w, 0, template, params, (&doc.0, &doc.1));
 
     // What the user data did on the instance, through the stubs and on its files.
     let calls = b.machine.stub_calls();
-    assert_calls_in_order(
-        &calls,
-        &[
-            "systemctl start ecstasks.slice",
-            "aws ssm get-parameter --region us-east-1 --name /ecsmesh/bundle.pem --query Parameter.Value --output text",
-            "docker login --username AWS --password-stdin 123456789012.dkr.ecr.us-east-1.amazonaws.com",
-            "systemctl start docker",
-            &format!("docker pull {IMAGE}"),
-            "docker run --rm --network host --user 0 --cap-drop ALL",
-            "systemctl enable --now --no-block ecs.service",
-        ],
+    let mut expected = vec![
+        "systemctl start ecstasks.slice".to_owned(),
+        "aws ssm get-parameter --region us-east-1 --name /ecsmesh/bundle.pem --query Parameter.Value --output text".into(),
+        "docker login --username AWS --password-stdin 123456789012.dkr.ecr.us-east-1.amazonaws.com".into(),
+        "systemctl start docker".into(),
+        format!("docker pull {IMAGE}"),
+    ];
+    if daemon {
+        expected.push("docker run --rm --network host --user 0 --cap-drop ALL".into());
+    } else {
+        expected.extend([
+            format!("docker create {IMAGE}"),
+            "docker cp".into(),
+            "docker rm".into(),
+            "systemctl daemon-reload".into(),
+            "systemctl enable --now ecsmesh.service".into(),
+        ]);
+    }
+    expected.push("systemctl enable --now --no-block ecs.service".into());
+    let expected: Vec<&str> = expected.iter().map(String::as_str).collect();
+    assert_calls_in_order(&calls, &expected);
+    assert_eq!(
+        calls.iter().any(|c| c.starts_with("docker run")),
+        daemon,
+        "{calls:?}"
     );
     // The other side of `| docker login` (either may log first).
     assert!(
@@ -370,13 +448,25 @@ fn daemon_user_data_boots_a_node_that_attests_enrols_and_meshes() {
         !calls.iter().any(|c| c.starts_with("dnf")),
         "the AMI has the AWS CLI: {calls:?}"
     );
-    let bootstrap = calls.iter().find(|c| c.contains(" bootstrap ")).unwrap();
-    for flag in [
-        "--cluster test",
-        "--issuer-url https://issuer.mesh.local:8443",
-        "--cloudmap-namespace mesh.local --cloudmap-service orders",
-    ] {
-        assert!(bootstrap.contains(flag), "{flag} in {bootstrap}");
+    if daemon {
+        let bootstrap = calls.iter().find(|c| c.contains(" bootstrap ")).unwrap();
+        for flag in [
+            "--cluster test",
+            "--issuer-url https://issuer.mesh.local:8443",
+            "--cloudmap-namespace mesh.local --cloudmap-service orders",
+        ] {
+            assert!(bootstrap.contains(flag), "{flag} in {bootstrap}");
+        }
+    } else {
+        assert_eq!(
+            b.machine.read("/etc/systemd/system/ecsmesh.service"),
+            std::fs::read_to_string(concat!(
+                env!("CARGO_MANIFEST_DIR"),
+                "/../deploy/ecsmesh.service"
+            ))
+            .unwrap(),
+            "the unit comes out of the image"
+        );
     }
     assert!(
         b.machine
@@ -401,11 +491,18 @@ fn daemon_user_data_boots_a_node_that_attests_enrols_and_meshes() {
         b.machine.mountinfo()
     );
 
-    // The config bootstrap wrote (from IMDS at its default address), as the node sees it.
+    // The config bootstrap wrote (from IMDS at its default address), with the paths the
+    // node sees: in the daemon task, the host's cgroupfs is mounted at /host.
     let config = b.machine.read("/etc/ecsmesh/config.toml");
+    let cgroupfs = if daemon {
+        "/host/sys/fs/cgroup"
+    } else {
+        "/sys/fs/cgroup"
+    };
     for line in [
         format!("instance = \"{}\"", s.ec2[0]),
-        "cgroup_root = \"/host/sys/fs/cgroup/ecstasks.slice\"".into(),
+        format!("cgroup_root = \"{cgroupfs}/ecstasks.slice\""),
+        format!("cgroup_root = \"{cgroupfs}\""),
         "issuer_url = \"https://issuer.mesh.local:8443\"".into(),
         "imds_url = \"http://169.254.169.254\"".into(),
         "docker_socket = \"/var/run/docker.sock\"".into(),
@@ -414,15 +511,37 @@ fn daemon_user_data_boots_a_node_that_attests_enrols_and_meshes() {
     ] {
         assert!(config.lines().any(|l| l == line), "{line} in:\n{config}");
     }
-    let (ok, out) = b.check_config("/etc/ecsmesh/config.toml");
-    assert!(
-        ok,
-        "check-config in the daemon task refused the config:\n{out}"
-    );
+    if daemon {
+        let (ok, out) = b.check_config("/etc/ecsmesh/config.toml");
+        assert!(
+            ok,
+            "check-config in the daemon task refused the config:\n{out}"
+        );
+    } else {
+        // The unit's ExecStart reads it on the host, with the binary copied there.
+        let out = process::run(b.machine.command(
+            &[
+                "/usr/local/bin/ecsmesh",
+                "check-config",
+                "--config",
+                "/etc/ecsmesh/config.toml",
+            ],
+            None,
+        ));
+        assert!(
+            out.status.success(),
+            "check-config on the host: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
 
-    // The node: the daemon service's task on this instance.
+    // The node: the daemon service's task, or the unit, on this instance.
     serve_client_container(&b, &s.client.container);
-    b.start_daemon();
+    if daemon {
+        b.start_daemon();
+    } else {
+        b.start_unit();
+    }
     let inst0 = &s.w.instances[0];
     wait_for("the node is ready", Duration::from_secs(30), &mut b, |_| {
         matches!(inst0.netns.http_get(inst0.admin, "/ready"), Ok((200, _)))
@@ -570,60 +689,6 @@ fn a_rendered_config_without_identity_is_refused_by_check_config() {
     assert!(
         out.contains("[identity]"),
         "the refusal does not say [identity] is missing: {out}"
-    );
-}
-
-#[test]
-fn systemd_user_data_installs_the_unit_and_writes_a_host_config() {
-    let (_w, b) = boot_alone("systemd", &template_path());
-    let calls = b.machine.stub_calls();
-    assert_calls_in_order(
-        &calls,
-        &[
-            &format!("docker pull {IMAGE}"),
-            &format!("docker create {IMAGE}"),
-            "docker cp",
-            "docker rm",
-            "systemctl daemon-reload",
-            "systemctl enable --now ecsmesh.service",
-            "systemctl enable --now --no-block ecs.service",
-        ],
-    );
-    assert!(
-        !calls.iter().any(|c| c.starts_with("docker run")),
-        "{calls:?}"
-    );
-    assert_eq!(
-        b.machine.read("/etc/systemd/system/ecsmesh.service"),
-        std::fs::read_to_string(concat!(
-            env!("CARGO_MANIFEST_DIR"),
-            "/../deploy/ecsmesh.service"
-        ))
-        .unwrap(),
-        "the unit comes out of the image"
-    );
-    let config = b.machine.read("/etc/ecsmesh/config.toml");
-    for line in [
-        "cgroup_root = \"/sys/fs/cgroup/ecstasks.slice\"",
-        "cgroup_root = \"/sys/fs/cgroup\"",
-        "issuer_url = \"https://issuer.mesh.local:8443\"",
-    ] {
-        assert!(config.lines().any(|l| l == line), "{line} in:\n{config}");
-    }
-    // The unit's ExecStart reads it on the host: check it there, with the copied binary.
-    let out = process::run(b.machine.command(
-        &[
-            "/usr/local/bin/ecsmesh",
-            "check-config",
-            "--config",
-            "/etc/ecsmesh/config.toml",
-        ],
-        None,
-    ));
-    assert!(
-        out.status.success(),
-        "check-config on the host: {}",
-        String::from_utf8_lossy(&out.stderr)
     );
 }
 
