@@ -200,3 +200,22 @@ fn unit_not_ordered_before_ecs_is_caught() {
         &["Before=ecs.service"],
     );
 }
+
+#[test]
+fn a_daemon_task_without_the_docker_socket_mount_is_caught() {
+    // The mount point goes (its volume stays): the node's `[ecs] docker_socket`, which the
+    // user data's bootstrap writes, would name a socket the container does not have, and
+    // health gating would be off.
+    assert_caught(
+        "docker-sock",
+        "task-definition-daemon.json",
+        |s| {
+            s.lines()
+                .filter(|l| !l.contains("\"sourceVolume\": \"docker-socket\""))
+                .map(|l| format!("{l}\n"))
+                .collect()
+        },
+        "FAIL daemon-shape task-definition-daemon.json",
+        &["/var/run/docker.sock must be mounted", "health"],
+    );
+}
