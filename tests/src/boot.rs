@@ -7,13 +7,17 @@
 //!   data the test runs is the template's, rendered, never a copy.
 //! - [`Machine`]: an emulated instance root filesystem in a private mount namespace of the
 //!   test's own, so the user data's writes (`/etc/ecs`, `/etc/ecsmesh`, a bpffs on
-//!   `/sys/fs/bpf`, …) land in a temporary directory and never on the real host. Its
-//!   `/usr` is the host's (read-only), its `/sys/fs/cgroup` is the simulated instance's
-//!   cgroup directory, and its network is the instance's netns. Stubs for `systemctl`,
-//!   `docker`, `aws` and `dnf` come first on its PATH and log their argv. The `docker`
-//!   stub emulates `docker run` closely enough to run the real `ecsmesh` binary as the
-//!   image would: a fresh root, the host's `/usr`, only the `-v` mounts given, the
-//!   capabilities `--cap-drop`/`--cap-add` leave, `--read-only`, `--ulimit`.
+//!   `/sys/fs/bpf`, `/usr/local`, …) land in a temporary directory and never on the real
+//!   host. Its `/usr` is the host's (read-only); its `/sys/fs/cgroup` is a cgroup2 mount
+//!   in a cgroup namespace rooted at the simulated instance's cgroup directory, so the
+//!   instance's processes see that directory as the host's cgroup root, as on a real
+//!   instance; its network is the instance's netns. Nothing else of the host is visible.
+//!   Stubs for `systemctl`, `docker`, `aws` and `dnf` come first on its PATH and log
+//!   their argv. The `docker` stub emulates `docker run` closely enough to run the real
+//!   `ecsmesh` binary as the image would: a fresh root with the host's `/usr` and the
+//!   image's `/usr/local`, a private cgroup namespace with its own `/sys/fs/cgroup`, only
+//!   the `-v` mounts given, the capabilities `--cap-drop`/`--cap-add` leave, `--user`,
+//!   `--read-only`, `--ulimit`, `-e`; host networking only.
 use std::{
     collections::BTreeMap,
     io::Read,
@@ -675,7 +679,8 @@ const DOCKER_STUB: &str = r#"#!/bin/bash
 set -euo pipefail
 die() { echo "docker stub: $*" >&2; exit 125; }
 if [ -z "${DOCKER_STUB_IN_NS:-}" ]; then
-  { printf docker; printf ' %q' "$@"; echo; } >>/var/log/ecsmesh-test-stubs.log
+  # One write per call: the stubs of a pipeline run (and log) concurrently.
+  args=$(printf ' %q' "$@"); printf 'docker%s\n' "$args" >>/var/log/ecsmesh-test-stubs.log
 fi
 image_uri=$(cat /opt/ecsmesh-test/image-uri)
 image_dir=/opt/ecsmesh-test/image
@@ -782,7 +787,8 @@ const AWS_STUB: &str = r#"#!/bin/bash
 # ecsmesh boot test: a stand-in for the AWS CLI (the calls the user data makes).
 set -euo pipefail
 die() { echo "aws stub: $*" >&2; exit 252; }
-{ printf aws; printf ' %q' "$@"; echo; } >>/var/log/ecsmesh-test-stubs.log
+# One write per call: the stubs of a pipeline run (and log) concurrently.
+args=$(printf ' %q' "$@"); printf 'aws%s\n' "$args" >>/var/log/ecsmesh-test-stubs.log
 region=$(cat /opt/ecsmesh-test/region)
 svc=${1:-} op=${2:-}; shift 2 || die "usage"
 declare -A o=()
@@ -806,7 +812,8 @@ esac
 const SYSTEMCTL_STUB: &str = r#"#!/bin/bash
 # ecsmesh boot test: a stand-in for systemctl.
 set -euo pipefail
-{ printf systemctl; printf ' %q' "$@"; echo; } >>/var/log/ecsmesh-test-stubs.log
+# One write per call: the stubs of a pipeline run (and log) concurrently.
+args=$(printf ' %q' "$@"); printf 'systemctl%s\n' "$args" >>/var/log/ecsmesh-test-stubs.log
 case "$*" in
   "start ecstasks.slice") mkdir -p /sys/fs/cgroup/ecstasks.slice ;;
   "start docker"|"daemon-reload"|"enable --now --no-block ecs.service"|"enable --now ecsmesh.service") ;;
@@ -816,7 +823,8 @@ esac
 
 /// `dnf`: never needed (the AMI has the AWS CLI, here the stub); logged and refused.
 const DNF_STUB: &str = r#"#!/bin/bash
-{ printf dnf; printf ' %q' "$@"; echo; } >>/var/log/ecsmesh-test-stubs.log
+# One write per call: the stubs of a pipeline run (and log) concurrently.
+args=$(printf ' %q' "$@"); printf 'dnf%s\n' "$args" >>/var/log/ecsmesh-test-stubs.log
 echo "dnf stub: installing packages is not emulated" >&2
 exit 1
 "#;

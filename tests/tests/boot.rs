@@ -553,6 +553,20 @@ fn boots_a_node_that_attests_enrols_and_meshes(launcher: &str) {
         &mut b,
         |_| s.holds(0, &client_id),
     );
+    // Health gating through the mounted docker.sock: Docker says the client's container
+    // has no health check, so the task serves (a node that cannot ask Docker holds it).
+    wait_for(
+        "the client task serves (Docker inspected through the socket)",
+        Duration::from_secs(15),
+        &mut b,
+        |_| {
+            counter(
+                &inst0.metrics(),
+                "ecsmesh_ecs_tasks",
+                &[("state", "serving")],
+            ) == 1.0
+        },
+    );
     let m = inst0.metrics();
     assert_eq!(
         counter(
@@ -600,22 +614,27 @@ fn boots_a_node_that_attests_enrols_and_meshes(launcher: &str) {
     b.assert_node_running();
 }
 
-#[test]
-fn a_wrong_issuer_name_in_the_user_data_fails_attestation_naming_it() {
+/// A copy of the template with `from` (which must be there) replaced by `to`.
+fn mutated_template(tag: &str, from: &str, to: &str) -> (TempDir, Template) {
     let good = std::fs::read_to_string(template_path()).unwrap();
-    let from = "IssuerHost: !Sub ${IssuerDiscoveryService.Name}.${NamespaceName}";
     assert!(
         good.contains(from),
-        "the template's IssuerHost changed: update this test"
+        "the template no longer has {from:?}: update this test"
     );
-    let broken = good.replace(
-        from,
+    let dir = TempDir::new(tag);
+    let path = dir.0.join("cloudformation.yaml");
+    std::fs::write(&path, good.replacen(from, to, 1)).unwrap();
+    let template = Template::load(&path);
+    (dir, template)
+}
+
+#[test]
+fn a_wrong_issuer_name_in_the_user_data_fails_attestation_naming_it() {
+    let (_dir, template) = mutated_template(
+        "wrong-issuer",
+        "IssuerHost: !Sub ${IssuerDiscoveryService.Name}.${NamespaceName}",
         "IssuerHost: !Sub ecsmesh-${IssuerDiscoveryService.Name}.${NamespaceName}",
     );
-    let dir = TempDir::new("wrong-issuer");
-    let path = dir.0.join("cloudformation.yaml");
-    std::fs::write(&path, broken).unwrap();
-    let template = Template::load(&path);
     let params = stack(&template, "ecs-daemon");
     let s = stack_world(&params);
     let doc = s.documents[0].clone();
@@ -647,6 +666,38 @@ fn a_wrong_issuer_name_in_the_user_data_fails_attestation_naming_it() {
     };
     assert!(attest("unreachable") >= 1.0);
     assert_eq!(attest("issued"), 0.0);
+}
+
+#[test]
+fn a_daemon_task_without_the_docker_socket_holds_its_tasks_saying_docker_failed() {
+    let (_dir, template) = mutated_template(
+        "no-docker-sock",
+        "            - SourceVolume: docker-socket\n              ContainerPath: /var/run/docker.sock\n              ReadOnly: true\n",
+        "",
+    );
+    let params = stack(&template, "ecs-daemon");
+    let s = stack_world(&params);
+    let doc = s.documents[0].clone();
+    let mut b = Booted::boot(&s.w, 0, template, params, (&doc.0, &doc.1));
+    serve_client_container(&b, &s.client.container);
+    b.start_daemon();
+    wait_for(
+        "the node reports that it cannot ask Docker",
+        Duration::from_secs(20),
+        &mut b,
+        |b| {
+            b.node_log().lines().any(|l| {
+                l.contains("docker inspect failed; health unknown")
+                    && l.contains(&s.client.container)
+            })
+        },
+    );
+    let m = s.w.instances[0].metrics();
+    assert_eq!(
+        counter(&m, "ecsmesh_ecs_tasks", &[("state", "serving")]),
+        0.0,
+        "a task whose health nobody can check is held back"
+    );
 }
 
 /// A booted single instance without the rest of the mesh (config-level checks).
