@@ -81,7 +81,9 @@ impl Template {
     }
 
     /// The stack's parameters: each template parameter's `Default`, overridden by
-    /// `given`; fails naming a parameter that has neither.
+    /// `given` (which may add pseudo parameters, `AWS::Region`, …, and must not name a
+    /// parameter the template lacks). One with neither is left out: a `Ref` to it fails,
+    /// naming it.
     pub fn params(&self, given: &[(&str, Value)]) -> StackParams {
         let mut out = StackParams::new();
         let declared = self.doc["Parameters"]
@@ -127,9 +129,8 @@ impl Template {
         self.eval_str(body, params, &BTreeMap::new())
     }
 
-    /// Evaluates an intrinsic function to a string (a list joins with commas, as
-    /// CloudFormation renders a list parameter in `Fn::Sub` it cannot, so only where the
-    /// template joins it).
+    /// Evaluates an intrinsic function to a string (a list, such as a
+    /// `CommaDelimitedList` parameter, only through `Fn::Join`, as in CloudFormation).
     pub fn eval_str(
         &self,
         v: &Value,

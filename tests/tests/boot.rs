@@ -2,12 +2,16 @@
 //! user data, taken from `deploy/cloudformation.yaml` and rendered with a test stack's
 //! parameters, runs with bash in an emulated instance root in a private mount namespace
 //! (`harness::boot`), with stubs for `systemctl`, `docker`, `aws` and `dnf`; a fixture IMDS
-//! answers on 169.254.169.254:80 inside the instance's netns. `docker run … bootstrap`
-//! runs the real `ecsmesh` with only the container's mounts, and the daemon service's
-//! task is started the same way from the template's `DaemonTaskDefinition`, so the node
-//! runs from exactly the config the user data wrote, at the paths a real instance has.
-//! The world around it is `common/issued.rs`: moto as ECS and Cloud Map, `ecsmesh
-//! issuer`, a fixture ECS agent and Docker.
+//! answers on 169.254.169.254:80 inside the instance's netns, and no flag points the
+//! node or bootstrap elsewhere. `docker run … bootstrap` runs the real `ecsmesh` with only
+//! the container's mounts. The node then runs from exactly the config the user data
+//! wrote, at the paths a real instance has: as the daemon service's task (started, as the
+//! ECS agent would, from the template's `DaemonTaskDefinition` through the same `docker
+//! run` emulation), or from the `ecsmesh.service` unit the systemd launcher installed.
+//! The world around it is `common/issued.rs` as the stack configures it: moto as ECS and
+//! Cloud Map, `ecsmesh issuer` (default identity template) reached by its Cloud Map
+//! name, a fixture ECS agent and Docker. Broken copies of the template or of the
+//! written config fail naming what is wrong.
 mod common;
 #[path = "common/issued.rs"]
 mod issued;
@@ -99,8 +103,8 @@ fn issuer_dns_name(t: &Template, params: &StackParams) -> String {
 }
 
 /// One booted container instance: its emulated root, its IMDS and Docker fixtures, the
-/// node started as the daemon service's task. Drop stops the node, detaches its
-/// programs and ends the mount namespace (also when a test fails).
+/// node (the daemon service's task or the systemd unit). Drop stops the node, detaches
+/// its programs and ends the namespaces (also when a test fails).
 struct Booted {
     node: Option<Proc>,
     node_log: PathBuf,
@@ -655,6 +659,12 @@ fn a_wrong_issuer_name_in_the_user_data_fails_attestation_naming_it() {
                 .any(|l| l.contains("issuer unreachable for attest") && l.contains(wrong))
         },
     );
+    let said = b.node_log();
+    let said = said
+        .lines()
+        .find(|l| l.contains("issuer unreachable for attest") && l.contains(wrong))
+        .unwrap();
+    println!("the node said: {said}");
     assert!(!s.holds(0, &default_identity("client")));
     let m = s.w.instances[0].metrics();
     let attest = |result| {
