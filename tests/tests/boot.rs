@@ -307,7 +307,7 @@ fn aws_env() -> Vec<(&'static str, String)> {
 /// orders endpoint registered in Cloud Map (namespace and service of the stack's
 /// parameters) as ECS service discovery registers a task. Instance 0 has no node yet.
 fn stack_world(params: &StackParams) -> Issued {
-    let mut s = Issued::unstarted(LONG, None);
+    let mut s = Issued::world(LONG, None);
     let issuer_toml = std::fs::read_to_string(&s.issuer_config).unwrap();
     let without: String = issuer_toml
         .lines()
