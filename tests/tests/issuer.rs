@@ -335,9 +335,13 @@ fn the_issuer_refuses_what_ecs_and_the_attestation_do_not_back() {
 
 #[test]
 fn an_issuer_outage_shorter_than_the_svid_lifetime_is_invisible() {
+    // 20 s SVIDs, renewed at half life (10 s): every certificate has at least 10 s left
+    // at any moment, so a 6 s outage must not be seen whenever it starts. (A shorter
+    // lifetime made this depend on the two nodes' renewal phases: a node renewing just
+    // before the outage left its peer's certificate as little as 5 s.)
     let mut s = Issued::new(
         Lifetimes {
-            svid_secs: 10,
+            svid_secs: 20,
             node_secs: 3600,
             ca_secret: false,
         },
@@ -345,16 +349,21 @@ fn an_issuer_outage_shorter_than_the_svid_lifetime_is_invisible() {
     );
     let via = s.w.instances[0].outbound_v4(Bridge);
     assert_redirected(&s.call_orders(1), via);
-    // Stop the issuer right after a renewal, for longer than one refresh interval (5 s)
-    // but shorter than the SVIDs' remaining life.
+    // Stop the issuer 2 s before instance 0's next renewal is due, so that renewal and
+    // its retries meet the outage.
     let before = calls(&s.w.instances[0].metrics(), "svid", "issued");
-    s.wait_until("a renewal", Duration::from_secs(15), |s| {
+    s.wait_until("a renewal", Duration::from_secs(25), |s| {
         calls(&s.w.instances[0].metrics(), "svid", "issued") > before
     });
+    let renewed = std::time::Instant::now();
+    while renewed.elapsed() < Duration::from_secs(8) {
+        assert_redirected(&s.call_orders(1), via);
+        std::thread::sleep(Duration::from_millis(300));
+    }
     s.stop_issuer();
     let down = std::time::Instant::now();
     let mut calls_during = 0;
-    while down.elapsed() < Duration::from_secs(7) {
+    while down.elapsed() < Duration::from_secs(6) {
         assert_redirected(&s.call_orders(1), via);
         calls_during += 1;
         std::thread::sleep(Duration::from_millis(300));
@@ -365,7 +374,7 @@ fn an_issuer_outage_shorter_than_the_svid_lifetime_is_invisible() {
         "the gap shows in metrics"
     );
     eprintln!(
-        "issuer outage: {calls_during} client runs in 7 s, all ok; {} renewal attempts unreachable",
+        "issuer outage: {calls_during} client runs in 6 s, all ok; {} renewal attempts unreachable",
         calls(&m, "svid", "unreachable")
     );
     let issued = calls(&m, "svid", "issued");
