@@ -256,6 +256,62 @@ def check_bootstrap(template: Any, daemon: Any) -> list[str]:
     return errors
 
 
+def check_sidecar_shape(task_def: Any, template: Any) -> list[str]:
+    """A sidecar task that works with nothing per task: awsvpc (the sidecar shares its
+    app's netns), a task role (its identity), the config every sidecar of the instance
+    shares (written by `ecsmesh bootstrap --sidecar-out`), no key material."""
+    errors = []
+    if task_def.get("networkMode") != "awsvpc":
+        errors.append('networkMode must be "awsvpc": a sidecar sees only the connections of containers sharing its netns')
+    if not task_def.get("taskRoleArn"):
+        errors.append("taskRoleArn is required: the sidecar proves its task to the issuer with the task role")
+    containers = task_def.get("containerDefinitions", [])
+    sidecars = [c for c in containers if (c.get("command") or [None])[0] == "sidecar"]
+    if len(sidecars) != 1:
+        return errors + ["exactly one container must run `sidecar`"]
+    c = sidecars[0]
+    cmd = c.get("command") or []
+    config = _flag(cmd, "--config")
+    mounts = {m.get("containerPath"): m for m in c.get("mountPoints", [])}
+    sources = {v.get("name"): (v.get("host") or {}).get("sourcePath") for v in task_def.get("volumes", [])}
+    host_config = None
+    for path, m in mounts.items():
+        if config and path and config.startswith(path.rstrip("/") + "/"):
+            src = sources.get(m.get("sourceVolume"))
+            if src:
+                host_config = src.rstrip("/") + config[len(path.rstrip("/")):]
+    if host_config is None:
+        errors.append(f"--config {config!r} must be a file of a host volume (the instance's shared sidecar config)")
+    elif isinstance(template, dict):
+        script, _ = _user_data(template)
+        outs = {_flag(w, "--sidecar-out") for w in bootstrap_invocations(script)} - {None}
+        if host_config not in outs:
+            errors.append(
+                f"--config {config!r} is {host_config} on the host, which the user data's "
+                f"`ecsmesh bootstrap --sidecar-out` does not write (it writes {sorted(outs) or 'nothing'})"
+            )
+    for need, why in (("/sys/fs/bpf", "pins"), ("/host/sys/fs/cgroup", "the task's cgroup, where the redirect attaches")):
+        if need not in mounts:
+            errors.append(f"{need} must be mounted ({why})")
+    if c.get("readonlyRootFilesystem") and "/run/ecsmesh" not in mounts:
+        errors.append("a writable /run/ecsmesh volume is needed with readonlyRootFilesystem (admin socket)")
+    caps = c.get("linuxParameters", {}).get("capabilities", {})
+    if not {"SYS_ADMIN", "NET_ADMIN"} <= set(caps.get("add", [])):
+        errors.append("linuxParameters.capabilities.add must include SYS_ADMIN and NET_ADMIN")
+    for env in c.get("environment", []) + c.get("secrets", []):
+        name = str(env.get("name", "")).upper()
+        if any(k in name for k in ("KEY", "CERT", "SVID", "PEM")) or "BEGIN" in str(env.get("value", "")):
+            errors.append(f"{env.get('name')}: no key or certificate material in a task definition (the sidecar gets its own from the issuer)")
+    name = c.get("name")
+    for other in containers:
+        if other is c:
+            continue
+        deps = {(d.get("containerName"), d.get("condition")) for d in other.get("dependsOn", [])}
+        if (name, "HEALTHY") not in deps:
+            errors.append(f"{other.get('name')}: must dependsOn {name} HEALTHY (its first connect must find the redirect in place)")
+    return errors
+
+
 def check_issuer_service(template: Any) -> list[str]:
     """An `ecsmesh issuer run` service exists, outside the mesh, reachable through Cloud Map."""
     resources = template.get("Resources") or {}
@@ -546,6 +602,9 @@ def main(argv: list[str]) -> int:
         c.run("daemon-shape", "task-definition-daemon.json", lambda: check_daemon_shape(daemon))
         if isinstance(template, dict):
             c.run("daemon-consistency", "cloudformation.yaml", lambda: check_daemon_consistency(daemon, template))
+    sidecar = parsed.get("task-definition-sidecar.json")
+    if isinstance(sidecar, dict):
+        c.run("sidecar-shape", "task-definition-sidecar.json", lambda: check_sidecar_shape(sidecar, template))
     if isinstance(template, dict):
         c.run("bootstrap-userdata", "cloudformation.yaml", lambda: check_bootstrap(template, daemon))
         c.run("issuer-service", "cloudformation.yaml", lambda: check_issuer_service(template))

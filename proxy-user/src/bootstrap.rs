@@ -10,6 +10,10 @@
 //! written the text goes through the node's own parser ([`Config::parse`], what `ecsmesh
 //! check-config` runs), so a bad flag fails here, naming the flag and the config field,
 //! and never reaches the proxy. The file is replaced atomically (0644: it holds no secret).
+//!
+//! With `--sidecar-out` it also writes the config every `ecsmesh sidecar` container on the
+//! instance reads (the same for all tasks: each sidecar learns its own task from the ECS
+//! task metadata endpoint and proves it with its task role; nothing is per task).
 use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
@@ -68,6 +72,15 @@ pub struct BootstrapArgs {
     /// Docker Engine API socket as the proxy sees it (`ecs.docker_socket`: health gating).
     #[arg(long, default_value = "/var/run/docker.sock")]
     pub docker_socket: PathBuf,
+    /// Also write the sidecars' config here (`ecsmesh sidecar` in awsvpc tasks).
+    #[arg(long)]
+    pub sidecar_out: Option<PathBuf>,
+    /// The host's cgroup filesystem as a sidecar container mounts it (its `cgroup_root`).
+    #[arg(long, default_value = "/host/sys/fs/cgroup")]
+    pub sidecar_cgroup_root: PathBuf,
+    /// bpffs directory below which each sidecar pins (one directory per task).
+    #[arg(long, default_value = "/sys/fs/bpf/ecsmesh-sidecars")]
+    pub sidecar_pin_dir: PathBuf,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -115,6 +128,30 @@ struct IdentityFile {
     bundle: PathBuf,
     issuer_url: String,
     imds_url: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    template: Option<String>,
+}
+
+/// The sidecars' config: no `[ecs]` (a sidecar serves its own task only), task-role
+/// attestation.
+#[derive(Debug, Serialize)]
+struct SidecarFile {
+    instance: String,
+    cluster: String,
+    cgroup_root: PathBuf,
+    pin_dir: PathBuf,
+    identity: SidecarIdentityFile,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    cloudmap: Option<CloudMapFile>,
+}
+
+#[derive(Debug, Serialize)]
+struct SidecarIdentityFile {
+    trust_domain: String,
+    bundle: PathBuf,
+    issuer_url: String,
+    attestation: &'static str,
+    region: String,
     #[serde(skip_serializing_if = "Option::is_none")]
     template: Option<String>,
 }
@@ -174,13 +211,58 @@ pub async fn bootstrap(args: &BootstrapArgs) -> Result<Config, BootstrapError> {
         ),
         message: e.to_string(),
     })?;
+    let sidecar = match &args.sidecar_out {
+        Some(out) => {
+            let text = render_sidecar(args, &doc)?;
+            Config::parse(out, &text).map_err(|source| BootstrapError::Rejected {
+                flag: match flag_of(&source) {
+                    "--cgroup-root" => "--sidecar-out: --sidecar-cgroup-root".to_owned(),
+                    other => format!("--sidecar-out: {other}"),
+                },
+                source,
+            })?;
+            Some((out, text))
+        }
+        None => None,
+    };
     let text = render(args, doc)?;
     let config = Config::parse(&args.out, &text).map_err(|source| BootstrapError::Rejected {
         flag: flag_of(&source).to_owned(),
         source,
     })?;
     write(&args.out, &text)?;
+    if let Some((out, text)) = sidecar {
+        write(out, &text)?;
+    }
     Ok(config)
+}
+
+fn render_sidecar(args: &BootstrapArgs, doc: &Document) -> Result<String, BootstrapError> {
+    let region = args.region.clone().unwrap_or_else(|| doc.region.clone());
+    let file = SidecarFile {
+        instance: doc.instance_id.clone(),
+        cluster: args.cluster.clone(),
+        cgroup_root: args.sidecar_cgroup_root.clone(),
+        pin_dir: args.sidecar_pin_dir.clone(),
+        identity: SidecarIdentityFile {
+            trust_domain: args.trust_domain.clone(),
+            bundle: args.bundle.clone(),
+            issuer_url: args.issuer_url.clone(),
+            attestation: "task_role",
+            region: region.clone(),
+            template: args.template.clone(),
+        },
+        cloudmap: args.cloudmap_namespace.as_ref().map(|ns| CloudMapFile {
+            namespace: ns.clone(),
+            services: args.cloudmap_service.clone(),
+            region,
+        }),
+    };
+    let body = toml::to_string(&file)?;
+    Ok(format!(
+        "# Written by `ecsmesh bootstrap` at boot for every `ecsmesh sidecar` on this \
+         instance; edits are lost at the next boot.\n{body}"
+    ))
 }
 
 fn render(args: &BootstrapArgs, doc: Document) -> Result<String, BootstrapError> {

@@ -219,3 +219,26 @@ fn a_daemon_task_without_the_docker_socket_mount_is_caught() {
         &["/var/run/docker.sock must be mounted", "health"],
     );
 }
+
+#[test]
+fn a_sidecar_task_with_a_per_task_config_or_bridge_networking_is_caught() {
+    // A config only this task could use (the old shape), in bridge mode, without a role.
+    assert_caught(
+        "sidecar-per-task",
+        "task-definition-sidecar.json",
+        |s| {
+            s.replace("/etc/ecsmesh/sidecar.toml", "/etc/ecsmesh/example-app.toml")
+                .replace("\"awsvpc\"", "\"bridge\"")
+                .lines()
+                .filter(|l| !l.contains("\"taskRoleArn\""))
+                .map(|l| format!("{l}\n"))
+                .collect()
+        },
+        "FAIL sidecar-shape task-definition-sidecar.json",
+        &[
+            "awsvpc",
+            "taskRoleArn is required",
+            "/etc/ecsmesh/example-app.toml on the host, which the user data's `ecsmesh bootstrap --sidecar-out` does not write",
+        ],
+    );
+}

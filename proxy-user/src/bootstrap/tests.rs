@@ -192,6 +192,60 @@ async fn bootstrap_region_flag_and_no_cloudmap() {
 }
 
 #[tokio::test]
+async fn bootstrap_writes_the_sidecars_config_too() {
+    let tmp = Scratch::new("sidecar");
+    let imds = fixture_imds().await;
+    std::fs::create_dir_all(tmp.path().join("host-cgroup")).unwrap();
+    let out = tmp.path().join("etc/sidecar.toml");
+    let (out_s, cg) = (
+        out.display().to_string(),
+        tmp.path().join("host-cgroup").display().to_string(),
+    );
+    let flags = [
+        "--sidecar-out",
+        out_s.as_str(),
+        "--sidecar-cgroup-root",
+        cg.as_str(),
+        "--cloudmap-namespace",
+        "mesh.local",
+        "--cloudmap-service",
+        "orders",
+    ];
+    bootstrap(&args(tmp.path(), imds, &flags)).await.unwrap();
+    let c = crate::config::Config::load(&out).unwrap();
+    assert!(c.tasks.is_empty(), "nothing per task");
+    assert!(c.ecs.is_none(), "a sidecar serves its own task only");
+    assert_eq!(c.cgroup_root, tmp.path().join("host-cgroup"));
+    assert_eq!(c.pin_dir, PathBuf::from("/sys/fs/bpf/ecsmesh-sidecars"));
+    match c.identity.expect("[identity]").source {
+        IdentitySource::Issuer {
+            attestation: crate::identity::remote::Attestation::TaskRole(t),
+            ..
+        } => {
+            assert_eq!(t.region, "eu-west-1");
+            assert_eq!(
+                t.sts_url.to_string(),
+                "https://sts.eu-west-1.amazonaws.com/"
+            );
+        }
+        other => panic!("task-role attestation expected, got {other:?}"),
+    }
+    assert_eq!(c.cloudmap.expect("[cloudmap]").services, ["orders"]);
+    // A sidecar cgroup root that is not there is refused before anything is written.
+    let gone = tmp.path().join("missing").display().to_string();
+    let bad = [
+        "--sidecar-out",
+        out_s.as_str(),
+        "--sidecar-cgroup-root",
+        gone.as_str(),
+        "--out",
+        "/nonexistent-should-not-be-written/config.toml",
+    ];
+    let e = bootstrap(&args(tmp.path(), imds, &bad)).await.unwrap_err();
+    assert!(e.to_string().contains("--sidecar-out"), "{e}");
+}
+
+#[tokio::test]
 async fn bootstrap_imds_down_is_a_clear_error() {
     let tmp = Scratch::new("imds-down");
     // A port nothing listens on any more.
