@@ -51,7 +51,7 @@ enum Command {
     },
     /// Write this container instance's node config from instance metadata (IMDSv2) and
     /// the stack's parameters; the node's parser checks it before it is written.
-    Bootstrap(ecsmesh::bootstrap::BootstrapArgs),
+    Bootstrap(Box<ecsmesh::bootstrap::BootstrapArgs>),
     /// Remove every program, link, pin and map of one instance.
     Uninstall {
         #[arg(long, default_value = DEFAULT_PIN_DIR)]
@@ -107,7 +107,7 @@ fn dispatch(command: Command) -> anyhow::Result<()> {
         }
         Command::Ca { cmd } => ecsmesh::ca_cli::run(cmd)?,
         Command::Issuer { cmd } => ecsmesh::issuer::cli::run(cmd)?,
-        Command::Bootstrap(args) => ecsmesh::bootstrap::run(args)?,
+        Command::Bootstrap(args) => ecsmesh::bootstrap::run(*args)?,
         Command::Uninstall { pin_dir } => {
             ecsmesh::ebpf::uninstall(&pin_dir)?;
             tracing::info!(pin_dir = %pin_dir.display(), "uninstalled");
