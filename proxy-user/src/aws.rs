@@ -37,6 +37,11 @@ const MAX_ATTEMPTS: u32 = 3;
 
 #[derive(Debug, thiserror::Error)]
 pub enum AwsError {
+    #[error(
+        "no CA certificates in the system trust store (ca-certificates not installed?): \
+         AWS APIs are reached over HTTPS and could not be verified"
+    )]
+    NoRootCertificates,
     #[error("AWS endpoint override {endpoint:?}: {message}")]
     Endpoint { endpoint: String, message: String },
     #[error("ECS container instance {target:?}: {message}")]
@@ -96,7 +101,7 @@ pub async fn sdk_config(
         loader = loader.region(Region::new(region.to_owned()));
     }
     loader = match endpoint {
-        None => loader.http_client(https_client()),
+        None => loader.http_client(https_client()?),
         Some(url) => {
             let plain_http = check_endpoint(url)?;
             tracing::info!(
@@ -106,7 +111,7 @@ pub async fn sdk_config(
             let client = if plain_http {
                 aws_smithy_http_client::Builder::new().build_http()
             } else {
-                https_client()
+                https_client()?
             };
             loader
                 .endpoint_url(url)
@@ -123,11 +128,22 @@ pub async fn sdk_config(
     Ok(loader.load().await)
 }
 
-/// The SDK's hyper client with rustls on ring instead of the default aws-lc-rs.
-fn https_client() -> aws_smithy_runtime_api::client::http::SharedHttpClient {
-    aws_smithy_http_client::Builder::new()
+/// The SDK's hyper client with rustls on ring instead of the default aws-lc-rs. Its
+/// trust store is the system's; without any certificate there the client would panic at
+/// its first request, so that is an error here, at startup.
+fn https_client() -> Result<aws_smithy_runtime_api::client::http::SharedHttpClient, AwsError> {
+    https_client_with(&rustls_native_certs::load_native_certs().certs)
+}
+
+fn https_client_with(
+    system_roots: &[rustls_pki_types::CertificateDer<'static>],
+) -> Result<aws_smithy_runtime_api::client::http::SharedHttpClient, AwsError> {
+    if system_roots.is_empty() {
+        return Err(AwsError::NoRootCertificates);
+    }
+    Ok(aws_smithy_http_client::Builder::new()
         .tls_provider(tls::Provider::rustls(CryptoMode::Ring))
-        .build_https()
+        .build_https())
 }
 
 /// An override must be an absolute http(s) URL with a host; returns whether it is plain
@@ -239,6 +255,15 @@ fn container_instance_id(target: &str) -> Result<&str, AwsError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn no_system_roots_is_an_error_not_a_panic_later() {
+        let e = https_client_with(&[]).err().expect("refused");
+        assert!(e.to_string().contains("ca-certificates"), "{e}");
+        // `cargo xtask setup` installs ca-certificates.
+        let roots = rustls_native_certs::load_native_certs().certs;
+        assert!(https_client_with(&roots).is_ok());
+    }
 
     #[test]
     fn container_instance_ids_from_both_arn_formats() {

@@ -51,16 +51,39 @@ pub fn cgroup_id(dir: &Path) -> Result<u64, CgroupError> {
 
 /// Path of the calling process's cgroup v2 directory.
 pub fn own_cgroup() -> Result<PathBuf, CgroupError> {
-    let path = Path::new("/proc/self/cgroup");
-    let text = std::fs::read_to_string(path).map_err(|source| CgroupError::Io {
-        path: path.into(),
-        source,
-    })?;
+    let read = |path: &Path| {
+        std::fs::read_to_string(path).map_err(|source| CgroupError::Io {
+            path: path.into(),
+            source,
+        })
+    };
+    let text = read(Path::new("/proc/self/cgroup"))?;
     let rel = text
         .lines()
         .find_map(|l| l.strip_prefix("0::"))
         .ok_or(CgroupError::NoUnifiedLine)?;
-    Ok(cgroup2_mount()?.join(rel.trim_start_matches('/')))
+    let mountinfo = read(Path::new("/proc/self/mountinfo"))?;
+    own_cgroup_from(&mountinfo, rel).ok_or(CgroupError::NoCgroup2)
+}
+
+/// The directory of cgroup `rel` (as `/proc/self/cgroup` names it) under the first cgroup2
+/// mount whose root (mountinfo field 4) contains it. In a container the host's cgroupfs
+/// may be mounted too (e.g. at `/host/sys/fs/cgroup`); seen from the container's cgroup
+/// namespace its root lies outside (`/../..`), so it is not mistaken for the container's
+/// own, whatever the mount order.
+pub fn own_cgroup_from(mountinfo: &str, rel: &str) -> Option<PathBuf> {
+    let rel = Path::new(rel.trim());
+    mountinfo.lines().find_map(|line| {
+        let (left, right) = line.split_once(" - ")?;
+        if right.split_whitespace().next()? != "cgroup2" {
+            return None;
+        }
+        let mut fields = left.split_whitespace();
+        let root = Path::new(fields.nth(3)?);
+        let mount_point = fields.next()?;
+        let below = rel.strip_prefix(root).ok()?;
+        Some(Path::new(mount_point).join(below))
+    })
 }
 
 #[cfg(test)]
@@ -81,6 +104,34 @@ mod tests {
         assert_eq!(
             cgroup2_mount_from("1 2 0:1 / / rw - ext4 /dev/vda rw\n"),
             None
+        );
+    }
+
+    #[test]
+    fn own_cgroup_skips_a_host_cgroupfs_mounted_first() {
+        // A container (cgroup namespace) with the host's cgroupfs mounted before its own.
+        let container = "60 50 0:26 /../../.. /host/sys/fs/cgroup ro,relatime - cgroup2 cgroup2 rw\n\
+                         61 50 0:26 / /sys/fs/cgroup ro,relatime - cgroup2 cgroup2 rw\n";
+        assert_eq!(
+            own_cgroup_from(container, "/"),
+            Some("/sys/fs/cgroup".into())
+        );
+        // A host: the process's cgroup below the mount.
+        let host = "30 23 0:26 / /sys/fs/cgroup rw,nosuid - cgroup2 cgroup2 rw\n";
+        assert_eq!(
+            own_cgroup_from(host, "/system.slice/ecsmesh.service\n"),
+            Some("/sys/fs/cgroup/system.slice/ecsmesh.service".into())
+        );
+        // A bind mount of a subtree only matches cgroups inside it.
+        let sub = "40 23 0:26 /ecstasks.slice /t rw - cgroup2 cgroup2 rw\n\
+                   30 23 0:26 / /sys/fs/cgroup rw - cgroup2 cgroup2 rw\n";
+        assert_eq!(
+            own_cgroup_from(sub, "/system.slice/x"),
+            Some("/sys/fs/cgroup/system.slice/x".into())
+        );
+        assert_eq!(
+            own_cgroup_from(sub, "/ecstasks.slice/a"),
+            Some("/t/a".into())
         );
     }
 }

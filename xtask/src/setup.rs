@@ -53,6 +53,11 @@ pub fn missing_apt_packages() -> Vec<&'static str> {
     if !Path::new(PLOT_FONT).exists() {
         need.push("fonts-dejavu-core");
     }
+    // The proxy and the issuer verify AWS's HTTPS endpoints against the system's roots
+    // (and refuse to start without any).
+    if !Path::new("/etc/ssl/certs/ca-certificates.crt").exists() {
+        need.push("ca-certificates");
+    }
     // The metrics tests: `promtool check metrics` on the proxies' exposition.
     if !Path::new(PROMTOOL).exists() {
         need.push("prometheus");
