@@ -258,7 +258,7 @@ mod tests {
 
     #[test]
     fn no_system_roots_is_an_error_not_a_panic_later() {
-        let e = https_client_with(&[]).err().expect("refused");
+        let e = https_client_with(&[]).expect_err("refused");
         assert!(e.to_string().contains("ca-certificates"), "{e}");
         // `cargo xtask setup` installs ca-certificates.
         let roots = rustls_native_certs::load_native_certs().certs;
