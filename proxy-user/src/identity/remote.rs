@@ -17,9 +17,10 @@ use arc_swap::ArcSwapOption;
 use bytes::Bytes;
 use rcgen::{KeyPair, PKCS_ECDSA_P256_SHA256};
 use rustls::{SignatureScheme, client::ResolvesClientCert, sign::CertifiedKey};
-use rustls_pki_types::{CertificateDer, UnixTime, pem::PemObject};
+use rustls_pki_types::CertificateDer;
 use serde::Serialize;
 
+mod saved;
 mod task_role;
 pub(crate) mod wire;
 
@@ -30,8 +31,6 @@ use wire::{authority, http_call};
 use super::{
     IdentityError, SpiffeServerVerifier, Svid, TrustBundle, TrustDomain, Usage,
     protocol::{self, AttestRequest, Issued, NodeRenewRequest, Reason, Refusal, SvidRequest},
-    verify::CertInfo,
-    verify_peer,
 };
 
 pub const NODE_KEY_FILE: &str = "node.key";
@@ -340,92 +339,6 @@ impl RemoteIssuer {
         })));
         self.note(call, "issued");
         Ok(())
-    }
-
-    /// Checks what the issuer sent before using it: it chains to our bundle, names one
-    /// identity of our trust domain, and certifies the key made here.
-    fn accept(
-        &self,
-        call: Call,
-        issued: &Issued,
-        key: KeyPair,
-        usage: Usage,
-    ) -> Result<(Svid, String), RemoteError> {
-        let bad = |message: String| RemoteError::Protocol { call, message };
-        let chain: Vec<CertificateDer<'static>> =
-            CertificateDer::pem_slice_iter(issued.chain.as_bytes())
-                .collect::<Result<_, _>>()
-                .map_err(|e| bad(format!("chain: {e}")))?;
-        let Some(leaf) = chain.first() else {
-            return Err(bad("empty chain".into()));
-        };
-        let id = verify_peer(
-            &self.bundle.load(),
-            std::slice::from_ref(&self.cfg.trust_domain),
-            leaf,
-            &chain[1..],
-            UnixTime::now(),
-            usage,
-        )
-        .map_err(|r| bad(format!("the certificate does not verify: {r}")))?;
-        if id.to_string() != issued.spiffe_id {
-            return Err(bad(format!(
-                "spiffe_id {} but the certificate says {id}",
-                issued.spiffe_id
-            )));
-        }
-        let info = CertInfo::parse(leaf).map_err(bad)?;
-        if info.spki != key.public_key_der() {
-            return Err(bad(
-                "the certificate is not for the key this node made".into()
-            ));
-        }
-        let svid = Svid::from_chain(id, chain, &key)?;
-        Ok((svid, issued.chain.clone()))
-    }
-
-    fn load_saved(&self) -> Result<Option<NodeCert>, RemoteError> {
-        let dir = self.dir();
-        let (cert_path, key_path) = (dir.join(NODE_CERT_FILE), dir.join(NODE_KEY_FILE));
-        if !cert_path.exists() || !key_path.exists() {
-            return Ok(None);
-        }
-        let chain_pem = super::read_string(&cert_path)?;
-        let key = KeyPair::from_pem(&super::read_string(&key_path)?)
-            .map_err(|e| IdentityError::invalid(key_path.display(), e))?;
-        let issued = Issued {
-            spiffe_id: String::new(),
-            chain: chain_pem,
-        };
-        // The saved chain must still verify now; its identity is whatever it names.
-        let chain: Vec<CertificateDer<'static>> =
-            CertificateDer::pem_slice_iter(issued.chain.as_bytes())
-                .collect::<Result<_, _>>()
-                .map_err(|e| IdentityError::invalid(cert_path.display(), e))?;
-        let Some(leaf) = chain.first() else {
-            return Ok(None);
-        };
-        let Ok(id) = verify_peer(
-            &self.bundle.load(),
-            std::slice::from_ref(&self.cfg.trust_domain),
-            leaf,
-            &chain[1..],
-            UnixTime::now(),
-            Usage::Client,
-        ) else {
-            return Ok(None);
-        };
-        let issued = Issued {
-            spiffe_id: id.to_string(),
-            ..issued
-        };
-        let (svid, _) = self.accept(Call::Node, &issued, key, Usage::Client)?;
-        Ok(Some(NodeCert {
-            certified: svid.certified_key(),
-            chain: svid.chain.clone(),
-            not_before: svid.not_before,
-            not_after: svid.not_after,
-        }))
     }
 
     /// The instance identity document and its signature, from IMDS.

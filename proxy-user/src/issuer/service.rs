@@ -68,33 +68,7 @@ impl Service {
         let key = csr::check(&req.csr)?;
         self.check_not_denied(&instance)?;
         let ci = self.live_instance(&instance).await?;
-        let now = std::time::SystemTime::now();
-        self.state.update(|s| {
-            if s.denied.contains(&instance) {
-                return Err(denied(&instance));
-            }
-            if s.holds_node_cert(&instance, now) {
-                return Err(Refused::new(
-                    Reason::ReplayedAttestation,
-                    format!(
-                        "{instance} already holds an unexpired node certificate; renew it over mTLS \
-                         ({}) or attest again after it expires",
-                        crate::identity::protocol::NODE_PATH
-                    ),
-                ));
-            }
-            let (issued, info) = self.issue_node(&instance, &key)?;
-            s.instances.insert(
-                instance.clone(),
-                InstanceRecord {
-                    container_instance_arn: ci.arn.clone(),
-                    node_cert_serial: info.serial,
-                    node_cert_not_after: unix_secs(info.not_after),
-                    attested_at: unix_secs(now),
-                },
-            );
-            Ok(issued)
-        })
+        self.record_node(&instance, &ci, &key, true)
     }
 
     /// `POST /v1/node`: a fresh node certificate for the holder of a valid one.
@@ -109,18 +83,41 @@ impl Service {
         let key = csr::check(&req.csr)?;
         self.check_not_denied(&instance)?;
         let ci = self.live_instance(&instance).await?;
+        self.record_node(&instance, &ci, &key, false)
+    }
+
+    /// Under the state lock: the deny list again (it may have changed since the check
+    /// above), for an attestation the replay check, then a node certificate and the
+    /// instance's record (`attested_at` kept across renewals).
+    fn record_node(
+        &self,
+        instance: &str,
+        ci: &ContainerInstance,
+        key: &CsrKey,
+        attestation: bool,
+    ) -> Result<Issued, Refused> {
         let now = std::time::SystemTime::now();
         self.state.update(|s| {
-            if s.denied.contains(&instance) {
-                return Err(denied(&instance));
+            if s.denied.contains(instance) {
+                return Err(denied(instance));
             }
-            let (issued, info) = self.issue_node(&instance, &key)?;
-            let attested_at = s
-                .instances
-                .get(&instance)
-                .map_or(unix_secs(now), |r| r.attested_at);
+            if attestation && s.holds_node_cert(instance, now) {
+                return Err(Refused::new(
+                    Reason::ReplayedAttestation,
+                    format!(
+                        "{instance} already holds an unexpired node certificate; renew it over mTLS \
+                         ({}) or attest again after it expires",
+                        crate::identity::protocol::NODE_PATH
+                    ),
+                ));
+            }
+            let (issued, info) = self.issue_node(instance, key)?;
+            let attested_at = match s.instances.get(instance) {
+                Some(r) if !attestation => r.attested_at,
+                _ => unix_secs(now),
+            };
             s.instances.insert(
-                instance.clone(),
+                instance.to_owned(),
                 InstanceRecord {
                     container_instance_arn: ci.arn.clone(),
                     node_cert_serial: info.serial,
