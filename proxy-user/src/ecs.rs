@@ -103,15 +103,12 @@ pub fn task_id_from_arn(arn: &str) -> Result<TaskId, EcsError> {
         arn: arn.to_owned(),
         reason: reason.to_owned(),
     };
-    let mut parts = arn.splitn(6, ':');
-    let (Some("arn"), Some(_partition), Some(service), Some(_region), Some(_acct), Some(res)) = (
-        parts.next(),
-        parts.next(),
-        parts.next(),
-        parts.next(),
-        parts.next(),
-        parts.next(),
-    ) else {
+    let Some(crate::types::Arn {
+        service,
+        resource: res,
+        ..
+    }) = crate::types::Arn::parse(arn)
+    else {
         return Err(err(
             "expected arn:<partition>:ecs:<region>:<account>:task/...",
         ));

@@ -15,18 +15,6 @@ const HTTP: u16 = 8090;
 const TCP: u16 = 9000;
 const PROMETHEUS: &str = "127.0.0.1:9090";
 
-/// Percent-encodes a PromQL expression for a query string.
-fn encode(q: &str) -> String {
-    q.bytes()
-        .map(|b| match b {
-            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' => {
-                (b as char).to_string()
-            }
-            _ => format!("%{b:02X}"),
-        })
-        .collect()
-}
-
 struct Prom<'a> {
     w: &'a World,
 }
@@ -42,7 +30,10 @@ impl Prom<'_> {
     /// An instant query's result vector.
     fn query(&self, q: &str) -> Vec<Value> {
         let (status, body) = self
-            .get(&format!("/api/v1/query?query={}", encode(q)))
+            .get(&format!(
+                "/api/v1/query?query={}",
+                harness::aws::form_encode(q)
+            ))
             .expect("query Prometheus");
         assert_eq!(status, 200, "{q}: {body}");
         let v: Value = serde_json::from_str(&body).expect("Prometheus JSON");

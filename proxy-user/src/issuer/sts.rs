@@ -216,15 +216,14 @@ pub fn caller(status: u16, body: &str) -> Result<RoleSession, Refused> {
 
 /// `arn:<partition>:sts::<account>:assumed-role/<role>/<session>`.
 pub fn role_session(arn: &str) -> Option<RoleSession> {
-    let mut parts = arn.splitn(6, ':');
-    let (Some("arn"), Some(_), Some("sts"), Some(""), Some(account), Some(res)) = (
-        parts.next(),
-        parts.next(),
-        parts.next(),
-        parts.next(),
-        parts.next(),
-        parts.next(),
-    ) else {
+    let Some(crate::types::Arn {
+        service: "sts",
+        region: "",
+        account,
+        resource: res,
+        ..
+    }) = crate::types::Arn::parse(arn)
+    else {
         return None;
     };
     let mut res = res.split('/');
