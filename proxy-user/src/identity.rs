@@ -13,7 +13,7 @@ pub mod trust;
 pub mod verify;
 
 #[cfg(test)]
-mod tests;
+pub(crate) mod tests;
 
 use std::{
     io::Write,

@@ -3,7 +3,6 @@ use std::{
     net::SocketAddr,
     os::unix::fs::PermissionsExt,
     path::{Path, PathBuf},
-    sync::atomic::{AtomicUsize, Ordering},
 };
 
 use bytes::Bytes;
@@ -11,36 +10,24 @@ use clap::Parser;
 use http_body_util::Full;
 
 use super::{BootstrapArgs, BootstrapError, bootstrap};
-use crate::config::IdentitySource;
+use crate::{config::IdentitySource, identity::tests::TempDir};
 
 const INSTANCE: &str = "i-0123456789abcdef0";
 const TOKEN: &str = "fixture-token";
 
 /// A scratch directory with what the node's parser checks exists: the bundle and the
 /// cgroup directories. Removed on drop.
-struct Scratch(PathBuf);
+struct Scratch(TempDir);
 
 impl Scratch {
     fn new(tag: &str) -> Self {
-        static N: AtomicUsize = AtomicUsize::new(0);
-        let path = std::env::temp_dir().join(format!(
-            "ecsmesh-bootstrap-{tag}-{}-{}",
-            std::process::id(),
-            N.fetch_add(1, Ordering::Relaxed)
-        ));
-        let _ = std::fs::remove_dir_all(&path);
-        std::fs::create_dir_all(path.join("cgroup/ecstasks.slice")).unwrap();
-        std::fs::write(path.join("bundle.pem"), "anchors").unwrap();
-        Self(path)
+        let dir = TempDir::new(&format!("bootstrap-{tag}"));
+        std::fs::create_dir_all(dir.path().join("cgroup/ecstasks.slice")).unwrap();
+        std::fs::write(dir.path().join("bundle.pem"), "anchors").unwrap();
+        Self(dir)
     }
     fn path(&self) -> &Path {
-        &self.0
-    }
-}
-
-impl Drop for Scratch {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
+        self.0.path()
     }
 }
 

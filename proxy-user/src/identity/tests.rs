@@ -23,14 +23,15 @@ use super::{
     TrustDomain, Usage, verify_peer,
 };
 
-/// A directory under the system temp dir, removed on drop.
-pub(super) struct TempDir(PathBuf);
+/// A directory under the system temp dir, removed on drop (the unit tests' one scratch
+/// directory type).
+pub(crate) struct TempDir(PathBuf);
 
 impl TempDir {
-    pub(super) fn new(tag: &str) -> Self {
+    pub(crate) fn new(tag: &str) -> Self {
         static N: AtomicUsize = AtomicUsize::new(0);
         let path = std::env::temp_dir().join(format!(
-            "ecsmesh-identity-{tag}-{}-{}",
+            "ecsmesh-unit-{tag}-{}-{}",
             std::process::id(),
             N.fetch_add(1, Ordering::Relaxed)
         ));
@@ -39,7 +40,7 @@ impl TempDir {
         Self(path)
     }
 
-    pub(super) fn path(&self) -> &Path {
+    pub(crate) fn path(&self) -> &Path {
         &self.0
     }
 }
