@@ -28,6 +28,8 @@ struct Running {
     td: TrustDomain,
     metrics: Arc<IssuerMetrics>,
     shutdown: CancellationToken,
+    /// The fixture's scratch directory (the CA the app loads): removed with the server.
+    _tmp: super::TempDir,
 }
 
 impl Drop for Running {
@@ -48,12 +50,10 @@ async fn start(f: Fixture, extra_anchors: &str) -> (Running, Arc<App>) {
     let td = f.td.clone();
     let tls = server::tls_config(f.authority.clone()).unwrap();
     let metrics = Arc::new(IssuerMetrics::default());
-    // The fixture's scratch directory lives as long as the app.
     let app = Arc::new(App {
         service: f.service,
         metrics: metrics.clone(),
     });
-    std::mem::forget(f.tmp);
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     let shutdown = CancellationToken::new();
@@ -65,6 +65,7 @@ async fn start(f: Fixture, extra_anchors: &str) -> (Running, Arc<App>) {
             td,
             metrics,
             shutdown,
+            _tmp: f.tmp,
         },
         app,
     )
