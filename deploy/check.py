@@ -339,6 +339,24 @@ def check_issuer_service(template: Any) -> list[str]:
             errors.append(
                 f"{td_name}: the issuer's NetworkMode must be awsvpc (a host or bridge task would be enrolled by the node proxy it serves)"
             )
+        import re
+
+        state = re.search(r'state_file\s*=\s*"([^"]+)"', words)
+        efs = {
+            m.get("ContainerPath")
+            for c in td.get("ContainerDefinitions", [])
+            for m in c.get("MountPoints", [])
+            if any(v.get("Name") == m.get("SourceVolume") and "EFSVolumeConfiguration" in v for v in td.get("Volumes", []))
+        }
+        if not state:
+            errors.append(f"{td_name}: the issuer config sets no state_file")
+        elif not any(p and state.group(1).startswith(p.rstrip("/") + "/") for p in efs):
+            errors.append(
+                f"{td_name}: state_file {state.group(1)!r} is not on an EFS volume: a replaced issuer task would "
+                "start with no replay records and no deny list"
+            )
+        if (props.get("DeploymentConfiguration") or {}).get("MaximumPercent", 200) > 100 or props.get("DesiredCount", 1) != 1:
+            errors.append(f"{name}: one issuer task, stop-then-start (DesiredCount 1, MaximumPercent 100): the state file has one writer")
         registries = props.get("ServiceRegistries") or []
         if not registries:
             errors.append(f"{name}: no ServiceRegistries: nodes find the issuer through Cloud Map")

@@ -242,3 +242,19 @@ fn a_sidecar_task_with_a_per_task_config_or_bridge_networking_is_caught() {
         ],
     );
 }
+
+#[test]
+fn an_issuer_state_file_outside_its_efs_volume_is_caught() {
+    assert_caught(
+        "issuer-state",
+        "cloudformation.yaml",
+        |s| {
+            s.replace(
+                "/var/lib/ecsmesh-issuer/issuer-state.json",
+                "/tmp/issuer-state.json",
+            )
+        },
+        "FAIL issuer-service cloudformation.yaml",
+        &["'/tmp/issuer-state.json' is not on an EFS volume"],
+    );
+}
