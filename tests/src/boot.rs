@@ -17,7 +17,8 @@
 //!   `ecsmesh` binary as the image would: a fresh root with the host's `/usr` and the
 //!   image's `/usr/local`, a private cgroup namespace with its own `/sys/fs/cgroup`, only
 //!   the `-v` mounts given, the capabilities `--cap-drop`/`--cap-add` leave, `--user`,
-//!   `--read-only`, `--ulimit`, `-e`; host networking only.
+//!   `--read-only`, `--ulimit`, `-e`; host networking, or `--network container:<name>`
+//!   joining a pause container's netns ([`Machine::start_pause`], an `awsvpc` task).
 use std::{
     collections::BTreeMap,
     io::Read,
@@ -351,6 +352,93 @@ pub fn docker_run_args(
     a
 }
 
+/// `docker run` arguments for container `container` of an ECS task definition in the ECS
+/// API's shape (`deploy/task-definition-*.json`), as the ECS agent would start it: user,
+/// capabilities, ulimits, read-only root, environment (`extra_env` added: what the agent
+/// adds, like the metadata and credential endpoints), mounts, command (`command` instead
+/// of the definition's when given). What the agent decides, not the definition, is given:
+/// `network` (`container:<pause>` for an `awsvpc` task: every container joins the pause
+/// container's netns), `image` (the definition's is a placeholder the user replaces), and
+/// where each task-scoped volume (one without `host`) lives on the instance.
+pub fn ecs_docker_run_args(
+    def: &Value,
+    container: &str,
+    network: &str,
+    image: &str,
+    task_volumes: &BTreeMap<String, String>,
+    extra_env: &[(&str, &str)],
+    command: Option<&[&str]>,
+) -> Vec<String> {
+    let c = def["containerDefinitions"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .find(|c| c["name"] == container)
+        .unwrap_or_else(|| panic!("the task definition has no container {container}"));
+    let s = |v: &Value| -> String {
+        match v {
+            Value::String(x) => x.clone(),
+            Value::Number(n) => n.to_string(),
+            other => panic!("{container}: {other} is not a string"),
+        }
+    };
+    let mut a: Vec<String> = vec![
+        "run".into(),
+        "--rm".into(),
+        "--network".into(),
+        network.into(),
+    ];
+    if let Some(u) = c.get("user") {
+        a.extend(["--user".into(), s(u)]);
+    }
+    let caps = &c["linuxParameters"]["capabilities"];
+    for cap in caps["drop"].as_array().into_iter().flatten() {
+        a.extend(["--cap-drop".into(), s(cap)]);
+    }
+    for cap in caps["add"].as_array().into_iter().flatten() {
+        a.extend(["--cap-add".into(), s(cap)]);
+    }
+    for u in c["ulimits"].as_array().into_iter().flatten() {
+        a.extend([
+            "--ulimit".into(),
+            format!("{}={}:{}", s(&u["name"]), u["softLimit"], u["hardLimit"]),
+        ]);
+    }
+    if c["readonlyRootFilesystem"] == true {
+        a.push("--read-only".into());
+    }
+    for e in c["environment"].as_array().into_iter().flatten() {
+        a.extend(["-e".into(), format!("{}={}", s(&e["name"]), s(&e["value"]))]);
+    }
+    for (k, v) in extra_env {
+        a.extend(["-e".into(), format!("{k}={v}")]);
+    }
+    for m in c["mountPoints"].as_array().into_iter().flatten() {
+        let name = s(&m["sourceVolume"]);
+        let vol = def["volumes"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .find(|v| v["name"] == name.as_str())
+            .unwrap_or_else(|| panic!("{container}: mount of an unknown volume {name}"));
+        let src = match vol["host"]["sourcePath"].as_str() {
+            Some(p) => p.to_owned(),
+            None => task_volumes
+                .get(&name)
+                .unwrap_or_else(|| panic!("task-scoped volume {name}: no place given"))
+                .clone(),
+        };
+        let ro = if m["readOnly"] == true { ":ro" } else { "" };
+        a.extend(["-v".into(), format!("{src}:{}{ro}", s(&m["containerPath"]))]);
+    }
+    a.push(image.to_owned());
+    match command {
+        Some(cmd) => a.extend(cmd.iter().map(|x| (*x).to_owned())),
+        None => a.extend(c["command"].as_array().into_iter().flatten().map(s)),
+    }
+    a
+}
+
 /// What the emulated instance is given beyond the host's `/usr`.
 pub struct MachineSpec<'a> {
     /// The instance's netns file (`/run/netns/…`).
@@ -629,6 +717,33 @@ impl Machine {
         }
     }
 
+    /// An `awsvpc` task's pause container, as the ECS agent starts one first to hold the
+    /// task's network namespace: a bounded `sleep` in `cgroup` (below the task's slice)
+    /// and the instance's netns, which `docker run --network container:<name>` joins
+    /// (the stub looks its pid up). Kill it after the task's other containers.
+    pub fn start_pause(&self, name: &str, cgroup: &Path) -> Proc {
+        let mut cmd = self.command(&["/usr/bin/sleep", "900"], Some(cgroup));
+        cmd.stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null());
+        let p = Proc {
+            child: cmd.spawn().expect("spawn the pause container"),
+            name: format!("pause container {name}"),
+        };
+        let dir = self.path(&format!("/var/lib/docker-stub/containers/{name}"));
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::write(dir.join("pid"), p.pid().to_string()).unwrap();
+        p
+    }
+
+    /// A path as the instance's processes see it, read through its mount namespace (so
+    /// mounts made in it, like the user data's bpffs, are visible), e.g. to look at pins.
+    pub fn ns_path(&self, abs: &str) -> PathBuf {
+        PathBuf::from(format!("/proc/{}/root", self.holder_pid()))
+            .join(self.root.strip_prefix("/").unwrap_or(&self.root))
+            .join(abs.trim_start_matches('/'))
+    }
+
     /// A file of the instance (`/etc/ecsmesh/config.toml`) as the test sees it.
     pub fn path(&self, abs: &str) -> PathBuf {
         self.root.join(abs.trim_start_matches('/'))
@@ -733,9 +848,18 @@ case "$cmd" in
     done
     [ $# -ge 1 ] || die "run: no image"
     check_image "$1"; shift
-    # Only host networking is emulated: the container shares the instance's netns (what
-    # the user data and the daemon task use: IMDSv2 answers one hop only).
-    [ "$network" = host ] || die "run: --network $network is not emulated (only host)"
+    # Host networking (the user data and the daemon task: IMDSv2 answers one hop only)
+    # shares the instance's netns; `container:<name>` (an awsvpc task's containers) joins
+    # the netns of that (pause) container, whose pid the test recorded.
+    join_net=()
+    case "$network" in
+      host) ;;
+      container:*)
+        f=/var/lib/docker-stub/containers/${network#container:}/pid
+        [ -f "$f" ] || die "run: --network $network: no such container"
+        join_net=(/usr/bin/nsenter "--net=/proc/$(cat "$f")/ns/net" --) ;;
+      *) die "run: --network $network is not emulated (only host and container:<name>)" ;;
+    esac
     [ -z "$pid" ] || [ "$pid" = host ] || die "run: --pid $pid is not emulated"
     uid=${user:-65532}  # the image's USER
     mkdir -p /var/lib/docker-stub
@@ -775,7 +899,7 @@ case "$cmd" in
       if err=$(prlimit --pid $$ "$l" 2>&1); then applied+=("$l"); else echo "docker stub: --ulimit ${l#--} not applied: $err" >&2; fi
     done
     prlimit=(); [ ${#applied[@]} -eq 0 ] || prlimit=(/usr/bin/prlimit "${applied[@]}" --)
-    exec chroot "$root" /usr/bin/env -i PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin HOME=/root "${envs[@]}" \
+    exec "${join_net[@]}" chroot "$root" /usr/bin/env -i PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin HOME=/root "${envs[@]}" \
       "${prlimit[@]}" \
       /usr/bin/setpriv --reuid="$uid" --regid="$uid" --clear-groups --inh-caps=-all --bounding-set="$bounding" -- \
       /usr/local/bin/ecsmesh "$@" ;;

@@ -15,6 +15,8 @@
 mod common;
 #[path = "common/issued.rs"]
 mod issued;
+#[path = "common/task_roles.rs"]
+mod task_roles;
 
 use std::{
     path::{Path, PathBuf},
@@ -25,14 +27,15 @@ use common::{mesh::TRUST_DOMAIN, *};
 use harness::{
     NetworkMode::Bridge,
     World, aws,
-    boot::{Machine, MachineSpec, StackParams, Template, docker_run_args},
+    boot::{Machine, MachineSpec, StackParams, Template, docker_run_args, ecs_docker_run_args},
     fixture::HttpFixture,
     metrics::counter,
     process::{self, Proc},
     world::CLUSTER,
 };
-use issued::{Issued, Lifetimes};
-use serde_json::json;
+use issued::{EcsTask, Issued, Lifetimes, role_arn};
+use serde_json::{Value, json};
+use task_roles::{STS_URL, TaskRoles};
 
 const LONG: Lifetimes = Lifetimes {
     svid_secs: 3600,
@@ -307,6 +310,15 @@ fn aws_env() -> Vec<(&'static str, String)> {
 /// orders endpoint registered in Cloud Map (namespace and service of the stack's
 /// parameters) as ECS service discovery registers a task. Instance 0 has no node yet.
 fn stack_world(params: &StackParams) -> Issued {
+    stack_world_with(params, |_| ()).0
+}
+
+/// [`stack_world`], with `before_issuer` run on the world before the issuer starts (its
+/// config may still change).
+fn stack_world_with<T>(
+    params: &StackParams,
+    before_issuer: impl FnOnce(&mut Issued) -> T,
+) -> (Issued, T) {
     let mut s = Issued::world(LONG, None);
     let issuer_toml = std::fs::read_to_string(&s.issuer_config).unwrap();
     let without: String = issuer_toml
@@ -348,11 +360,12 @@ fn stack_world(params: &StackParams) -> Issued {
                                 "AWS_INSTANCE_PORT": s.ep.port().to_string(),
                                 "ECS_TASK_DEFINITION_FAMILY": "orders" } }),
     );
+    let t = before_issuer(&mut s);
     s.start_issuer();
     let mut opts = s.proxy_options(1);
     opts.identity_template = None;
     s.w.instances[1].start_proxy(&opts);
-    s
+    (s, t)
 }
 
 /// Docker's answer for the client task's container (no health check: gating passes it).
@@ -751,6 +764,413 @@ fn a_rendered_config_without_identity_is_refused_by_check_config() {
         out.contains("[identity]"),
         "the refusal does not say [identity] is missing: {out}"
     );
+}
+
+// The sidecar's container command (issue 15 item 4, its second half).
+
+fn sidecar_task_definition_path() -> PathBuf {
+    PathBuf::from(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../deploy/task-definition-sidecar.json"
+    ))
+}
+
+fn sidecar_task_definition() -> Value {
+    let path = sidecar_task_definition_path();
+    serde_json::from_str(&std::fs::read_to_string(&path).unwrap())
+        .unwrap_or_else(|e| panic!("{}: {e}", path.display()))
+}
+
+/// Where the ECS agent answers a task's containers: task metadata (v4) and the task
+/// role's credentials.
+const ECS_AGENT_ENDPOINT: &str = "169.254.170.2:80";
+
+/// The agent's task endpoint on instance `i`: 169.254.170.2 on the loopback of the
+/// instance's netns (which the task's pause container holds here, see [`SidecarTask`]).
+fn task_endpoint(w: &World, i: usize) -> HttpFixture {
+    let netns = &w.instances[i].netns;
+    netns.ip(&["addr", "add", "169.254.170.2/32", "dev", "lo"]);
+    HttpFixture::tcp_in(netns, ECS_AGENT_ENDPOINT.parse().unwrap())
+}
+
+/// One task of `deploy/task-definition-sidecar.json` (`awsvpc`) on a booted instance, as
+/// the ECS agent runs it: first a pause container holding the task's network namespace,
+/// then the `ecsmesh` container through the `docker run` emulation with the definition's
+/// user, capabilities, ulimits, read-only root, environment, mounts and command, in
+/// `--network container:<pause>`, in a container cgroup of its own below the task's
+/// `ecstasks.slice/ecstasks-<id>.slice`, with what the agent adds to the environment
+/// (the task metadata and credential endpoints) and the task-scoped `run` volume (an
+/// empty directory of the task's own).
+///
+/// The task's netns is the instance's: the world's tasks live in their instance's netns
+/// (the client's app container, meshtool, runs there, in its cgroup below the same task
+/// slice), and no node proxy runs on this instance, so the sidecar's loopback ports
+/// (15000, 15001) are free. A netns of its own would add an ENI's addressing and routes
+/// to the test, not a different path through the sidecar: the redirect is by cgroup.
+///
+/// Drop: SIGTERM, then (as the agent after `stopTimeout`) SIGKILL; then the pause
+/// container; the task's pins are removed in the instance if the sidecar left any.
+struct SidecarTask {
+    def: Value,
+    id: String,
+    /// The task's slice (host path) and the `ecsmesh` container's cgroup below it.
+    slice: PathBuf,
+    cgroup: PathBuf,
+    pause_name: String,
+    pause: Option<Proc>,
+    sidecar: Option<Proc>,
+    log: PathBuf,
+    env: Vec<(String, String)>,
+    /// The task-scoped `run` volume as the instance sees it.
+    run_volume: String,
+    /// `ecsmesh uninstall` of the task's pin directory in the instance.
+    uninstall: Option<std::process::Command>,
+}
+
+impl SidecarTask {
+    /// `def`'s task for `task` (its ARN, family, app container's cgroup) on booted
+    /// instance `i`; the agent's endpoint `agent` serves its metadata and `creds` (a
+    /// session of `role`, named after the task id, as the agent assumes the task role).
+    /// `stand_ins`: environment standing in for AWS (moto as every endpoint).
+    fn new(
+        b: &Booted,
+        w: &World,
+        def: Value,
+        task: &EcsTask,
+        agent: &HttpFixture,
+        role: &str,
+        creds: &harness::aws::RoleCredentials,
+        stand_ins: &[(&str, String)],
+    ) -> SidecarTask {
+        assert_eq!(def["networkMode"], "awsvpc", "the sidecar task is awsvpc");
+        let id = task.id.clone();
+        let containers: Vec<Value> = def["containerDefinitions"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .map(|c| json!({ "DockerId": format!("{}-{}", c["name"].as_str().unwrap(), id), "Name": c["name"], "Type": "NORMAL" }))
+            .collect();
+        agent.set(
+            &format!("/v4/{id}/task"),
+            200,
+            json!({ "Cluster": format!("arn:aws:ecs:{REGION}:123456789012:cluster/{CLUSTER}"),
+                    "TaskARN": task.arn, "Family": task.family, "Revision": "1",
+                    "DesiredStatus": "RUNNING", "KnownStatus": "RUNNING",
+                    "Containers": containers })
+            .to_string(),
+        );
+        agent.set(
+            &format!("/v2/credentials/{id}"),
+            200,
+            creds.container_json(&role_arn(role)),
+        );
+        let mut env = vec![
+            (
+                "ECS_CONTAINER_METADATA_URI_V4".to_owned(),
+                format!("http://169.254.170.2/v4/{id}"),
+            ),
+            (
+                "AWS_CONTAINER_CREDENTIALS_RELATIVE_URI".to_owned(),
+                format!("/v2/credentials/{id}"),
+            ),
+            ("AWS_EXECUTION_ENV".to_owned(), "AWS_ECS_EC2".to_owned()),
+        ];
+        env.extend(stand_ins.iter().map(|(k, v)| ((*k).to_owned(), v.clone())));
+        let slice = task.cgroup.parent().unwrap().to_path_buf();
+        let short: String = id.chars().filter(|c| c.is_ascii_hexdigit()).collect();
+        let cgroup = slice.join(format!("docker-{short}ec5e.scope"));
+        std::fs::create_dir_all(&cgroup).unwrap();
+        let pause_name = format!("ecs-{}-1-internalecspause-{short}", task.family);
+        let pause_cgroup = slice.join(format!("docker-{short}a05e.scope"));
+        std::fs::create_dir_all(&pause_cgroup).unwrap();
+        let pause = b.machine.start_pause(&pause_name, &pause_cgroup);
+        let run_volume = format!(
+            "/var/lib/docker/volumes/ecs-{}-1-run-{short}/_data",
+            task.family
+        );
+        std::fs::create_dir_all(b.machine.path(&run_volume)).unwrap();
+        let uninstall = b.machine.command(
+            &[
+                "/opt/ecsmesh-test/image/usr/local/bin/ecsmesh",
+                "uninstall",
+                "--pin-dir",
+                &format!("/sys/fs/bpf/ecsmesh-sidecars/{id}"),
+            ],
+            None,
+        );
+        SidecarTask {
+            def,
+            log: w.workdir.join(format!("sidecar-task-{id}.log")),
+            id,
+            slice,
+            cgroup,
+            pause_name,
+            pause: Some(pause),
+            sidecar: None,
+            env,
+            run_volume,
+            uninstall: Some(uninstall),
+        }
+    }
+
+    /// `docker run` of the `ecsmesh` container (with `command` instead of the
+    /// definition's when given).
+    fn docker_run(&self, b: &Booted, command: Option<&[&str]>) -> std::process::Command {
+        let env: Vec<(&str, &str)> = self
+            .env
+            .iter()
+            .map(|(k, v)| (k.as_str(), v.as_str()))
+            .collect();
+        let volumes = [("run".to_owned(), self.run_volume.clone())].into();
+        let args = ecs_docker_run_args(
+            &self.def,
+            "ecsmesh",
+            &format!("container:{}", self.pause_name),
+            IMAGE,
+            &volumes,
+            &env,
+            command,
+        );
+        let mut argv = vec!["docker"];
+        argv.extend(args.iter().map(String::as_str));
+        b.machine.command(&argv, Some(&self.cgroup))
+    }
+
+    /// Runs the container to its end, bounded: (succeeded, its output).
+    fn run_to_end(&self, b: &Booted, command: Option<&[&str]>) -> (bool, String) {
+        let log = self.log.with_extension("run.log");
+        let mut p = process::spawn_logged(self.docker_run(b, command), "ecsmesh container", &log);
+        let st = p.wait_timeout(Duration::from_secs(30));
+        let out = std::fs::read_to_string(&log).unwrap_or_default();
+        match st {
+            Some(st) => (st.success(), format!("{st}\n{out}")),
+            None => {
+                p.signal(nix::sys::signal::Signal::SIGKILL);
+                let _ = p.wait_timeout(Duration::from_secs(5));
+                (false, format!("still running after 30 s\n{out}"))
+            }
+        }
+    }
+
+    fn start(&mut self, b: &Booted) {
+        let cmd = self.docker_run(b, None);
+        self.sidecar = Some(process::spawn_logged(
+            cmd,
+            "ecsmesh sidecar container",
+            &self.log,
+        ));
+    }
+
+    fn log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    fn assert_running(&mut self) {
+        if let Some(p) = self.sidecar.as_mut()
+            && let Ok(Some(st)) = p.child.try_wait()
+        {
+            panic!("the sidecar container exited ({st}):\n{}", self.log());
+        }
+    }
+
+    /// As ECS stops the task's last container: SIGTERM, SIGKILL after `stopTimeout`.
+    fn stop(&mut self) -> Option<std::process::ExitStatus> {
+        let mut p = self.sidecar.take()?;
+        let grace = self.def["containerDefinitions"][0]["stopTimeout"]
+            .as_u64()
+            .unwrap_or(30);
+        p.signal(nix::sys::signal::Signal::SIGTERM);
+        let st = p.wait_timeout(Duration::from_secs(grace));
+        if st.is_none() {
+            p.signal(nix::sys::signal::Signal::SIGKILL);
+            let _ = p.wait_timeout(Duration::from_secs(5));
+        }
+        st
+    }
+}
+
+impl Drop for SidecarTask {
+    fn drop(&mut self) {
+        let _ = self.stop();
+        if let Some(mut p) = self.pause.take() {
+            p.signal(nix::sys::signal::Signal::SIGKILL);
+            let _ = p.wait_timeout(Duration::from_secs(5));
+        }
+        if let Some(cmd) = self.uninstall.take() {
+            let _ = process::run(cmd);
+        }
+    }
+}
+
+/// The `ecsmesh` container command reads this, written by the user data.
+const SIDECAR_CONFIG: &str = "/etc/ecsmesh/sidecar.toml";
+
+/// The stack (daemon launcher) boots instance 0; its user data writes the instance's
+/// shared sidecar config, which `check-config` in the sidecar container accepts. Then the
+/// client task runs as a task of `deploy/task-definition-sidecar.json` on it (see
+/// [`SidecarTask`]): its sidecar learns the task from the fixture task metadata endpoint,
+/// proves it to the issuer with the task role's credentials (moto-STS with authentication
+/// checks the signature), is ready by the definition's own health check, and carries the
+/// task's app traffic (redirected at the task's cgroup) over mTLS to orders, whose node
+/// (instance 1) terminates it. SIGTERM takes its programs and pins along.
+#[test]
+fn sidecar_task_on_a_booted_instance_proves_its_task_role_and_meshes() {
+    let template = Template::load(&template_path());
+    let params = stack(&template, "ecs-daemon");
+    let (s, roles): (Issued, TaskRoles) = stack_world_with(&params, |s| s.enable_task_roles());
+    let doc = s.documents[0].clone();
+    let mut b = Booted::boot(&s.w, 0, template, params, (&doc.0, &doc.1));
+
+    // The user data wrote the sidecars' config next to the node's.
+    let calls = b.machine.stub_calls();
+    let bootstrap = calls.iter().find(|c| c.contains(" bootstrap ")).unwrap();
+    assert!(
+        bootstrap.contains(&format!("--sidecar-out {SIDECAR_CONFIG}")),
+        "{bootstrap}"
+    );
+    let config = b.machine.read(SIDECAR_CONFIG);
+    for line in [
+        format!("instance = \"{}\"", s.ec2[0]),
+        "cluster = \"test\"".to_owned(),
+        "cgroup_root = \"/host/sys/fs/cgroup\"".into(),
+        "pin_dir = \"/sys/fs/bpf/ecsmesh-sidecars\"".into(),
+        "issuer_url = \"https://issuer.mesh.local:8443\"".into(),
+        "attestation = \"task_role\"".into(),
+        format!("region = \"{REGION}\""),
+        "bundle = \"/etc/ecsmesh/bundle.pem\"".into(),
+        "services = [\"orders\"]".into(),
+    ] {
+        assert!(config.lines().any(|l| l == line), "{line} in:\n{config}");
+    }
+    assert!(
+        !config.contains("[ecs]"),
+        "a sidecar serves its own task:\n{config}"
+    );
+
+    let agent = task_endpoint(&s.w, 0);
+    // What stands in for AWS: moto as Cloud Map (the SDK's endpoint variable; the task
+    // role's credentials come from the agent's endpoint), and moto-STS as the region's
+    // STS, which the signed request names: the one line the test adds to the config.
+    let stand_ins = [(
+        "AWS_ENDPOINT_URL",
+        format!("http://{ISSUER_IP}:{}", aws::MOTO_PORT),
+    )];
+    let mut task = SidecarTask::new(
+        &b,
+        &s.w,
+        sidecar_task_definition(),
+        &s.client,
+        &agent,
+        "client-app",
+        &roles.client,
+        &stand_ins,
+    );
+    let (ok, out) = task.run_to_end(&b, Some(&["check-config", "--config", SIDECAR_CONFIG]));
+    assert!(
+        ok,
+        "check-config in the sidecar container refused {SIDECAR_CONFIG}:\n{out}"
+    );
+    let with_sts = config.replacen(
+        "[identity]\n",
+        &format!("[identity]\nsts_url = \"{STS_URL}\"\n"),
+        1,
+    );
+    assert_ne!(with_sts, config, "[identity] in:\n{config}");
+    std::fs::write(b.machine.path(SIDECAR_CONFIG), with_sts).unwrap();
+
+    serve_client_container(&b, &s.client.container);
+    task.start(&b);
+    let inst0 = &s.w.instances[0];
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !matches!(inst0.netns.http_get(inst0.admin, "/ready"), Ok((200, _))) {
+        task.assert_running();
+        assert!(
+            Instant::now() < deadline,
+            "the sidecar is not ready in 30 s:\n{}",
+            task.log()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    // The task definition's own health check (ECS runs it in the container; its netns is
+    // the task's): what the app container waits for (dependsOn HEALTHY).
+    let check: Vec<String> = task.def["containerDefinitions"][0]["healthCheck"]["command"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v.as_str().unwrap().to_owned())
+        .collect();
+    assert_eq!(check[0], "CMD");
+    let argv: Vec<&str> = check[1..].iter().map(String::as_str).collect();
+    let out = process::run(b.machine.command(&argv, Some(&task.cgroup)));
+    assert!(
+        out.status.success(),
+        "the health check failed: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+
+    let client_id = default_identity("client");
+    assert!(
+        s.holds(0, &client_id),
+        "the sidecar holds {client_id}:\n{}",
+        task.log()
+    );
+    let m = s.issuer_metrics();
+    assert_eq!(
+        counter(
+            &m,
+            "ecsmesh_issuer_requests_total",
+            &[("endpoint", "task"), ("result", "issued")]
+        ),
+        1.0,
+        "the sidecar proved its task with the task role once"
+    );
+    let pins = b
+        .machine
+        .ns_path(&format!("/sys/fs/bpf/ecsmesh-sidecars/{}", task.id));
+    assert!(pins.is_dir(), "{} pinned", pins.display());
+    assert!(
+        !harness::cgroup_prog_ids(&task.slice).is_empty(),
+        "the redirect is attached at the task's cgroup {}",
+        task.slice.display()
+    );
+
+    // The app container (meshtool in the client's cgroup, a sibling below the task's
+    // slice) calls orders: redirected into the sidecar on loopback, tunnelled with mTLS
+    // to the orders node on instance 1.
+    let reports = s.call_orders(3);
+    assert_redirected(&reports, "127.0.0.1:15001".parse().unwrap());
+    let hs = counter(
+        &inst0.metrics(),
+        "ecsmesh_tls_handshakes_total",
+        &[
+            ("role", "client"),
+            ("source_identity", &client_id),
+            ("destination_identity", &default_identity("orders")),
+        ],
+    );
+    assert!(hs >= 1.0, "an mTLS handshake between the tasks' identities");
+    let inbound = counter(
+        &s.w.instances[1].metrics(),
+        "ecsmesh_tunnel_inbound_streams_total",
+        &[
+            ("source_identity", &client_id),
+            ("destination_family", "orders"),
+        ],
+    );
+    assert_eq!(inbound, 3.0, "the orders node terminated the three streams");
+
+    // The task stops: the sidecar takes its programs and pins along.
+    let st = task
+        .stop()
+        .expect("the sidecar exits on SIGTERM within stopTimeout");
+    assert!(st.success(), "{st}: {}", task.log());
+    assert!(!pins.exists(), "{} removed: {}", pins.display(), task.log());
+    assert!(
+        harness::cgroup_prog_ids(&task.slice).is_empty(),
+        "nothing left attached to the task's cgroup"
+    );
+    b.assert_node_running();
 }
 
 /// A temporary directory removed on drop.
