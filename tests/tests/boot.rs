@@ -12,6 +12,14 @@
 //! Cloud Map, `ecsmesh issuer` (default identity template) reached by its Cloud Map
 //! name, a fixture ECS agent and Docker. Broken copies of the template or of the
 //! written config fail naming what is wrong.
+//!
+//! The sidecar half: on an instance booted the same way, a task of
+//! `deploy/task-definition-sidecar.json` runs its `ecsmesh` container as the ECS agent
+//! would start it for an `awsvpc` task (see `SidecarTask`), with the agent's task metadata
+//! and credential endpoints as fixtures on 169.254.170.2 and moto-STS (authentication on)
+//! as the region's STS; it reads the config the user data wrote, proves its task with the
+//! task role and meshes the task's traffic. Broken copies (no `--sidecar-out`, no host
+//! cgroup mount) fail naming the missing path.
 mod common;
 #[path = "common/issued.rs"]
 mod issued;
@@ -834,7 +842,6 @@ impl SidecarTask {
     /// `stand_ins`: environment standing in for AWS (moto as every endpoint).
     fn new(
         b: &Booted,
-        w: &World,
         def: Value,
         task: &EcsTask,
         agent: &HttpFixture,
@@ -900,7 +907,8 @@ impl SidecarTask {
         );
         SidecarTask {
             def,
-            log: w.workdir.join(format!("sidecar-task-{id}.log")),
+            // Beside the node's log, in the world's workdir.
+            log: b.node_log.with_file_name(format!("sidecar-task-{id}.log")),
             id,
             slice,
             cgroup,
@@ -1057,7 +1065,6 @@ fn sidecar_task_on_a_booted_instance_proves_its_task_role_and_meshes() {
     )];
     let mut task = SidecarTask::new(
         &b,
-        &s.w,
         sidecar_task_definition(),
         &s.client,
         &agent,
@@ -1171,6 +1178,98 @@ fn sidecar_task_on_a_booted_instance_proves_its_task_role_and_meshes() {
         "nothing left attached to the task's cgroup"
     );
     b.assert_node_running();
+}
+
+/// A task of `family` on instance 0 of a [`boot_alone`] world, placed as the agent
+/// would (ECS task ids are 32 hex digits: one `ecstasks-<id>.slice`), with a session
+/// nobody checks (no issuer here) and the agent's endpoint serving it.
+fn lone_sidecar_task(
+    w: &World,
+    b: &Booted,
+    def: Value,
+    family: &str,
+) -> (HttpFixture, SidecarTask) {
+    let id = harness::uid()
+        .chars()
+        .chain(std::iter::repeat('0'))
+        .filter(|c| c.is_ascii_hexdigit())
+        .take(32)
+        .collect::<String>();
+    let container = format!("{id}{id}");
+    let task = EcsTask {
+        arn: format!("arn:aws:ecs:{REGION}:123456789012:task/{CLUSTER}/{id}"),
+        family: family.to_owned(),
+        cgroup: w.cgroups.dir(&format!(
+            "{}/ecstasks.slice/ecstasks-{id}.slice/docker-{container}.scope",
+            w.instances[0].name
+        )),
+        id,
+        container,
+    };
+    let agent = task_endpoint(w, 0);
+    let creds = harness::aws::RoleCredentials {
+        access_key_id: "ASIAUNCHECKED".into(),
+        secret_access_key: "unchecked".into(),
+        session_token: "unchecked".into(),
+    };
+    let t = SidecarTask::new(b, def, &task, &agent, "client-app", &creds, &[]);
+    (agent, t)
+}
+
+#[test]
+fn user_data_without_sidecar_out_fails_the_sidecar_naming_its_config() {
+    let (dir, _) = mutated_template(
+        "no-sidecar-out",
+        " --sidecar-out /etc/ecsmesh/sidecar.toml",
+        "",
+    );
+    let (w, b) = boot_alone("ecs-daemon", &dir.0.join("cloudformation.yaml"));
+    assert!(b.machine.path("/etc/ecsmesh/config.toml").is_file());
+    assert!(!b.machine.path(SIDECAR_CONFIG).exists());
+    let (_agent, task) = lone_sidecar_task(&w, &b, sidecar_task_definition(), "client");
+    let (ok, out) = task.run_to_end(&b, None);
+    assert!(!ok, "the sidecar ran without {SIDECAR_CONFIG}:\n{out}");
+    let said = out
+        .lines()
+        .find(|l| l.contains("ecsmesh: error:"))
+        .unwrap_or_else(|| panic!("no error line in:\n{out}"));
+    println!("the sidecar said: {said}");
+    assert!(said.contains(SIDECAR_CONFIG), "{said}");
+}
+
+#[test]
+fn a_sidecar_task_without_the_host_cgroup_mount_fails_naming_the_cgroup_root() {
+    let mut def = sidecar_task_definition();
+    let mounts = def["containerDefinitions"][0]["mountPoints"]
+        .as_array_mut()
+        .unwrap();
+    let before = mounts.len();
+    mounts.retain(|m| m["sourceVolume"] != "host-cgroup");
+    assert_eq!(
+        mounts.len(),
+        before - 1,
+        "the definition mounts host-cgroup: update this test"
+    );
+    let (w, b) = boot_alone("ecs-daemon", &template_path());
+    let (_agent, task) = lone_sidecar_task(&w, &b, def, "client");
+    let (ok, out) = task.run_to_end(&b, None);
+    assert!(
+        !ok,
+        "the sidecar ran without the host's cgroup filesystem:\n{out}"
+    );
+    let said = out
+        .lines()
+        .find(|l| l.contains("ecsmesh: error:"))
+        .unwrap_or_else(|| panic!("no error line in:\n{out}"));
+    println!("the sidecar said: {said}");
+    // The config's cgroup_root, where the definition no longer mounts anything, is
+    // checked before the task's cgroup below it.
+    assert!(
+        said.contains(&format!(
+            "{SIDECAR_CONFIG}: cgroup_root: /host/sys/fs/cgroup:"
+        )),
+        "{said}"
+    );
 }
 
 /// A temporary directory removed on drop.
