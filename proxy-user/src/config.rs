@@ -53,10 +53,12 @@ pub const RESOLV_CONF: &str = "/etc/resolv.conf";
 
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
-    #[error("{path}: {source}")]
+    /// The I/O error is in the message, not a `source`: callers print the chain
+    /// (`{e:#}`), which would say it twice.
+    #[error("{path}: {error}")]
     Read {
         path: PathBuf,
-        source: std::io::Error,
+        error: std::io::Error,
     },
     #[error("{path}:{line}:{column}: {message} (in `{source_line}`)")]
     Parse {
@@ -251,9 +253,9 @@ pub(crate) fn load_toml<R: serde::de::DeserializeOwned, T, F: Into<String>>(
     path: &Path,
     validate: impl FnOnce(R) -> Result<T, (F, String)>,
 ) -> Result<T, ConfigError> {
-    let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+    let text = std::fs::read_to_string(path).map_err(|error| ConfigError::Read {
         path: path.into(),
-        source,
+        error,
     })?;
     parse_toml(path, &text, validate)
 }

@@ -116,9 +116,14 @@ pub async fn run(config: Arc<Config>) -> Result<(), RunError> {
     let Some(serving) = installed.serve(&config, &mut sigterm).await? else {
         return Ok(());
     };
+    let after = if config.uninstall_on_exit {
+        "the redirect is removed (the task is stopping)"
+    } else {
+        "the redirect stays attached until the next proxy takes over"
+    };
     tokio::select! {
-        _ = sigterm.recv() => tracing::info!("SIGTERM: draining; the redirect stays attached until the next proxy takes over"),
-        _ = tokio::signal::ctrl_c() => tracing::info!("SIGINT: draining; the redirect stays attached until the next proxy takes over"),
+        _ = sigterm.recv() => tracing::info!("SIGTERM: draining; {after}"),
+        _ = tokio::signal::ctrl_c() => tracing::info!("SIGINT: draining; {after}"),
     }
     serving.drain(&config).await;
     Ok(())
