@@ -52,8 +52,39 @@ pub struct TaskMetadata {
 pub async fn from_task_metadata(mut config: Config) -> Result<Config, SidecarError> {
     let base = std::env::var(METADATA_ENV).map_err(|_| SidecarError::NotInEcs)?;
     let meta = fetch(&base).await?;
+    let (pin_root, host_cgroups) = (config.pin_dir.clone(), config.cgroup_root.clone());
     apply(&mut config, meta)?;
+    for dir in stale_pin_dirs(&pin_root, &host_cgroups) {
+        match crate::ebpf::uninstall(&dir) {
+            Ok(()) => {
+                tracing::info!(pin_dir = %dir.display(), "sidecar: removed the pins of a task that is gone")
+            }
+            Err(e) => {
+                tracing::warn!(pin_dir = %dir.display(), error = %e, "sidecar: could not remove a gone task's pins")
+            }
+        }
+    }
     Ok(config)
+}
+
+/// Pin directories below `pin_root` of tasks whose cgroup is gone: a sidecar killed
+/// without SIGTERM (OOM, `kill -9`) leaves its pins; the next sidecar that starts on the
+/// instance removes them. Entries that are not task ids are never touched.
+pub fn stale_pin_dirs(pin_root: &Path, cgroup_root: &Path) -> Vec<PathBuf> {
+    let Ok(entries) = std::fs::read_dir(pin_root) else {
+        return Vec::new();
+    };
+    let mut stale: Vec<PathBuf> = entries
+        .filter_map(|e| e.ok())
+        .filter(|e| e.file_type().is_ok_and(|t| t.is_dir()))
+        .filter_map(|e| {
+            let name = e.file_name().into_string().ok()?;
+            let id = crate::types::TaskId::new(&name).ok()?;
+            (!cgroup_root.join(v2_task_slice(id.as_str())).exists()).then(|| e.path())
+        })
+        .collect();
+    stale.sort();
+    stale
 }
 
 async fn fetch(base: &str) -> Result<TaskMetadata, SidecarError> {

@@ -201,7 +201,22 @@ fn ecs_sidecars_prove_their_tasks_with_their_task_roles() {
     let roles = s.enable_task_roles();
     s.start_issuer();
     let (client, orders) = (s.client.clone(), s.orders.clone());
+    // A sidecar killed without SIGTERM left the pins of a task that is gone: the next
+    // sidecar on the instance removes them.
+    let stale = s.w.instances[1]
+        .pin_dir
+        .join("0b5e55ed0b5e55ed0b5e55ed0b5e55ed");
+    std::fs::create_dir_all(&stale).unwrap();
+    // Removed on failure too, so the instance's pin directory can be cleaned up.
+    struct RemoveDir(std::path::PathBuf);
+    impl Drop for RemoveDir {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_dir(&self.0);
+        }
+    }
+    let _stale_guard = RemoveDir(stale.clone());
     let mut orders_sidecar = s.start_sidecar(1, &orders, "orders-api", &roles.orders);
+    assert!(!stale.exists(), "a gone task's pins are removed");
     let mut client_sidecar = s.start_sidecar(0, &client, "client-app", &roles.client);
     assert!(
         client_sidecar.pin_dir.is_dir() && orders_sidecar.pin_dir.is_dir(),
