@@ -278,6 +278,61 @@ pub fn sub(
     Ok(out)
 }
 
+/// The `docker run` flags of a container definition that both shapes share: user,
+/// capabilities, ulimits, read-only root, environment (then `extra_env`). `key` turns the
+/// ECS API's field name (`linuxParameters`) into the shape's (CloudFormation:
+/// `LinuxParameters`); `s` reads a value as a string.
+fn container_flags(
+    c: &Value,
+    key: &dyn Fn(&str) -> String,
+    s: &dyn Fn(&Value) -> String,
+    extra_env: &[(&str, &str)],
+) -> Vec<String> {
+    let f = |v: &Value, k: &str| v[key(k).as_str()].clone();
+    let list = |v: Value| v.as_array().cloned().unwrap_or_default();
+    let mut a: Vec<String> = Vec::new();
+    if let Some(u) = c.get(key("user").as_str()) {
+        a.extend(["--user".into(), s(u)]);
+    }
+    let caps = f(&f(c, "linuxParameters"), "capabilities");
+    for cap in list(f(&caps, "drop")) {
+        a.extend(["--cap-drop".into(), s(&cap)]);
+    }
+    for cap in list(f(&caps, "add")) {
+        a.extend(["--cap-add".into(), s(&cap)]);
+    }
+    for u in list(f(c, "ulimits")) {
+        let limit = format!(
+            "{}={}:{}",
+            s(&f(&u, "name")),
+            f(&u, "softLimit"),
+            f(&u, "hardLimit")
+        );
+        a.extend(["--ulimit".into(), limit]);
+    }
+    if f(c, "readonlyRootFilesystem") == true {
+        a.push("--read-only".into());
+    }
+    for e in list(f(c, "environment")) {
+        a.extend([
+            "-e".into(),
+            format!("{}={}", s(&f(&e, "name")), s(&f(&e, "value"))),
+        ]);
+    }
+    for (k, v) in extra_env {
+        a.extend(["-e".into(), format!("{k}={v}")]);
+    }
+    a
+}
+
+/// `linuxParameters` → `LinuxParameters` (CloudFormation's field names).
+fn capitalised(k: &str) -> String {
+    let mut c = k.chars();
+    c.next()
+        .map(|first| first.to_ascii_uppercase().to_string() + c.as_str())
+        .unwrap_or_default()
+}
+
 /// `docker run` arguments for the first container of an ECS task definition (the
 /// CloudFormation resource's properties), as the ECS agent would start it: network and
 /// pid mode, user, capabilities, ulimits, read-only root, environment (`extra_env` added,
@@ -305,31 +360,7 @@ pub fn docker_run_args(
     if let Some(m) = props["PidMode"].as_str() {
         a.extend(["--pid".into(), m.to_owned()]);
     }
-    if let Some(u) = c.get("User") {
-        a.extend(["--user".into(), s(u)]);
-    }
-    let caps = &c["LinuxParameters"]["Capabilities"];
-    for cap in caps["Drop"].as_array().into_iter().flatten() {
-        a.extend(["--cap-drop".into(), s(cap)]);
-    }
-    for cap in caps["Add"].as_array().into_iter().flatten() {
-        a.extend(["--cap-add".into(), s(cap)]);
-    }
-    for u in c["Ulimits"].as_array().into_iter().flatten() {
-        a.extend([
-            "--ulimit".into(),
-            format!("{}={}:{}", s(&u["Name"]), u["SoftLimit"], u["HardLimit"]),
-        ]);
-    }
-    if c["ReadonlyRootFilesystem"] == true {
-        a.push("--read-only".into());
-    }
-    for e in c["Environment"].as_array().into_iter().flatten() {
-        a.extend(["-e".into(), format!("{}={}", s(&e["Name"]), s(&e["Value"]))]);
-    }
-    for (k, v) in extra_env {
-        a.extend(["-e".into(), format!("{k}={v}")]);
-    }
+    a.extend(container_flags(c, &capitalised, &s, extra_env));
     let volumes: BTreeMap<String, String> = props["Volumes"]
         .as_array()
         .into_iter()
@@ -388,31 +419,7 @@ pub fn ecs_docker_run_args(
         "--network".into(),
         network.into(),
     ];
-    if let Some(u) = c.get("user") {
-        a.extend(["--user".into(), s(u)]);
-    }
-    let caps = &c["linuxParameters"]["capabilities"];
-    for cap in caps["drop"].as_array().into_iter().flatten() {
-        a.extend(["--cap-drop".into(), s(cap)]);
-    }
-    for cap in caps["add"].as_array().into_iter().flatten() {
-        a.extend(["--cap-add".into(), s(cap)]);
-    }
-    for u in c["ulimits"].as_array().into_iter().flatten() {
-        a.extend([
-            "--ulimit".into(),
-            format!("{}={}:{}", s(&u["name"]), u["softLimit"], u["hardLimit"]),
-        ]);
-    }
-    if c["readonlyRootFilesystem"] == true {
-        a.push("--read-only".into());
-    }
-    for e in c["environment"].as_array().into_iter().flatten() {
-        a.extend(["-e".into(), format!("{}={}", s(&e["name"]), s(&e["value"]))]);
-    }
-    for (k, v) in extra_env {
-        a.extend(["-e".into(), format!("{k}={v}")]);
-    }
+    a.extend(container_flags(c, &|k: &str| k.to_owned(), &s, extra_env));
     for m in c["mountPoints"].as_array().into_iter().flatten() {
         let name = s(&m["sourceVolume"]);
         let vol = def["volumes"]
